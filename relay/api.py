@@ -1,0 +1,327 @@
+"""The two POST endpoints: relay key, body limits, validation, chaining, creating the request.
+
+The answer is sent only after the request's status file exists on disk, so every URL in it works the
+moment the client reads it. Any refusal happens before a file is created or the upstream is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import web
+
+from .assemble import assistant_message
+from .config import Config
+from .http import HTTPError, error, json_response
+from .jobs import ASYNC_README, README, STREAM_README, TERMINAL, Job, JobManager
+from .paths import RequestPath, parse_status_url
+from .security import hash_token, key_allowed, new_token, relay_key, token_matches
+from .store import read_json
+
+log = logging.getLogger("relay.api")
+
+CONVERSATION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RELAY_FIELDS = {
+    "messages",
+    "model",
+    "access",
+    "timeout",
+    "connect_timeout",
+    "from_status_url",
+    "from_bearer_token",
+    "conversation_id",
+    "webhook_url",
+}
+SET_BY_RELAY = {"stream", "stream_options"}
+
+
+@dataclass
+class NewRequest:
+    messages: list[dict[str, Any]]
+    model: str | None
+    access: str | None
+    timeout: float
+    connect_timeout: float
+    from_status_url: str | None
+    from_bearer_token: str | None
+    conversation_id: str | None
+    webhook_url: str | None
+    forwarded: dict[str, Any]
+
+
+def _bad(field: str, message: str) -> HTTPError:
+    return HTTPError(400, "invalid_field", f"`{field}` {message}")
+
+
+def _number(payload: dict[str, Any], field: str, default: float, low: float, high: float) -> float:
+    value = payload.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(field, f"must be a number of seconds between {low:g} and {high:g}")
+    if not low <= value <= high:
+        raise _bad(field, f"must be between {low:g} and {high:g} seconds (got {value:g})")
+    return float(value)
+
+
+def _optional_str(payload: dict[str, Any], field: str, max_len: int = 4096) -> str | None:
+    value = payload.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise _bad(field, f"must be a non-empty string of at most {max_len} characters")
+    return value
+
+
+def parse_messages(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise _bad("messages", "is a string but not a JSON array of messages") from None
+    if not isinstance(value, list) or not value:
+        raise _bad("messages", "must be a non-empty array of message objects (or a string holding one)")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _bad(f"messages[{i}]", "must be an object with a `role`")
+        role = item.get("role")
+        if not isinstance(role, str) or not role:
+            raise _bad(f"messages[{i}].role", "is required and must be a non-empty string")
+    return value
+
+
+def validate(payload: Any, config: Config) -> NewRequest:
+    """Check every field the relay reads; everything else is forwarded upstream untouched."""
+    if not isinstance(payload, dict):
+        raise HTTPError(400, "invalid_json", "the body must be a JSON object with at least `messages`")
+    if "messages" not in payload:
+        raise _bad("messages", "is required: an array of {role, content} objects")
+    messages = parse_messages(payload["messages"])
+    model = _optional_str(payload, "model", 256)
+    access = payload.get("access")
+    if access is not None and access not in ("public", "private"):
+        raise _bad("access", 'must be "public" or "private"')
+    conversation_id = payload.get("conversation_id")
+    if conversation_id is not None and (
+        not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.match(conversation_id)
+    ):
+        raise _bad("conversation_id", "must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
+    webhook_url = _optional_str(payload, "webhook_url", 2048)
+    if webhook_url is not None:
+        parts = urlsplit(webhook_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _bad("webhook_url", "must be an absolute http(s) URL")
+    forwarded = {k: v for k, v in payload.items() if k not in RELAY_FIELDS and k not in SET_BY_RELAY}
+    return NewRequest(
+        messages=messages,
+        model=model,
+        access=access,
+        timeout=_number(payload, "timeout", 90, 1, config.upstream_max_timeout),
+        connect_timeout=_number(payload, "connect_timeout", 5, 1, 10),
+        from_status_url=_optional_str(payload, "from_status_url", 2048),
+        from_bearer_token=_optional_str(payload, "from_bearer_token", 512),
+        conversation_id=conversation_id,
+        webhook_url=webhook_url,
+        forwarded=forwarded,
+    )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    too_big = HTTPError(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_big
+    data = bytearray()
+    async for block in request.content.iter_chunked(65536):
+        data += block
+        if len(data) > limit:
+            raise too_big
+    return bytes(data)
+
+
+def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
+    """The parent status document of a chained request, after every check of §5."""
+    assert req.from_status_url is not None
+    prp = parse_status_url(req.from_status_url, config.public_url)
+    if prp is None:
+        raise HTTPError(
+            400,
+            "invalid_from_status_url",
+            f"`from_status_url` must be a status_url (…/<id>.json) generated by this relay at {config.public_url}",
+        )
+    if prp.node_id != config.server_node_id:
+        raise HTTPError(
+            400,
+            "wrong_node",
+            f"`from_status_url` belongs to relay node {prp.node_id}; send the request to that node "
+            f"(this is node {config.server_node_id})",
+        )
+    try:
+        parent = read_json(prp.file(config.data_dir, "json"))
+    except (FileNotFoundError, NotADirectoryError):
+        raise HTTPError(404, "parent_not_found", "`from_status_url` does not exist here (expired or never created)") from None
+    if not isinstance(parent, dict):
+        raise HTTPError(404, "parent_not_found", "`from_status_url` does not hold a status document")
+    auth = parent.get("authorization") or {}
+    if auth.get("access") == "private" and not token_matches(req.from_bearer_token, auth.get("bearer_token_sha256")):
+        raise HTTPError(
+            403,
+            "forbidden",
+            "`from_status_url` is private: send its bearer_token as `from_bearer_token`"
+            if not req.from_bearer_token
+            else "`from_bearer_token` does not match `from_status_url`",
+        )
+    status = parent.get("status")
+    if status not in TERMINAL:
+        raise HTTPError(409, "parent_running", "the parent request is still running: wait until its status is done")
+    if status == "error":
+        raise HTTPError(409, "parent_failed", "the parent request ended in error: chain from a request that is done")
+    return parent
+
+
+async def create(request: web.Request, stream: bool) -> web.Response:
+    config: Config = request.app["config"]
+    manager: JobManager = request.app["manager"]
+    try:
+        if not manager.accepting:
+            raise HTTPError(503, "shutting_down", "the relay is shutting down; retry in a moment", {"Retry-After": "5"})
+        if config.auth_api_keys and not key_allowed(relay_key(request), config.auth_api_keys):
+            raise HTTPError(
+                401,
+                "unauthorized",
+                "send a valid relay access key as X-RapidAPI-Key or Authorization: Bearer <key>",
+                {"WWW-Authenticate": 'Bearer realm="relay"'},
+            )
+        raw = await read_body(request, config.server_max_body_bytes)
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+        req = validate(payload, config)
+        api_key = (request.headers.get("X-OpenAI-API-Key") or "").strip() or config.upstream_api_key
+        if not api_key:
+            raise HTTPError(
+                400,
+                "missing_api_key",
+                "send the upstream key in the X-OpenAI-API-Key header (this relay has no upstream key configured)",
+            )
+        parent = resolve_parent(req, config) if req.from_status_url else None
+        if manager.running() >= config.server_max_concurrent_jobs:
+            raise HTTPError(
+                503, "busy", "the relay is at its limit of running requests; retry shortly", {"Retry-After": "1"}
+            )
+    except HTTPError as exc:
+        return exc.response()
+
+    messages = req.messages
+    model = req.model
+    access = req.access
+    conversation_id = req.conversation_id
+    if parent is not None:
+        params = parent.get("parameters") or {}
+        history = list(params.get("messages") or [])
+        reply = assistant_message((parent.get("response") or {}).get("body"))
+        messages = history + ([reply] if reply else []) + messages
+        model = model or params.get("model")
+        access = access or (parent.get("authorization") or {}).get("access")
+        conversation_id = conversation_id or parent.get("conversation_id")
+    private = access == "private"
+    model = model or config.upstream_default_model
+
+    created_at = int(time.time())
+    rp = RequestPath.new(config.server_node_id, private, created_at)
+    conversation_id = conversation_id or rp.request_id
+    base = config.public_url
+    endpoints = {"status_url": rp.url(base, "json")}
+    if stream:
+        endpoints["stream_events_url"] = rp.url(base, "txt")
+    endpoints["stop_url"] = rp.url(base, "stop")
+    authorization: dict[str, Any] = {"access": "private" if private else "public"}
+    stored_auth = dict(authorization)
+    answer_endpoints = dict(endpoints)
+    if private:
+        bearer_token, stream_token = new_token(), new_token()
+        authorization["bearer_token"] = bearer_token
+        stored_auth["bearer_token_sha256"] = hash_token(bearer_token)
+        if stream:
+            authorization["stream_url_arg"] = f"stream_token={stream_token}"
+            stored_auth["stream_token_sha256"] = hash_token(stream_token)
+        answer_endpoints["bearer_token"] = bearer_token
+    if parent is not None:
+        endpoints["from_status_url"] = req.from_status_url  # type: ignore[assignment]
+    body = {"model": model, "messages": messages, **req.forwarded}
+    doc: dict[str, Any] = {
+        "status": "queued",
+        "created_at": created_at,
+        "conversation_id": conversation_id,
+        "README": "",
+        "authorization": stored_auth,
+        "endpoints": endpoints,
+        "request": {
+            "endpoint": request.path,
+            "request_at": created_at,
+            "finished_at": 0,
+            "processed_at": 0,
+            "request_time": 0.0,
+            "total_time": 0.0,
+        },
+        "options": {"timeout": req.timeout, "connect_timeout": req.connect_timeout},
+        "parameters": body,
+        "response": {},
+    }
+    if req.webhook_url:
+        doc["options"]["webhook_url"] = req.webhook_url
+    job = Job(
+        manager,
+        rp,
+        stream=stream,
+        doc=doc,
+        body=body,
+        api_key=api_key,
+        organization=request.headers.get("X-OpenAI-Organization") or None,
+        timeout=req.timeout,
+        connect_timeout=req.connect_timeout,
+        webhook_url=req.webhook_url,
+    )
+    job.doc["README"] = README["queued"]
+    try:
+        job.create_files()
+    except OSError as exc:
+        log.error("cannot create files for a new request: %s", exc.strerror)
+        return error(
+            507,
+            "storage_unavailable",
+            "the relay cannot write to its data directory right now; retry later",
+            {"Retry-After": "30"},
+        )
+    manager.start(job)
+    log.info(
+        "request %s accepted endpoint=%s model=%s access=%s%s",
+        rp.request_id,
+        request.path,
+        model,
+        authorization["access"],
+        " chained" if parent is not None else "",
+    )
+    return json_response(
+        {
+            "status": "success",
+            "created_at": created_at,
+            "conversation_id": conversation_id,
+            "README": STREAM_README if stream else ASYNC_README,
+            "authorization": authorization,
+            "endpoints": answer_endpoints,
+        }
+    )
+
+
+async def stream_chatgpt(request: web.Request) -> web.Response:
+    return await create(request, stream=True)
+
+
+async def async_chatgpt(request: web.Request) -> web.Response:
+    return await create(request, stream=False)

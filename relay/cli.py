@@ -1,0 +1,185 @@
+"""The command line: `serve` and `dev-upstream`, logging set-up, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from . import devupstream
+from .app import make_app
+from .config import Config, ConfigError, check_startup, load
+
+log = logging.getLogger("relay")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("openai", "httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Method, path without the query string (it may hold a stream token), status, size, time."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            duration,
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay.py",
+        description="Self-hosted OffloadGPT-compatible relay for LLM chat requests.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the relay server")
+    serve.add_argument("--config", help="config file (default: ./config.toml if it exists)")
+    serve.add_argument("--host", help="override [server] host")
+    serve.add_argument("--port", type=int, help="override [server] port")
+    serve.add_argument("--data-dir", help="override [storage] data_dir")
+    serve.add_argument("--public-url", help="override [server] public_url")
+    serve.add_argument("--upstream-base-url", help="override [upstream] base_url")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="when no upstream key is configured, run the built-in echo upstream beside the relay and use it",
+    )
+    dev = sub.add_parser("dev-upstream", help="run the development OpenAI-compatible echo server")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8090)
+    dev.add_argument("--require-key", help="answer 401 unless this key is sent (default: accept any)")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and Path("config.toml").exists():
+        path = "config.toml"
+    config = load(path)
+    config = config.with_overrides(
+        server_host=args.host,
+        server_port=args.port,
+        storage_data_dir=args.data_dir,
+        server_public_url=args.public_url,
+        upstream_base_url=args.upstream_base_url,
+    )
+    check_startup(config)
+    return config
+
+
+async def _serve(config: Config, demo: bool) -> None:
+    demo_runner = None
+    if demo and not config.upstream_api_key:
+        demo_runner, _, port = await devupstream.start("127.0.0.1", 0)
+        config = config.with_overrides(upstream_base_url=f"http://127.0.0.1:{port}/v1", upstream_api_key="demo")
+        log.warning(
+            "no upstream key configured: answering with the built-in echo upstream at http://127.0.0.1:%d/v1 "
+            "(set [upstream] api_key or RELAY_UPSTREAM_API_KEY to use a real model)",
+            port,
+        )
+    app = make_app(config)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        shutdown_timeout=config.server_shutdown_grace_seconds + 5,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.server_host, config.server_port, reuse_address=True)
+    await site.start()
+    log.info(
+        "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s)",
+        config.server_host,
+        config.server_port,
+        config.public_url,
+        config.server_node_id,
+        config.data_dir.resolve(),
+        config.upstream_base_url,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: stopping (grace %gs for running requests)", config.server_shutdown_grace_seconds)
+    started = time.monotonic()
+    await runner.cleanup()
+    if demo_runner is not None:
+        await demo_runner.cleanup()
+    log.info("stopped after %.1fs", time.monotonic() - started)
+
+
+async def _dev_upstream(host: str, port: int, key: str | None) -> None:
+    runner, _, actual = await devupstream.start(host, port, key)
+    log.info("dev upstream listening on http://%s:%d/v1", host, actual)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "dev-upstream":
+        setup_logging("text", "info")
+        asyncio.run(_dev_upstream(args.host, args.port, args.require_key))
+        return 0
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"relay: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.server_log_format, config.server_log_level)
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"relay: cannot create data directory {config.data_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config, args.demo))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.server_host, config.server_port, exc.strerror)
+        return 1
+    return 0

@@ -1,0 +1,212 @@
+"""Reading and checking `config.toml` into a frozen dataclass.
+
+The schema is one table (`SCHEMA`): section, key, type, default, check and help text, so every error
+names the key and the file. The environment is read here and nowhere else: `RELAY_UPSTREAM_API_KEY`
+overrides `upstream.api_key`, so that a real key can live in a systemd `EnvironmentFile` instead of a
+world-readable config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as one line that names the key and the file."""
+
+
+def _url(value: Any) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http(s) URL"
+    return None
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _port(value: Any) -> str | None:
+    return None if 0 <= value <= 65535 else "must be between 0 and 65535"
+
+
+def _node_id(value: Any) -> str | None:
+    return None if 1 <= value <= 999_999 else "must be between 1 and 999999"
+
+
+def _non_empty(value: Any) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _keys(value: Any) -> str | None:
+    if not all(isinstance(k, str) and len(k) >= 8 for k in value):
+        return "must be a list of strings of at least 8 characters"
+    return None
+
+
+def _origins(value: Any) -> str | None:
+    if not value or not all(isinstance(o, str) and o for o in value):
+        return 'must be a non-empty list of origins, e.g. ["*"] or ["https://app.example.com"]'
+    return None
+
+
+def _log_format(value: Any) -> str | None:
+    return None if value in ("text", "json") else 'must be "text" or "json"'
+
+
+def _log_level(value: Any) -> str | None:
+    ok = ("debug", "info", "warning", "error")
+    return None if value.lower() in ok else "must be one of " + ", ".join(ok)
+
+
+# (section, key, type, default, check, help). `float` accepts ints too.
+SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]] = [
+    ("server", "host", str, "127.0.0.1", _non_empty, "address to listen on"),
+    ("server", "port", int, 8080, _port, "TCP port to listen on (0 = any free port)"),
+    ("server", "public_url", str, "http://127.0.0.1:8080", _url, "base of every generated URL"),
+    ("server", "node_id", int, 1, _node_id, "this instance's number, first path segment of every file URL"),
+    ("server", "max_body_bytes", int, 4 * 1024 * 1024, _positive, "largest accepted POST body (413 above)"),
+    ("server", "max_concurrent_jobs", int, 512, _positive, "running requests at once (503 above)"),
+    ("server", "cors_origins", list, ["*"], _origins, "origins allowed to read the URLs from a browser"),
+    ("server", "shutdown_grace_seconds", float, 10.0, _non_negative, "how long running requests may finish on SIGTERM"),
+    ("server", "heartbeat_seconds", float, 15.0, _positive, "keep-alive comment interval on event streams"),
+    ("server", "log_format", str, "text", _log_format, 'log lines as "text" or "json" (one object per line)'),
+    ("server", "log_level", str, "info", _log_level, "debug, info, warning or error"),
+    ("storage", "data_dir", str, "data", _non_empty, "directory that holds every request's files"),
+    ("upstream", "base_url", str, "https://api.openai.com/v1", _url, "any OpenAI-compatible server"),
+    ("upstream", "api_key", str, "", None, "server-side upstream key; else X-OpenAI-API-Key is required"),
+    ("upstream", "default_model", str, "gpt-4o-mini", _non_empty, "model used when a request names none"),
+    ("upstream", "max_timeout", float, 600.0, _positive, "largest `timeout` a request may ask for, seconds"),
+    ("upstream", "include_usage", bool, True, None, "ask streaming upstreams for a final usage chunk"),
+    ("upstream", "max_connections", int, 1000, _positive, "connections in the shared upstream HTTP pool"),
+    ("auth", "api_keys", list, [], _keys, "relay access keys; empty = no key needed (loopback hosts only)"),
+    ("retention", "max_age_days", float, 30.0, _positive, "days before a request's files expire"),
+    ("webhooks", "secret", str, "", None, "HMAC-SHA256 secret for X-Relay-Signature"),
+    ("webhooks", "allow_private_addresses", bool, False, None, "allow webhooks to private/loopback addresses"),
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, flat: `section_key`."""
+
+    server_host: str = "127.0.0.1"
+    server_port: int = 8080
+    server_public_url: str = "http://127.0.0.1:8080"
+    server_node_id: int = 1
+    server_max_body_bytes: int = 4 * 1024 * 1024
+    server_max_concurrent_jobs: int = 512
+    server_cors_origins: tuple[str, ...] = ("*",)
+    server_shutdown_grace_seconds: float = 10.0
+    server_heartbeat_seconds: float = 15.0
+    server_log_format: str = "text"
+    server_log_level: str = "info"
+    storage_data_dir: str = "data"
+    upstream_base_url: str = "https://api.openai.com/v1"
+    upstream_api_key: str = field(default="", repr=False)
+    upstream_default_model: str = "gpt-4o-mini"
+    upstream_max_timeout: float = 600.0
+    upstream_include_usage: bool = True
+    upstream_max_connections: int = 1000
+    auth_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    retention_max_age_days: float = 30.0
+    webhooks_secret: str = field(default="", repr=False)
+    webhooks_allow_private_addresses: bool = False
+
+    @property
+    def public_url(self) -> str:
+        return self.server_public_url.rstrip("/")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage_data_dir)
+
+    def with_overrides(self, **overrides: Any) -> Config:
+        """A copy with some values replaced (after checking them like file values)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        for name, value in values.items():
+            section, key = name.split("_", 1)
+            _check(section, key, value, "command line")
+        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _type_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}[kind]
+
+
+def _check(section: str, key: str, value: Any, where: str) -> Any:
+    for s, k, kind, _default, check, _help in SCHEMA:
+        if (s, k) != (section, key):
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            raise ConfigError(f"{where}: [{section}] {key} must be {_type_name(kind)}, got {value!r}")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{where}: [{section}] {key} {problem} (got {value!r})")
+        return value
+    raise ConfigError(f"{where}: unknown key [{section}] {key}")
+
+
+def load(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    """Read `path` (missing file = all defaults when it is the default path) into a checked Config."""
+    env = dict(os.environ) if env is None else env
+    raw: dict[str, Any] = {}
+    where = str(path) if path is not None else "config.toml"
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    known_sections = {s for s, *_ in SCHEMA}
+    values: dict[str, Any] = {}
+    for section, table in raw.items():
+        if section not in known_sections:
+            raise ConfigError(f"{where}: unknown section [{section}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
+        for key, value in table.items():
+            value = _check(section, key, value, where)
+            values[f"{section}_{key}"] = tuple(value) if isinstance(value, list) else value
+    env_key = env.get("RELAY_UPSTREAM_API_KEY")
+    if env_key:
+        values["upstream_api_key"] = env_key
+    names = {f.name for f in fields(Config)}
+    assert set(values) <= names
+    return Config(**values)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when `host` only listens on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_startup(config: Config) -> None:
+    """Refusals that depend on several keys at once."""
+    if not config.auth_api_keys and not is_loopback_host(config.server_host):
+        raise ConfigError(
+            f"[auth] api_keys is empty but [server] host = {config.server_host!r} is not loopback: "
+            "set relay access keys in [auth] api_keys, or listen on 127.0.0.1"
+        )

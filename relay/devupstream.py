@@ -1,0 +1,263 @@
+"""A development upstream: an OpenAI-compatible server that echoes, and misbehaves on request.
+
+`POST /v1/chat/completions` answers with the last user message echoed back, word by word, as real
+`chat.completion.chunk` events (or one `chat.completion` when `stream` is false). It honours `n`,
+`max_tokens` / `max_completion_tokens` and `stream_options.include_usage`.
+
+Behaviour is chosen per request, either by the model name (`echo:pace=0.05,fail=503`) or by a `dev`
+object in the body (`"dev": {"pace": 0.05}`), which the relay forwards untouched:
+
+| option        | effect                                                                  |
+|---------------|-------------------------------------------------------------------------|
+| header_delay  | seconds to wait before sending the response headers (first byte)        |
+| delay         | seconds to wait after the headers, before the first chunk               |
+| pace          | seconds between chunks                                                  |
+| fail          | answer with this HTTP status and an OpenAI-style error body             |
+| hang          | never answer (1), or hang after this many chunks (n > 1 means after n-1)|
+| drop_after    | close the connection abruptly after this many content chunks            |
+| malformed_after | send a chunk that is not JSON after this many content chunks          |
+| error_after   | send an OpenAI-style `{"error": …}` event after this many chunks        |
+| chunks        | emit exactly this many content chunks (cycling the words)               |
+| text          | echo this text instead of the last user message                         |
+| tool_call     | answer with a streamed tool call instead of text                        |
+| no_done       | end the stream without `data: [DONE]`                                   |
+| json_instead  | answer a streaming request with a plain `chat.completion` JSON body     |
+
+`GET /dev/stats` reports `open` (requests being answered right now) and `total`; `POST /dev/reset`
+zeroes them. When started with a required key, any other `Authorization` is answered with 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+WORD_RE = re.compile(r"\S+\s*|\s+")
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    model = body.get("model")
+    if isinstance(model, str) and ":" in model:
+        for part in model.split(":", 1)[1].split(","):
+            key, _, value = part.partition("=")
+            if key:
+                try:
+                    opts[key.strip()] = float(value) if value else 1.0
+                except ValueError:
+                    opts[key.strip()] = value
+    dev = body.get("dev")
+    if isinstance(dev, dict):
+        opts.update(dev)
+    return opts
+
+
+def _last_user_text(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return ""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _pieces(text: str, chunks: int | None, limit: int | None) -> tuple[list[str], bool]:
+    words = WORD_RE.findall(text) or ["(empty)"]
+    if chunks:
+        words = list(itertools.islice(itertools.cycle(words), chunks))
+    truncated = limit is not None and len(words) > limit
+    return (words[:limit] if truncated else words), truncated
+
+
+class DevUpstream:
+    """The server's state: counters, and the key it requires (if any)."""
+
+    def __init__(self, required_key: str | None = None) -> None:
+        self.required_key = required_key
+        self.open = 0
+        self.total = 0
+        self.last_body: dict[str, Any] | None = None
+        self.last_headers: dict[str, str] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/dev/stats", self.stats)
+        app.router.add_post("/dev/reset", self.reset)
+        return app
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"open": self.open, "total": self.total})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.total = 0
+        return web.json_response({"open": self.open, "total": self.total})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model", "owned_by": "dev"}]})
+
+    @staticmethod
+    def _error(status: int, message: str, kind: str = "dev_error") -> web.Response:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": str(status)}}
+        return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.open += 1
+        self.total += 1
+        try:
+            return await self._completions(request)
+        finally:
+            self.open -= 1
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        if self.required_key is not None and request.headers.get("Authorization") != f"Bearer {self.required_key}":
+            return self._error(401, "Incorrect API key provided.", "invalid_request_error")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._error(400, "body is not JSON", "invalid_request_error")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return self._error(400, "`messages` is required", "invalid_request_error")
+        self.last_body = body
+        self.last_headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+        opts = _options(body)
+        if opts.get("header_delay"):
+            await asyncio.sleep(float(opts["header_delay"]))
+        if opts.get("hang") == 1 or opts.get("hang") is True:
+            await asyncio.sleep(3600)
+        if opts.get("fail"):
+            return self._error(int(opts["fail"]), f"dev upstream failure {int(opts['fail'])} as requested")
+        n = body.get("n") or 1
+        if not isinstance(n, int) or not 1 <= n <= 16:
+            return self._error(400, "`n` must be between 1 and 16", "invalid_request_error")
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        limit = limit if isinstance(limit, int) and limit > 0 else None
+        chunks = int(opts["chunks"]) if opts.get("chunks") else None
+        base_text = str(opts["text"]) if opts.get("text") else _last_user_text(body["messages"])
+        texts = [base_text if i == 0 else f"({i}) {base_text}" for i in range(n)]
+        pieces = [_pieces(t, chunks, limit) for t in texts]
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": str(body.get("model") or "echo").split(":", 1)[0],
+            "system_fingerprint": "fp_dev",
+        }
+        prompt_tokens = sum(len(_last_user_text([m]).split()) for m in body["messages"])
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(len(p[0]) for p in pieces),
+            "total_tokens": prompt_tokens + sum(len(p[0]) for p in pieces),
+        }
+        tool = bool(opts.get("tool_call"))
+        if not body.get("stream") or opts.get("json_instead"):
+            choices = []
+            for i, (words, truncated) in enumerate(pieces):
+                message: dict[str, Any] = {"role": "assistant", "content": "".join(words)}
+                if tool:
+                    message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(i)]}
+                finish = "tool_calls" if tool else ("length" if truncated else "stop")
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
+            doc = {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
+            if opts.get("delay"):
+                await asyncio.sleep(float(opts["delay"]))
+            return web.Response(body=orjson.dumps(doc), content_type="application/json")
+        return await self._stream(request, body, opts, meta, pieces, usage, tool)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        opts: dict[str, Any],
+        meta: dict[str, Any],
+        pieces: list[tuple[list[str], bool]],
+        usage: dict[str, Any],
+        tool: bool,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        pace = float(opts.get("pace") or 0)
+        if opts.get("delay"):
+            await asyncio.sleep(float(opts["delay"]))
+
+        def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
+            doc = {**meta, "object": "chat.completion.chunk", "choices": choices, **(extra or {})}
+            return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+        n = len(pieces)
+        await resp.write(
+            chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)])
+        )
+        sent = 0
+        if tool:
+            args = orjson.dumps({"city": _last_user_text(body["messages"])[:40], "unit": "celsius"}).decode()
+            parts = [args[i : i + 8] for i in range(0, len(args), 8)]
+            for i in range(n):
+                call = _tool_call(i)
+                first = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+                await resp.write(chunk([{"index": i, "delta": {"tool_calls": [first]}, "finish_reason": None}]))
+                for part in parts:
+                    await resp.write(chunk([{"index": i, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}, "finish_reason": None}]))
+        else:
+            longest = max(len(p[0]) for p in pieces)
+            for step in range(longest):
+                for i, (words, _) in enumerate(pieces):
+                    if step >= len(words):
+                        continue
+                    if opts.get("drop_after") is not None and sent >= int(opts["drop_after"]):
+                        assert request.transport is not None
+                        request.transport.close()
+                        return resp
+                    if opts.get("malformed_after") is not None and sent >= int(opts["malformed_after"]):
+                        await resp.write(b"data: {this is not json\n\n")
+                        await resp.write_eof()
+                        return resp
+                    if opts.get("error_after") is not None and sent >= int(opts["error_after"]):
+                        err = {"error": {"message": "dev upstream error mid-stream", "type": "server_error", "code": None}}
+                        await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+                        await resp.write_eof()
+                        return resp
+                    hang = opts.get("hang")
+                    if hang and hang != 1 and hang is not True and sent >= int(hang) - 1:
+                        await asyncio.sleep(3600)
+                    if pace:
+                        await asyncio.sleep(pace)
+                    await resp.write(chunk([{"index": i, "delta": {"content": words[step]}, "logprobs": None, "finish_reason": None}]))
+                    sent += 1
+        for i, (_, truncated) in enumerate(pieces):
+            finish = "tool_calls" if tool else ("length" if truncated else "stop")
+            await resp.write(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}]))
+        stream_options = body.get("stream_options") or {}
+        if isinstance(stream_options, dict) and stream_options.get("include_usage"):
+            await resp.write(chunk([], {"usage": usage}))
+        if not opts.get("no_done"):
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _tool_call(i: int) -> dict[str, Any]:
+    return {"id": f"call_dev_{i}", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+
+
+async def start(host: str = "127.0.0.1", port: int = 0, required_key: str | None = None) -> tuple[web.AppRunner, DevUpstream, int]:
+    """Start the dev upstream on a real socket; returns the runner (to clean up), the state and the port."""
+    dev = DevUpstream(required_key)
+    runner = web.AppRunner(dev.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    actual = sockets[0].getsockname()[1] if sockets else port
+    return runner, dev, actual

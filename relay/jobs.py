@@ -1,0 +1,419 @@
+"""One background job per request: upstream → files, stop, timeouts, the terminal state.
+
+A job owns its request's files while it runs. Per network read from the upstream it parses the
+events, appends them to the `.txt` log in one write, and wakes the readers waiting on that request.
+The status document is refreshed at most once a second while streaming and written once more at the
+end. Whatever happens (upstream error, timeout, stop, shutdown, a bug) the job ends in exactly one
+terminal status, with `[DONE]` as the last event of a stream and `.raw` written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from .assemble import Assembler, SSEParser
+from .config import Config
+from .paths import RequestPath
+from .store import DONE_DATA, EventLog, write_bytes_atomic, write_json_atomic
+from .upstream import Upstream, UpstreamError
+
+log = logging.getLogger("relay.jobs")
+
+TERMINAL = frozenset({"done", "error", "stop"})
+
+README = {
+    "queued": "The request is queued and will start in a moment; this document updates as it runs.",
+    "streaming": "The answer is streaming: open stream_events_url to receive it live; response.body here "
+    "holds the text so far and is refreshed every second.",
+    "processing": "The upstream is working on the answer; poll this status_url until status is done.",
+    "done": "The answer is complete: response.body holds it.",
+    "error": "The request failed: error.message says why, and response holds what the upstream sent.",
+    "stop": "The request was stopped by its stop URL: response.body holds the text produced until then.",
+}
+
+STREAM_README = (
+    "The `stream_events_url` endpoint below streams data sent by the ChatGPT API. "
+    "Open it to receive incoming messages."
+)
+ASYNC_README = "The `status_url` endpoint below updates until the request is done. Poll it to get the result."
+
+
+class Interrupted(Exception):
+    """The relay is shutting down and the job could not finish in time."""
+
+
+class Job:
+    """A running request. Readers hold a reference to follow its event log."""
+
+    def __init__(
+        self,
+        manager: JobManager,
+        rp: RequestPath,
+        *,
+        stream: bool,
+        doc: dict[str, Any],
+        body: dict[str, Any],
+        api_key: str,
+        organization: str | None,
+        timeout: float,
+        connect_timeout: float,
+        webhook_url: str | None = None,
+    ) -> None:
+        self.manager = manager
+        self.webhook_url = webhook_url
+        self.rp = rp
+        self.stream = stream
+        self.doc = doc
+        self.body = body
+        self._api_key: str | None = api_key
+        self._organization = organization
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        data_dir = manager.config.data_dir
+        self.status_path = rp.file(data_dir, "json")
+        self.raw_path = rp.file(data_dir, "raw")
+        self.events: EventLog | None = None
+        self.raw = bytearray()
+        self.assembler = Assembler()
+        self.finished = False
+        self.task: asyncio.Task[None] | None = None
+        self.started = False
+        self.cancel_reason: str | None = None  # "stop" (stop URL) or "interrupted" (shutdown)
+        self.first_chunk_at: float | None = None
+        self.started_at = time.time()
+        self.processed_at: float | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_status_write = 0.0
+        self._saw_done = False
+
+    # ----- files -----------------------------------------------------------------------------------
+
+    def create_files(self) -> None:
+        """Write the queued status (and the empty event log). Called before the POST answers."""
+        directory = self.rp.directory(self.manager.config.data_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.stream:
+            self.events = EventLog(self.rp.file(self.manager.config.data_dir, "txt"))
+        write_json_atomic(self.status_path, self.doc)
+        self._last_status_write = time.monotonic()
+
+    @property
+    def size(self) -> int:
+        """Bytes of the event log that readers may read."""
+        return self.events.size if self.events else 0
+
+    def _write_status(self) -> None:
+        write_json_atomic(self.status_path, self.doc)
+        self._last_status_write = time.monotonic()
+
+    def _set_status(self, status: str) -> None:
+        self.doc["status"] = status
+        self.doc["README"] = README[status]
+
+    # ----- readers ---------------------------------------------------------------------------------
+
+    async def wait_for_more(self, offset: int, timeout: float) -> None:
+        """Return when the log grows past `offset`, the job finishes, or `timeout` passes."""
+        if self.finished or self.size > offset:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(fut)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    # ----- running ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        status, error = "done", None
+        try:
+            self.started = True
+            if self.cancel_reason:
+                raise asyncio.CancelledError  # stopped (or shut down) before it began
+            self.processed_at = time.time()
+            self._set_status("streaming" if self.stream else "processing")
+            self._write_status()
+            async with asyncio.timeout(self.timeout):
+                if self.stream:
+                    await self._run_stream()
+                else:
+                    await self._run_async()
+        except TimeoutError:
+            status, error = "error", ("timeout", f"the upstream call took longer than the timeout of {self.timeout:g} s")
+        except UpstreamError as exc:
+            status, error = "error", (exc.code, exc.message)
+            self._keep_upstream_error(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.uncancel()
+            if self.cancel_reason == "stop":
+                status = "stop"
+            else:
+                status, error = "error", ("interrupted", "the relay shut down before the request finished")
+        except OSError as exc:
+            log.error("request %s: storage error: %s", self.rp.request_id, exc.strerror)
+            status, error = "error", ("storage_error", f"the relay could not write the request's files ({exc.strerror})")
+        except Exception:
+            log.exception("request %s: internal error", self.rp.request_id)
+            status, error = "error", ("internal_error", "the relay failed unexpectedly; see its log")
+        finally:
+            self._api_key = None  # the key is dropped as soon as the upstream call ends
+            self._organization = None
+        await self._finish(status, error)
+
+    def _call_args(self) -> dict[str, Any]:
+        cfg = self.manager.config
+        assert self._api_key is not None
+        return {
+            "stream": self.stream,
+            "api_key": self._api_key,
+            "organization": self._organization,
+            "connect_timeout": self.connect_timeout,
+            "include_usage": cfg.upstream_include_usage,
+        }
+
+    async def _run_stream(self) -> None:
+        parser = SSEParser()
+        async with self.manager.upstream.open(self.body, **self._call_args()) as resp:
+            self.doc["response"] = {"status_code": resp.status_code, "headers": resp.headers}
+            if "text/event-stream" not in resp.content_type:
+                async for block in resp.chunks:
+                    self.raw += block
+                raise UpstreamError(
+                    "upstream_invalid_response",
+                    f"the upstream answered with Content-Type {resp.content_type or 'none'!r} instead of an "
+                    "event stream; check upstream.base_url",
+                    status_code=resp.status_code,
+                    headers=resp.headers,
+                    body=bytes(self.raw),
+                )
+            async for block in resp.chunks:
+                self.raw += block
+                self._handle(parser.feed(block))
+                if self._saw_done:
+                    break
+            if not self._saw_done:
+                self._handle(parser.flush())
+        if not self._saw_done and not self.assembler.all_finished():
+            raise UpstreamError("upstream_disconnected", "the upstream closed the stream before the answer was complete")
+
+    def _handle(self, datas: list[bytes]) -> None:
+        """Turn parsed upstream events into log events; on a bad one, keep the good ones before it."""
+        if not datas:
+            return
+        assert self.events is not None
+        out: list[tuple[bytes, str | None]] = []
+        try:
+            for data in datas:
+                if data == DONE_DATA:
+                    self._saw_done = True
+                    break
+                out.append((self._chunk(data), None))
+        finally:
+            if out:
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.time()
+                self.events.append(out)
+                self._wake()
+                self._schedule_refresh()
+
+    def _chunk(self, data: bytes) -> bytes:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                "upstream_invalid_response", "the upstream sent a stream event that is not JSON"
+            ) from None
+        if not isinstance(chunk, dict):
+            raise UpstreamError("upstream_invalid_response", "the upstream sent a stream event that is not a JSON object")
+        if "error" in chunk and not chunk.get("choices"):
+            err = chunk["error"]
+            text = err.get("message") if isinstance(err, dict) else err
+            raise UpstreamError(
+                "upstream_error", f"the upstream reported an error mid-stream: {str(text)[:500]}", body=data
+            )
+        self.assembler.add(chunk)
+        choices = chunk.get("choices")
+        rewrite = b"\n" in data or b"\r" in data
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and "delta" not in choice:
+                    choice["delta"] = {}
+                    rewrite = True
+        return orjson.dumps(chunk) if rewrite else data
+
+    def _schedule_refresh(self) -> None:
+        if self._flush_handle is not None:
+            return
+        delay = max(0.0, 1.0 - (time.monotonic() - self._last_status_write))
+        self._flush_handle = asyncio.get_running_loop().call_later(delay, self._refresh)
+
+    def _refresh(self) -> None:
+        self._flush_handle = None
+        if self.finished or self.doc["status"] in TERMINAL:
+            return
+        self.doc.setdefault("response", {})["body"] = self.assembler.completion(self.body["model"])
+        try:
+            self._write_status()
+        except OSError as exc:
+            log.warning("request %s: could not refresh status: %s", self.rp.request_id, exc.strerror)
+
+    async def _run_async(self) -> None:
+        async with self.manager.upstream.open(self.body, **self._call_args()) as resp:
+            self.doc["response"] = {"status_code": resp.status_code, "headers": resp.headers}
+            async for block in resp.chunks:
+                self.raw += block
+        self.first_chunk_at = time.time()
+        try:
+            body = orjson.loads(self.raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("upstream_invalid_response", "the upstream answered with a body that is not JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+            raise UpstreamError("upstream_invalid_response", "the upstream answer has no `choices`")
+        self.doc["response"]["body"] = body
+
+    def _keep_upstream_error(self, exc: UpstreamError) -> None:
+        if exc.status_code is None and not exc.body:
+            return
+        response = self.doc.setdefault("response", {})
+        if exc.status_code is not None and "status_code" not in response:
+            response["status_code"] = exc.status_code
+            response["headers"] = exc.headers
+        if exc.body and not self.raw:
+            self.raw += exc.body
+        if exc.status_code is not None and exc.body:
+            try:
+                response["error_body"] = orjson.loads(exc.body)
+            except orjson.JSONDecodeError:
+                response["error_body"] = exc.body.decode("utf-8", "replace")
+
+    async def _finish(self, status: str, error: tuple[str, str] | None) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        now = time.time()
+        doc = self.doc
+        if self.stream and (self.assembler.chunks or status == "done"):
+            doc.setdefault("response", {})["body"] = self.assembler.completion(self.body["model"])
+        self._set_status(status)
+        if error:
+            doc["error"] = {"code": error[0], "message": error[1]}
+        req = doc["request"]
+        req["finished_at"] = int(now)
+        if self.processed_at is not None:
+            req["processed_at"] = int(self.processed_at)
+            req["request_time"] = round(now - self.processed_at, 3)
+        req["total_time"] = round(now - self.started_at, 3)
+        endpoints = doc["endpoints"]
+        endpoints.pop("stop_url", None)
+        problems: list[str] = []
+        try:
+            await write_bytes_atomic(self.raw_path, bytes(self.raw))
+            endpoints["response_raw_url"] = self.rp.url(self.manager.config.public_url, "raw")
+        except OSError as exc:
+            problems.append(f".raw: {exc.strerror}")
+        try:
+            self._write_status()
+        except OSError as exc:
+            problems.append(f".json: {exc.strerror}")
+        if self.events is not None:
+            tail: list[tuple[bytes, str | None]] = []
+            if error:
+                tail.append((orjson.dumps({"error": {"code": error[0], "message": error[1]}}), "error"))
+            elif status == "stop":
+                tail.append((orjson.dumps({"status": "stop", "message": "stopped by the stop URL"}), "stop"))
+            tail.append((DONE_DATA, None))
+            try:
+                self.events.append(tail)
+            except OSError as exc:
+                problems.append(f".txt: {exc.strerror}")
+            self.events.close()
+        self.finished = True
+        self._wake()
+        self.manager.forget(self)
+        ttfb = f"{self.first_chunk_at - self.processed_at:.3f}" if self.first_chunk_at and self.processed_at else "-"
+        log.info(
+            "request %s %s status=%s%s chunks=%d ttfb=%s total=%.3f%s",
+            self.rp.request_id,
+            "stream" if self.stream else "async",
+            status,
+            f" code={error[0]}" if error else "",
+            self.assembler.chunks,
+            ttfb,
+            now - self.started_at,
+            f" write_errors={'; '.join(problems)}" if problems else "",
+        )
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the upstream call in whatever phase it is; a job not yet started sees the flag."""
+        if self.cancel_reason is not None or self.finished:
+            return
+        self.cancel_reason = reason
+        if self.started and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class JobManager:
+    """The running jobs of this process, by request id."""
+
+    def __init__(self, config: Config, upstream: Upstream) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.jobs: dict[str, Job] = {}
+        self.accepting = True
+
+    def running(self) -> int:
+        return len(self.jobs)
+
+    def get(self, request_id: str) -> Job | None:
+        return self.jobs.get(request_id)
+
+    def start(self, job: Job) -> None:
+        self.jobs[job.rp.request_id] = job
+        job.task = asyncio.create_task(job.run(), name=f"job-{job.rp.request_id}")
+
+    def forget(self, job: Job) -> None:
+        self.jobs.pop(job.rp.request_id, None)
+
+    def stop(self, request_id: str) -> bool:
+        """Cancel a running job (any phase). False when it is not running here."""
+        job = self.jobs.get(request_id)
+        if job is None or job.task is None or job.finished:
+            return False
+        job.cancel("stop")
+        return True
+
+    async def wait_stopped(self, request_id: str) -> None:
+        job = self.jobs.get(request_id)
+        if job is not None and job.task is not None:
+            await asyncio.shield(job.task)
+
+    async def shutdown(self, grace: float) -> None:
+        """Refuse new requests, let running ones finish for `grace` seconds, interrupt the rest."""
+        self.accepting = False
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        if tasks and grace > 0:
+            log.info("shutting down: waiting up to %gs for %d running request(s)", grace, len(tasks))
+            await asyncio.wait(tasks, timeout=grace)
+        rest = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        for job in list(self.jobs.values()):
+            job.cancel("interrupted")
+        if rest:
+            log.info("shutting down: interrupted %d request(s)", len(rest))
+            await asyncio.wait(rest)

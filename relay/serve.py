@@ -1,0 +1,258 @@
+"""GET of status / raw files, the tail-following event stream, the stop URL, CORS.
+
+Every request for a file goes through `_locate`, which parses the raw URL path (see `paths.py`),
+refuses other nodes and expired requests, and checks private tokens, before anything touches the disk.
+
+The event stream replays the `.txt` file from an offset, then follows the running job: it sleeps on
+the job until the log grows, reads the new bytes with one `pread` and writes them out. A reader holds
+no buffer of its own: a slow reader simply reads later from the file, so it costs the same memory as
+a fast one and can never make the job wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Config
+from .http import HTTPError, error, json_response
+from .jobs import Job, JobManager
+from .paths import RequestPath, parse_request_path
+from .security import bearer, token_matches
+from .store import event_end, read_json
+
+log = logging.getLogger("relay.serve")
+
+READ_BLOCK = 256 * 1024
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+NO_STORE = {"Cache-Control": "no-store"}
+PREFLIGHT_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-OpenAI-API-Key, X-OpenAI-Organization, X-RapidAPI-Key, X-RapidAPI-Host"
+
+
+def _not_found() -> HTTPError:
+    return HTTPError(404, "not_found", "no such request here: the URL is wrong, or the request has expired")
+
+
+def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> dict[str, Any]:
+    job = manager.get(rp.request_id)
+    if job is not None and job.rp == rp:
+        return job.doc["authorization"]
+    try:
+        doc = read_json(rp.file(config.data_dir, "json"))
+    except (FileNotFoundError, NotADirectoryError, orjson.JSONDecodeError):
+        raise _not_found() from None
+    return doc.get("authorization") or {}
+
+
+def _check_token(request: web.Request, auth: dict[str, Any], kind: str) -> None:
+    """Private requests: the bearer token opens everything, the stream token only the `.txt`."""
+    token = bearer(request)
+    if kind == "txt" and token is None:
+        token = request.query.get("stream_token")
+    if not token:
+        hint = "Authorization: Bearer <bearer_token>" + (" or ?stream_token=<token>" if kind == "txt" else "")
+        raise HTTPError(
+            401, "unauthorized", f"this request is private: send {hint}", {"WWW-Authenticate": 'Bearer realm="relay"'}
+        )
+    if token_matches(token, auth.get("bearer_token_sha256")):
+        return
+    if kind == "txt" and token_matches(token, auth.get("stream_token_sha256")):
+        return
+    raise HTTPError(403, "forbidden", "the token does not open this URL")
+
+
+def _locate(request: web.Request) -> tuple[RequestPath, str]:
+    config: Config = request.app["config"]
+    manager: JobManager = request.app["manager"]
+    parsed = parse_request_path(request.rel_url.raw_path)
+    if parsed is None:
+        raise _not_found()
+    rp, kind = parsed
+    if rp.node_id != config.server_node_id:
+        raise _not_found()
+    if manager.get(rp.request_id) is None:
+        age_days = (time.time() - rp.created.timestamp()) / 86400
+        if age_days > config.retention_max_age_days:
+            raise _not_found()
+    if rp.private:
+        _check_token(request, _stored_auth(manager, config, rp), kind)
+    return rp, kind
+
+
+async def handle_file(request: web.Request) -> web.StreamResponse:
+    """Dispatch every `/<node>/r/…` URL."""
+    try:
+        rp, kind = _locate(request)
+        if kind == "stop":
+            if request.method not in ("GET", "POST"):
+                raise HTTPError(405, "method_not_allowed", "use GET or POST on a stop URL")
+            return await _stop(request, rp)
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method_not_allowed", "this URL only answers GET")
+        if kind == "txt":
+            return await _events(request, rp)
+        return await _plain(request, rp, kind)
+    except HTTPError as exc:
+        return exc.response()
+
+
+async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.StreamResponse:
+    config: Config = request.app["config"]
+    path = rp.file(config.data_dir, kind)
+    if kind == "json":
+        if rp.private:
+            try:
+                doc = read_json(path)
+            except (FileNotFoundError, NotADirectoryError):
+                raise _not_found() from None
+            auth = doc.get("authorization") or {}
+            doc["authorization"] = {"access": auth.get("access", "private")}
+            return web.Response(body=orjson.dumps(doc, option=orjson.OPT_INDENT_2), content_type="application/json", headers=NO_STORE)
+        content_type = "application/json"
+    else:
+        is_stream = rp.file(config.data_dir, "txt").exists()
+        content_type = "text/plain; charset=utf-8" if is_stream else "application/json"
+    if not path.is_file():
+        if kind == "raw" and rp.file(config.data_dir, "json").is_file():
+            raise HTTPError(404, "not_ready", "the raw upstream response is written when the request ends")
+        raise _not_found()
+    return web.FileResponse(path, headers={**NO_STORE, "Content-Type": content_type})
+
+
+async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
+    config: Config = request.app["config"]
+    manager: JobManager = request.app["manager"]
+    job = manager.get(rp.request_id)
+    if job is not None and job.rp == rp:
+        manager.stop(rp.request_id)
+        if job.task is not None:
+            await asyncio.shield(job.task)
+        return json_response({"status": "success"})
+    if not rp.file(config.data_dir, "json").is_file():
+        raise _not_found()
+    return json_response({"status": "success"})
+
+
+def _resume_id(request: web.Request) -> str | None:
+    value = request.headers.get("Last-Event-ID")
+    if value is None or not value.strip():
+        value = request.query.get("last_event_id")
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
+    config: Config = request.app["config"]
+    manager: JobManager = request.app["manager"]
+    job: Job | None = manager.get(rp.request_id)
+    if job is not None and (job.rp != rp or job.events is None):
+        job = None
+    try:
+        fd = os.open(rp.file(config.data_dir, "txt"), os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _not_found() from None
+    try:
+        size = job.size if job is not None else os.fstat(fd).st_size
+        offset = 0
+        resume = _resume_id(request)
+        if resume is not None:
+            end = event_end(fd, resume, size)
+            if end is None:
+                raise HTTPError(400, "unknown_event_id", f"no event with id {resume[:40]!r} in this stream")
+            offset = end
+            if offset >= size and (job is None or job.finished):
+                return web.Response(status=204, headers={"Cache-Control": "no-cache"})
+        return await _follow(request, fd, offset, job, config.server_heartbeat_seconds)
+    finally:
+        os.close(fd)
+
+
+async def _follow(request: web.Request, fd: int, offset: int, job: Job | None, heartbeat: float) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    readers = request.app["readers"]
+    readers[0] += 1
+    try:
+        await resp.write(b": connected\n\n")
+        while True:
+            size = job.size if job is not None else os.fstat(fd).st_size
+            if offset < size:
+                data = os.pread(fd, min(size - offset, READ_BLOCK), offset)
+                if not data:
+                    break
+                offset += len(data)
+                await resp.write(data)
+                continue
+            if job is None or job.finished:
+                break
+            await job.wait_for_more(offset, heartbeat)
+            if not job.finished and job.size <= offset:
+                await resp.write(b": keep-alive\n\n")
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass  # the reader went away; the request itself carries on
+    finally:
+        readers[0] -= 1
+    return resp
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Headers": PREFLIGHT_HEADERS,
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Max-Age": "600",
+        },
+    )
+
+
+def cors_origin(config: Config, origin: str | None) -> str | None:
+    if "*" in config.server_cors_origins:
+        return "*"
+    if origin and origin in config.server_cors_origins:
+        return origin
+    return None
+
+
+async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: CORS headers on every answer (streams included)."""
+    config: Config = request.app["config"]
+    allowed = cors_origin(config, request.headers.get("Origin"))
+    if allowed:
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, WWW-Authenticate"
+    if allowed != "*":
+        response.headers.add("Vary", "Origin")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own 404/405 and unexpected failures answer with the JSON error body too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return error(exc.status, code, exc.reason if exc.status != 404 else "no such URL on this relay")
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal_error", "the relay failed unexpectedly; see its log")

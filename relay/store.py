@@ -1,0 +1,130 @@
+"""The files: atomic status writes, the append-only event log, reading from an offset.
+
+Event ids are byte offsets: an event's `id:` is the offset in the `.txt` file at which that event
+starts. That makes ids stable across restarts, unique, ordered, and lets a reader resume after any id
+by reading just that one event (to find where it ends) instead of the file from the start. An id is
+valid only if the file holds `id: <n>\\n` at offset n, so a made-up id is recognised and refused.
+
+Small writes (status documents, events) are plain synchronous writes: they hit the page cache in
+microseconds, and a thread hop per write would cost more than the write. The `.raw` body, which can be
+large, is written through aiofiles.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import orjson
+
+DONE_DATA = b"[DONE]"
+MAX_EVENT_SCAN = 16 * 1024 * 1024  # no single event is larger than this
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Replace `path` with the JSON of `doc`: temp file + rename, so no reader sees a torn document."""
+    tmp = _tmp_name(path)
+    data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+async def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a possibly large body off the event loop, then rename it into place."""
+    tmp = _tmp_name(path)
+    try:
+        async with aiofiles.open(tmp, "wb") as fh:
+            await fh.write(data)
+        await aiofiles.os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as fh:
+        return orjson.loads(fh.read())
+
+
+def encode_event(offset: int, data: bytes, event: str | None = None) -> bytes:
+    """One SSE event starting at byte `offset` of the log."""
+    head = b"id: %d\n" % offset
+    if event:
+        head += b"event: " + event.encode() + b"\n"
+    return head + b"data: " + data + b"\n\n"
+
+
+class EventLog:
+    """The append-only `.txt` of one running request. Only the owning job writes to it."""
+
+    def __init__(self, path: Path, size: int = 0) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.size = size  # bytes committed; readers never read past this
+
+    def append(self, events: list[tuple[bytes, str | None]]) -> int:
+        """Append events (data, event name); returns the number of bytes written."""
+        out = bytearray()
+        offset = self.size
+        for data, name in events:
+            chunk = encode_event(offset, data, name)
+            out += chunk
+            offset += len(chunk)
+        view = memoryview(out)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.size = offset
+        return len(out)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def event_end(fd: int, event_id: str, size: int) -> int | None:
+    """Offset just after the event whose id is `event_id`, or None when there is no such event."""
+    if not event_id.isascii() or not event_id.isdigit() or (len(event_id) > 1 and event_id[0] == "0"):
+        return None
+    start = int(event_id)
+    if start >= size:
+        return None
+    head = b"id: %d\n" % start
+    window = 4096
+    while True:
+        data = os.pread(fd, min(window, size - start), start)
+        if not data.startswith(head):
+            return None
+        end = data.find(b"\n\n")
+        if end >= 0:
+            return start + end + 2
+        if start + len(data) >= size or window >= MAX_EVENT_SCAN:
+            return None
+        window *= 4
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

@@ -1,0 +1,172 @@
+"""Talking to the OpenAI-compatible server, and turning its failures into clear error codes.
+
+One `openai.AsyncOpenAI` client with one shared HTTP connection pool serves the whole process. The key
+of each request is passed per call as a header, so no client is built per request and the key lives
+only in that call's arguments. The body is read as raw bytes (no pydantic model per chunk): the job
+needs the exact upstream bytes for `.raw` and for the event log anyway.
+
+No exception raised from here carries the key: messages are built from status codes, exception class
+names and the upstream's own error text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+
+log = logging.getLogger("relay.upstream")
+
+# The SDK logs request options (headers included) at debug level: keep it and the transport quiet.
+for _name in ("openai", "httpx", "httpx2", "httpcore", "httpcore2"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+class UpstreamError(Exception):
+    """A failed upstream call: a snake_case `code`, a message for humans, and what the upstream sent."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status_code = status_code
+        self.headers = headers or {}
+        self.body = body
+
+
+@dataclass
+class UpstreamResponse:
+    status_code: int
+    headers: dict[str, str]
+    content_type: str
+    chunks: AsyncIterator[bytes] = field(repr=False)
+
+
+def _error_text(body: bytes) -> str:
+    """The upstream's own error message, if its body is the usual `{"error": {"message": …}}`."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body[:200].decode("utf-8", "replace").strip()
+        return text
+    if isinstance(doc, dict):
+        err = doc.get("error", doc)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"][:500]
+        if isinstance(err, str):
+            return err[:500]
+    return ""
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__ or exc
+    text = str(cause).strip()
+    name = type(cause).__name__
+    return f"{name}: {text}" if text else name
+
+
+class Upstream:
+    """The shared client. `open()` runs one chat-completion call and yields its raw body."""
+
+    def __init__(self, base_url: str, max_connections: int = 1000) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=100),
+        )
+        self.client = openai.AsyncOpenAI(
+            api_key="per-request",  # replaced by each call's Authorization header
+            base_url=self.base_url,
+            max_retries=0,
+            http_client=self.http,
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    @asynccontextmanager
+    async def open(
+        self,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+        api_key: str,
+        organization: str | None,
+        connect_timeout: float,
+        include_usage: bool,
+    ) -> AsyncIterator[UpstreamResponse]:
+        """POST /chat/completions; yields the response whose `chunks` are the raw body bytes.
+
+        Raises UpstreamError for HTTP errors, unreachable servers and connect timeouts; errors while
+        reading `chunks` are raised as UpstreamError too.
+        """
+        params = dict(body)
+        model = params.pop("model")
+        messages = params.pop("messages")
+        headers: dict[str, Any] = {"Authorization": f"Bearer {api_key}"}
+        if organization:
+            headers["OpenAI-Organization"] = organization
+        extra: dict[str, Any] = {}
+        if stream and include_usage:
+            extra["stream_options"] = {"include_usage": True}
+        cm = self.client.chat.completions.with_streaming_response.create(
+            model=model,
+            messages=messages,
+            stream=stream,
+            extra_body=params,
+            extra_headers=headers,
+            timeout=httpx2.Timeout(None, connect=connect_timeout),
+            **extra,
+        )
+        del headers, api_key
+        try:
+            resp = await cm.__aenter__()
+        except openai.APIStatusError as exc:
+            raise UpstreamError(
+                "upstream_error",
+                f"the upstream answered HTTP {exc.status_code}"
+                + (f": {text}" if (text := _error_text(exc.response.content)) else ""),
+                status_code=exc.status_code,
+                headers=dict(exc.response.headers.items()),
+                body=exc.response.content,
+            ) from None
+        except openai.APITimeoutError:
+            raise UpstreamError(
+                "timeout", f"could not connect to the upstream at {self.base_url} within {connect_timeout:g} s"
+            ) from None
+        except openai.APIConnectionError as exc:
+            raise UpstreamError(
+                "upstream_unreachable", f"could not connect to the upstream at {self.base_url} ({_cause(exc)})"
+            ) from None
+        try:
+            http = resp.http_response
+            yield UpstreamResponse(
+                status_code=http.status_code,
+                headers=dict(http.headers.items()),
+                content_type=http.headers.get("content-type", ""),
+                chunks=_read(http),
+            )
+        finally:
+            await cm.__aexit__(None, None, None)
+
+
+async def _read(http: httpx2.Response) -> AsyncIterator[bytes]:
+    try:
+        async for block in http.aiter_bytes():
+            yield block
+    except httpx2.HTTPError as exc:
+        raise UpstreamError(
+            "upstream_disconnected", f"the upstream connection broke mid-response ({_cause(exc)})"
+        ) from None
