@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .assemble import assistant_message
 from .config import Config
-from .http import HTTPError, error, json_response
+from .http import CONFIG, MANAGER, HTTPError, error, json_response
 from .jobs import ASYNC_README, README, STREAM_README, TERMINAL, Job, JobManager
 from .paths import RequestPath, parse_status_url
 from .security import hash_token, key_allowed, new_token, relay_key, token_matches
@@ -66,7 +66,7 @@ def _number(payload: dict[str, Any], field: str, default: float, low: float, hig
         raise _bad(field, f"must be a number of seconds between {low:g} and {high:g}")
     if not low <= value <= high:
         raise _bad(field, f"must be between {low:g} and {high:g} seconds (got {value:g})")
-    return float(value)
+    return value
 
 
 def _optional_str(payload: dict[str, Any], field: str, max_len: int = 4096) -> str | None:
@@ -163,7 +163,9 @@ def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
     try:
         parent = read_json(prp.file(config.data_dir, "json"))
     except (FileNotFoundError, NotADirectoryError):
-        raise HTTPError(404, "parent_not_found", "`from_status_url` does not exist here (expired or never created)") from None
+        raise HTTPError(
+            404, "parent_not_found", "`from_status_url` does not exist here (expired or never created)"
+        ) from None
     if not isinstance(parent, dict):
         raise HTTPError(404, "parent_not_found", "`from_status_url` does not hold a status document")
     auth = parent.get("authorization") or {}
@@ -184,8 +186,8 @@ def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
 
 
 async def create(request: web.Request, stream: bool) -> web.Response:
-    config: Config = request.app["config"]
-    manager: JobManager = request.app["manager"]
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
     try:
         if not manager.accepting:
             raise HTTPError(503, "shutting_down", "the relay is shutting down; retry in a moment", {"Retry-After": "5"})

@@ -8,18 +8,18 @@ from aiohttp import web
 
 from . import api, serve
 from .config import Config
+from .http import CONFIG, MANAGER, READERS
 from .jobs import JobManager
 from .upstream import Upstream
 
 
 def make_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[serve.json_errors], client_max_size=config.server_max_body_bytes + 1)
-    app["config"] = config
-    app["readers"] = [0]
+    app[CONFIG] = config
+    app[READERS] = [0]
     app.router.add_post("/v1/stream-chatgpt", api.stream_chatgpt)
     app.router.add_post("/v1/async-chatgpt", api.async_chatgpt)
     app.router.add_get("/healthz", serve.healthz)
-    app.router.add_route("OPTIONS", "/{tail:.*}", serve.preflight)
     app.router.add_route("*", r"/{node:\d+}/r/{tail:.*}", serve.handle_file)
     app.on_response_prepare.append(serve.add_cors)
     app.cleanup_ctx.append(_lifecycle)
@@ -28,17 +28,15 @@ def make_app(config: Config) -> web.Application:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    config: Config = app["config"]
+    config: Config = app[CONFIG]
     upstream = Upstream(config.upstream_base_url, config.upstream_max_connections)
     manager = JobManager(config, upstream)
-    app["upstream"] = upstream
-    app["manager"] = manager
+    app[MANAGER] = manager
     yield
     await manager.shutdown(config.server_shutdown_grace_seconds)
     await upstream.close()
 
 
-
 async def _shutdown(app: web.Application) -> None:
     """Stop taking requests; let running ones finish (or interrupt them) so their readers can close."""
-    await app["manager"].shutdown(app["config"].server_shutdown_grace_seconds)
+    await app[MANAGER].shutdown(app[CONFIG].server_shutdown_grace_seconds)

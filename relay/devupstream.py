@@ -38,6 +38,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 WORD_RE = re.compile(r"\S+\s*|\s+")
 
@@ -88,7 +89,7 @@ class DevUpstream:
         self.open = 0
         self.total = 0
         self.last_body: dict[str, Any] | None = None
-        self.last_headers: dict[str, str] = {}
+        self.last_headers: CIMultiDict[str] = CIMultiDict()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -131,7 +132,7 @@ class DevUpstream:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return self._error(400, "`messages` is required", "invalid_request_error")
         self.last_body = body
-        self.last_headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+        self.last_headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() != "authorization")
         opts = _options(body)
         if opts.get("header_delay"):
             await asyncio.sleep(float(opts["header_delay"]))
@@ -197,7 +198,12 @@ class DevUpstream:
 
         n = len(pieces)
         await resp.write(
-            chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)])
+            chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(n)
+                ]
+            )
         )
         sent = 0
         if tool:
@@ -205,10 +211,25 @@ class DevUpstream:
             parts = [args[i : i + 8] for i in range(0, len(args), 8)]
             for i in range(n):
                 call = _tool_call(i)
-                first = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+                first = {
+                    "index": 0,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""},
+                }
                 await resp.write(chunk([{"index": i, "delta": {"tool_calls": [first]}, "finish_reason": None}]))
                 for part in parts:
-                    await resp.write(chunk([{"index": i, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}, "finish_reason": None}]))
+                    await resp.write(
+                        chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": part}}]},
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
         else:
             longest = max(len(p[0]) for p in pieces)
             for step in range(longest):
@@ -224,7 +245,9 @@ class DevUpstream:
                         await resp.write_eof()
                         return resp
                     if opts.get("error_after") is not None and sent >= int(opts["error_after"]):
-                        err = {"error": {"message": "dev upstream error mid-stream", "type": "server_error", "code": None}}
+                        err = {
+                            "error": {"message": "dev upstream error mid-stream", "type": "server_error", "code": None}
+                        }
                         await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
                         await resp.write_eof()
                         return resp
@@ -233,7 +256,11 @@ class DevUpstream:
                         await asyncio.sleep(3600)
                     if pace:
                         await asyncio.sleep(pace)
-                    await resp.write(chunk([{"index": i, "delta": {"content": words[step]}, "logprobs": None, "finish_reason": None}]))
+                    await resp.write(
+                        chunk(
+                            [{"index": i, "delta": {"content": words[step]}, "logprobs": None, "finish_reason": None}]
+                        )
+                    )
                     sent += 1
         for i, (_, truncated) in enumerate(pieces):
             finish = "tool_calls" if tool else ("length" if truncated else "stop")
@@ -251,7 +278,9 @@ def _tool_call(i: int) -> dict[str, Any]:
     return {"id": f"call_dev_{i}", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
 
 
-async def start(host: str = "127.0.0.1", port: int = 0, required_key: str | None = None) -> tuple[web.AppRunner, DevUpstream, int]:
+async def start(
+    host: str = "127.0.0.1", port: int = 0, required_key: str | None = None
+) -> tuple[web.AppRunner, DevUpstream, int]:
     """Start the dev upstream on a real socket; returns the runner (to clean up), the state and the port."""
     dev = DevUpstream(required_key)
     runner = web.AppRunner(dev.app(), handler_cancellation=True, access_log=None)

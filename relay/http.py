@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .jobs import JobManager
+
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+MANAGER: web.AppKey[JobManager] = web.AppKey("manager")
+READERS: web.AppKey[list[int]] = web.AppKey("readers")
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

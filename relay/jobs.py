@@ -37,8 +37,7 @@ README = {
 }
 
 STREAM_README = (
-    "The `stream_events_url` endpoint below streams data sent by the ChatGPT API. "
-    "Open it to receive incoming messages."
+    "The `stream_events_url` endpoint below streams data sent by the ChatGPT API. Open it to receive incoming messages."
 )
 ASYNC_README = "The `status_url` endpoint below updates until the request is done. Poll it to get the result."
 
@@ -154,7 +153,10 @@ class Job:
                 else:
                     await self._run_async()
         except TimeoutError:
-            status, error = "error", ("timeout", f"the upstream call took longer than the timeout of {self.timeout:g} s")
+            status, error = (
+                "error",
+                ("timeout", f"the upstream call took longer than the timeout of {self.timeout:g} s"),
+            )
         except UpstreamError as exc:
             status, error = "error", (exc.code, exc.message)
             self._keep_upstream_error(exc)
@@ -168,7 +170,10 @@ class Job:
                 status, error = "error", ("interrupted", "the relay shut down before the request finished")
         except OSError as exc:
             log.error("request %s: storage error: %s", self.rp.request_id, exc.strerror)
-            status, error = "error", ("storage_error", f"the relay could not write the request's files ({exc.strerror})")
+            status, error = (
+                "error",
+                ("storage_error", f"the relay could not write the request's files ({exc.strerror})"),
+            )
         except Exception:
             log.exception("request %s: internal error", self.rp.request_id)
             status, error = "error", ("internal_error", "the relay failed unexpectedly; see its log")
@@ -211,7 +216,9 @@ class Job:
             if not self._saw_done:
                 self._handle(parser.flush())
         if not self._saw_done and not self.assembler.all_finished():
-            raise UpstreamError("upstream_disconnected", "the upstream closed the stream before the answer was complete")
+            raise UpstreamError(
+                "upstream_disconnected", "the upstream closed the stream before the answer was complete"
+            )
 
     def _handle(self, datas: list[bytes]) -> None:
         """Turn parsed upstream events into log events; on a bad one, keep the good ones before it."""
@@ -241,7 +248,9 @@ class Job:
                 "upstream_invalid_response", "the upstream sent a stream event that is not JSON"
             ) from None
         if not isinstance(chunk, dict):
-            raise UpstreamError("upstream_invalid_response", "the upstream sent a stream event that is not a JSON object")
+            raise UpstreamError(
+                "upstream_invalid_response", "the upstream sent a stream event that is not a JSON object"
+            )
         if "error" in chunk and not chunk.get("choices"):
             err = chunk["error"]
             text = err.get("message") if isinstance(err, dict) else err
@@ -283,7 +292,9 @@ class Job:
         try:
             body = orjson.loads(self.raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError("upstream_invalid_response", "the upstream answered with a body that is not JSON") from None
+            raise UpstreamError(
+                "upstream_invalid_response", "the upstream answered with a body that is not JSON"
+            ) from None
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
             raise UpstreamError("upstream_invalid_response", "the upstream answer has no `choices`")
         self.doc["response"]["body"] = body

@@ -101,4 +101,3 @@ def parse_status_url(url: str, public_url: str) -> RequestPath | None:
     if parsed is None or parsed[1] != "json":
         return None
     return parsed[0]
-

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from .config import Config
-from .http import HTTPError, error, json_response
+from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
 from .jobs import Job, JobManager
 from .paths import RequestPath, parse_request_path
 from .security import bearer, token_matches
@@ -36,7 +36,10 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 NO_STORE = {"Cache-Control": "no-store"}
-PREFLIGHT_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-OpenAI-API-Key, X-OpenAI-Organization, X-RapidAPI-Key, X-RapidAPI-Host"
+PREFLIGHT_HEADERS = (
+    "Authorization, Content-Type, Last-Event-ID, "
+    "X-OpenAI-API-Key, X-OpenAI-Organization, X-RapidAPI-Key, X-RapidAPI-Host"
+)
 
 
 def _not_found() -> HTTPError:
@@ -72,8 +75,8 @@ def _check_token(request: web.Request, auth: dict[str, Any], kind: str) -> None:
 
 
 def _locate(request: web.Request) -> tuple[RequestPath, str]:
-    config: Config = request.app["config"]
-    manager: JobManager = request.app["manager"]
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
     parsed = parse_request_path(request.rel_url.raw_path)
     if parsed is None:
         raise _not_found()
@@ -107,7 +110,7 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
 
 
 async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.StreamResponse:
-    config: Config = request.app["config"]
+    config: Config = request.app[CONFIG]
     path = rp.file(config.data_dir, kind)
     if kind == "json":
         if rp.private:
@@ -117,7 +120,9 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.Stream
                 raise _not_found() from None
             auth = doc.get("authorization") or {}
             doc["authorization"] = {"access": auth.get("access", "private")}
-            return web.Response(body=orjson.dumps(doc, option=orjson.OPT_INDENT_2), content_type="application/json", headers=NO_STORE)
+            return web.Response(
+                body=orjson.dumps(doc, option=orjson.OPT_INDENT_2), content_type="application/json", headers=NO_STORE
+            )
         content_type = "application/json"
     else:
         is_stream = rp.file(config.data_dir, "txt").exists()
@@ -130,8 +135,8 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.Stream
 
 
 async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
-    config: Config = request.app["config"]
-    manager: JobManager = request.app["manager"]
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
     job = manager.get(rp.request_id)
     if job is not None and job.rp == rp:
         manager.stop(rp.request_id)
@@ -153,8 +158,8 @@ def _resume_id(request: web.Request) -> str | None:
 
 
 async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
-    config: Config = request.app["config"]
-    manager: JobManager = request.app["manager"]
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
     job: Job | None = manager.get(rp.request_id)
     if job is not None and (job.rp != rp or job.events is None):
         job = None
@@ -181,7 +186,7 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
 async def _follow(request: web.Request, fd: int, offset: int, job: Job | None, heartbeat: float) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
-    readers = request.app["readers"]
+    readers = request.app[READERS]
     readers[0] += 1
     try:
         await resp.write(b": connected\n\n")
@@ -228,7 +233,7 @@ def cors_origin(config: Config, origin: str | None) -> str | None:
 
 async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: CORS headers on every answer (streams included)."""
-    config: Config = request.app["config"]
+    config: Config = request.app[CONFIG]
     allowed = cors_origin(config, request.headers.get("Origin"))
     if allowed:
         response.headers["Access-Control-Allow-Origin"] = allowed
@@ -243,7 +248,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own 404/405 and unexpected failures answer with the JSON error body too."""
+    """CORS preflights; aiohttp's own 404/405 and unexpected failures answer with the JSON error body."""
+    if request.method == "OPTIONS":
+        return await preflight(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:

@@ -1,0 +1,196 @@
+"""Test harness: a real relay and a real dev upstream, each on its own loopback socket.
+
+Nothing of the relay is mocked: tests talk HTTP to the relay, and the relay talks HTTP (through the
+openai SDK) to the dev upstream, exactly as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from relay import devupstream
+from relay.app import make_app
+from relay.config import Config
+
+TEST_KEY = "sk-test-UPSTREAMKEY-9f8e7d6c5b4a"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Upstream:
+    url: str
+    state: devupstream.DevUpstream
+    port: int
+
+    async def stats(self) -> dict[str, int]:
+        return {"open": self.state.open, "total": self.state.total}
+
+
+@dataclass
+class Relay:
+    url: str
+    config: Config
+    app: web.Application
+    runner: web.AppRunner
+    session: aiohttp.ClientSession
+    data_dir: Path
+    upstream: Upstream | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def post(
+        self,
+        body: Any,
+        *,
+        endpoint: str = "/v1/stream-chatgpt",
+        headers: dict[str, str] | None = None,
+        key: str | None = TEST_KEY,
+    ) -> tuple[int, dict[str, Any], Any]:
+        h = {"Content-Type": "application/json"}
+        if key:
+            h["X-OpenAI-API-Key"] = key
+        h.update(headers or {})
+        data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)
+        async with self.session.post(self.url + endpoint, data=data, headers=h) as r:
+            raw = await r.read()
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                doc = raw
+            return r.status, dict(r.headers), doc
+
+    async def start(self, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        status, _, doc = await self.post(body, **kw)
+        assert status == 200, doc
+        return doc
+
+    async def get_json(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with self.session.get(url, headers=headers) as r:
+            return r.status, orjson.loads(await r.read())
+
+    async def wait_status(self, status_url: str, timeout: float = 20, headers: dict[str, str] | None = None) -> Any:
+        """Poll the status URL until it is terminal."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            code, doc = await self.get_json(status_url, headers)
+            assert code == 200, doc
+            if doc["status"] in ("done", "error", "stop"):
+                return doc
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"still {doc['status']} after {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+def msg(text: str, model: str = "echo", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+@dataclass
+class Event:
+    id: str | None
+    event: str | None
+    data: str
+
+
+def parse_sse(text: str) -> list[Event]:
+    """Events of an SSE body (comments dropped), per the WHATWG rules the browser uses."""
+    events: list[Event] = []
+    eid = name = None
+    data: list[str] = []
+    for line in text.split("\n"):
+        if line == "":
+            if data:
+                events.append(Event(eid, name, "\n".join(data)))
+            eid, name, data = None, None, []
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "id":
+            eid = value
+        elif key == "event":
+            name = value
+        elif key == "data":
+            data.append(value)
+    return events
+
+
+def text_of(events: list[Event], index: int = 0) -> str:
+    """The assistant text that content deltas of choice `index` add up to."""
+    out = []
+    for e in events:
+        if e.event is None and e.data != "[DONE]":
+            chunk = orjson.loads(e.data)
+            for c in chunk.get("choices") or []:
+                if c.get("index", 0) == index:
+                    out.append((c.get("delta") or {}).get("content") or "")
+    return "".join(out)
+
+
+async def read_stream(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], str]:
+    async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as r:
+        body = (await r.read()).decode()
+        return r.status, dict(r.headers), body
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    runner, state, port = await devupstream.start("127.0.0.1", 0, required_key=TEST_KEY)
+    yield Upstream(url=f"http://127.0.0.1:{port}/v1", state=state, port=port)
+    await runner.cleanup()
+
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayFactory]:
+    relays: list[Relay] = []
+
+    async def factory(upstream_url: str | None = None, **overrides: Any) -> Relay:
+        port = free_port()
+        data_dir = tmp_path / f"data{len(relays)}"
+        config = Config(
+            server_port=port,
+            server_public_url=f"http://127.0.0.1:{port}",
+            storage_data_dir=str(data_dir),
+            upstream_base_url=upstream_url or upstream.url,
+            upstream_default_model="echo",
+        )
+        config = config.with_overrides(**overrides)
+        app = make_app(config)
+        runner = web.AppRunner(app, shutdown_timeout=5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        relay = Relay(f"http://127.0.0.1:{port}", config, app, runner, session, data_dir, upstream)
+        relays.append(relay)
+        return relay
+
+    yield factory
+    for relay in relays:
+        await relay.session.close()
+        await relay.runner.cleanup()
+
+
+@pytest.fixture
+async def relay(make_relay: RelayFactory) -> Relay:
+    return await make_relay()
