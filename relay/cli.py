@@ -100,7 +100,7 @@ def load_config(args: argparse.Namespace) -> Config:
         server_public_url=args.public_url,
         upstream_base_url=args.upstream_base_url,
     )
-    check_startup(config)
+    check_startup(config, path or "defaults")
     return config
 
 

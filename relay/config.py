@@ -204,10 +204,10 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def check_startup(config: Config) -> None:
+def check_startup(config: Config, where: str = "config") -> None:
     """Refusals that depend on several keys at once."""
     if not config.auth_api_keys and not is_loopback_host(config.server_host):
         raise ConfigError(
-            f"[auth] api_keys is empty but [server] host = {config.server_host!r} is not loopback: "
+            f"{where}: [auth] api_keys is empty but [server] host = {config.server_host!r} is not loopback: "
             "set relay access keys in [auth] api_keys, or listen on 127.0.0.1"
         )

@@ -151,7 +151,9 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("body,code,field", BAD_BODIES)
-async def test_bad_bodies_are_refused_before_anything_happens(relay: Relay, body: object, code: str, field: str | None) -> None:
+async def test_bad_bodies_are_refused_before_anything_happens(
+    relay: Relay, body: object, code: str, field: str | None
+) -> None:
     assert relay.upstream is not None
     before = relay.upstream.state.total
     status, headers, doc = await relay.post(body)

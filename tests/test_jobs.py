@@ -39,9 +39,7 @@ async def test_files_on_disk_follow_the_contract(relay: Relay) -> None:
         assert file_bytes[int(e.id) :].startswith(f"id: {e.id}\n".encode())
     assert events[-1].data == "[DONE]"
     # every upstream chunk is one event, byte for byte as the upstream sent it
-    upstream_datas = [
-        line[len(b"data: ") :] for line in raw.read_bytes().split(b"\n") if line.startswith(b"data: ")
-    ]
+    upstream_datas = [line[len(b"data: ") :] for line in raw.read_bytes().split(b"\n") if line.startswith(b"data: ")]
     assert [e.data.encode() for e in events] == upstream_datas
     assert final["endpoints"]["response_raw_url"] == ep["status_url"][: -len(".json")] + ".raw"
     assert "stop_url" not in final["endpoints"]
@@ -199,7 +197,9 @@ async def test_unreachable_upstream(make_relay: RelayFactory) -> None:
 
 
 async def test_malformed_chunk_keeps_what_came_before(relay: Relay) -> None:
-    final = await upstream_failure(relay, msg("one two three four", model="echo:malformed_after=2"), "upstream_invalid_response")
+    final = await upstream_failure(
+        relay, msg("one two three four", model="echo:malformed_after=2"), "upstream_invalid_response"
+    )
     assert text_of(final["_events"]) == "one two "
     assert final["response"]["body"]["choices"][0]["message"]["content"] == "one two "
 
@@ -211,7 +211,9 @@ async def test_error_event_mid_stream(relay: Relay) -> None:
 
 
 async def test_dropped_connection_mid_stream(relay: Relay) -> None:
-    final = await upstream_failure(relay, msg("one two three four five", model="echo:drop_after=3"), "upstream_disconnected")
+    final = await upstream_failure(
+        relay, msg("one two three four five", model="echo:drop_after=3"), "upstream_disconnected"
+    )
     assert text_of(final["_events"]) == "one two three "
     assert final["response"]["body"]["choices"][0]["message"]["content"] == "one two three "
 

@@ -164,7 +164,7 @@ async def test_fifty_requests_three_readers_each(relay: Relay) -> None:
         url = doc["endpoints"]["stream_events_url"]
         tasks.append(asyncio.gather(live(url), late(url), _resuming_reader(relay.session, url, rng.randint(2, 5))))
     results = await asyncio.gather(*tasks)
-    for text, doc, readers in zip(texts, docs, results):
+    for text, doc, readers in zip(texts, docs, results, strict=True):
         for events in readers:
             assert text_of(events) == text
             ids = [int(e.id) for e in events]
