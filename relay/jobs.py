@@ -308,11 +308,11 @@ class Job:
             response["headers"] = exc.headers
         if exc.body and not self.raw:
             self.raw += exc.body
-        if exc.status_code is not None and exc.body:
+        if exc.status_code is not None and exc.body and not self.assembler.chunks:
             try:
-                response["error_body"] = orjson.loads(exc.body)
+                response["body"] = orjson.loads(exc.body)
             except orjson.JSONDecodeError:
-                response["error_body"] = exc.body.decode("utf-8", "replace")
+                response["body"] = exc.body.decode("utf-8", "replace")
 
     async def _finish(self, status: str, error: tuple[str, str] | None) -> None:
         if self._flush_handle is not None:

@@ -194,3 +194,19 @@ async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayF
 @pytest.fixture
 async def relay(make_relay: RelayFactory) -> Relay:
     return await make_relay()
+
+
+# ----- no silent skips: a test that needs a tool must run, so a skip fails the session ---------------
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and exitstatus == 0:
+        print(f"\nerror: {len(_skipped)} test(s) skipped; every test must run: " + ", ".join(_skipped))
+        session.exitstatus = 1

@@ -139,7 +139,7 @@ async def test_upstream_http_error(relay: Relay) -> None:
     final = await upstream_failure(relay, msg("x", model="echo:fail=503"), "upstream_error")
     assert final["response"]["status_code"] == 503
     assert "503" in final["error"]["message"]
-    assert final["response"]["error_body"]["error"]["message"].startswith("dev upstream failure 503")
+    assert final["response"]["body"]["error"]["message"].startswith("dev upstream failure 503")
     raw = rel_file(relay, final["endpoints"]["status_url"]).with_suffix(".raw").read_bytes()
     assert orjson.loads(raw)["error"]["code"] == "503"
 
