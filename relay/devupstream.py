@@ -167,7 +167,9 @@ class DevUpstream:
             for i, (words, truncated) in enumerate(pieces):
                 message: dict[str, Any] = {"role": "assistant", "content": "".join(words)}
                 if tool:
-                    message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(i)]}
+                    call = _tool_call(i)
+                    call["function"]["arguments"] = _tool_args(body)
+                    message = {"role": "assistant", "content": None, "tool_calls": [call]}
                 finish = "tool_calls" if tool else ("length" if truncated else "stop")
                 choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
             doc = {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
@@ -207,7 +209,7 @@ class DevUpstream:
         )
         sent = 0
         if tool:
-            args = orjson.dumps({"city": _last_user_text(body["messages"])[:40], "unit": "celsius"}).decode()
+            args = _tool_args(body)
             parts = [args[i : i + 8] for i in range(0, len(args), 8)]
             for i in range(n):
                 call = _tool_call(i)
@@ -272,6 +274,10 @@ class DevUpstream:
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+def _tool_args(body: dict[str, Any]) -> str:
+    return orjson.dumps({"city": _last_user_text(body["messages"])[:40], "unit": "celsius"}).decode()
 
 
 def _tool_call(i: int) -> dict[str, Any]:

@@ -246,3 +246,25 @@ async def test_concurrency_limit_is_503(make_relay: RelayFactory) -> None:
             assert r.status == 200
     status, _, _ = await relay.post(msg("now fine"))
     assert status == 200
+
+
+async def test_bare_http_client_without_user_agent_or_accept(relay: Relay) -> None:
+    """A client that sends only what HTTP/1.1 requires (no User-Agent, no Accept) is normal."""
+    import asyncio
+
+    body = orjson.dumps(msg("bare client"))
+    host, port = "127.0.0.1", relay.config.server_port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /v1/stream-chatgpt HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+        b"X-OpenAI-API-Key: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (host.encode(), port, TEST_KEY.encode(), len(body), body)
+    )
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    doc = orjson.loads(payload)
+    final = await relay.wait_status(doc["endpoints"]["status_url"])
+    assert final["response"]["body"]["choices"][0]["message"]["content"] == "bare client"
