@@ -19,11 +19,13 @@ from aiohttp import web
 
 from .assemble import assistant_message
 from .config import Config
-from .http import CONFIG, MANAGER, HTTPError, error, json_response
+from .http import CONFIG, MANAGER, QUOTAS, HTTPError, error, json_response
 from .jobs import ASYNC_README, README, STREAM_README, TERMINAL, Job, JobManager
 from .paths import RequestPath, parse_status_url
-from .security import hash_token, key_allowed, new_token, relay_key, token_matches
+from .quotas import QuotaExceeded
+from .security import find_key, hash_token, new_token, relay_key, token_matches
 from .store import read_json
+from .webhooks import WebhookRefused, check_url
 
 log = logging.getLogger("relay.api")
 
@@ -191,7 +193,8 @@ async def create(request: web.Request, stream: bool) -> web.Response:
     try:
         if not manager.accepting:
             raise HTTPError(503, "shutting_down", "the relay is shutting down; retry in a moment", {"Retry-After": "5"})
-        if config.auth_api_keys and not key_allowed(relay_key(request), config.auth_api_keys):
+        api_key_entry = find_key(relay_key(request), config.auth_api_keys)
+        if config.auth_api_keys and api_key_entry is None:
             raise HTTPError(
                 401,
                 "unauthorized",
@@ -212,12 +215,24 @@ async def create(request: web.Request, stream: bool) -> web.Response:
                 "send the upstream key in the X-OpenAI-API-Key header (this relay has no upstream key configured)",
             )
         parent = resolve_parent(req, config) if req.from_status_url else None
+        if req.webhook_url:
+            try:
+                await check_url(req.webhook_url, manager.webhooks.resolver)
+            except WebhookRefused as exc:
+                raise _bad("webhook_url", str(exc)) from None
         if manager.running() >= config.server_max_concurrent_jobs:
             raise HTTPError(
                 503, "busy", "the relay is at its limit of running requests; retry shortly", {"Retry-After": "1"}
             )
+        try:
+            request.app[QUOTAS].take(api_key_entry)
+        except QuotaExceeded as exc:
+            raise HTTPError(429, "quota_exceeded", exc.message, {"Retry-After": str(exc.retry_after)}) from None
     except HTTPError as exc:
         return exc.response()
+    except OSError as exc:
+        log.error("cannot record quota usage: %s", exc.strerror)
+        return error(507, "storage_unavailable", "the relay cannot write to its data directory right now; retry later")
 
     messages = req.messages
     model = req.model
@@ -275,8 +290,6 @@ async def create(request: web.Request, stream: bool) -> web.Response:
         "parameters": body,
         "response": {},
     }
-    if req.webhook_url:
-        doc["options"]["webhook_url"] = req.webhook_url
     job = Job(
         manager,
         rp,

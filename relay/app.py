@@ -5,18 +5,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from . import api, serve
 from .config import Config
-from .http import CONFIG, MANAGER, READERS
+from .http import CONFIG, MANAGER, QUOTAS, READERS
 from .jobs import JobManager
+from .quotas import Quotas
 from .upstream import Upstream
+from .webhooks import WebhookSender
+
+RESOLVER: web.AppKey[AbstractResolver] = web.AppKey("resolver")
 
 
-def make_app(config: Config) -> web.Application:
+def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Application:
+    """The relay. `resolver` replaces the system DNS resolver for webhooks (tests use it)."""
     app = web.Application(middlewares=[serve.json_errors], client_max_size=config.server_max_body_bytes + 1)
     app[CONFIG] = config
     app[READERS] = [0]
+    if resolver is not None:
+        app[RESOLVER] = resolver
     app.router.add_post("/v1/stream-chatgpt", api.stream_chatgpt)
     app.router.add_post("/v1/async-chatgpt", api.async_chatgpt)
     app.router.add_get("/healthz", serve.healthz)
@@ -30,10 +38,20 @@ def make_app(config: Config) -> web.Application:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config: Config = app[CONFIG]
     upstream = Upstream(config.upstream_base_url, config.upstream_max_connections)
-    manager = JobManager(config, upstream)
+    webhooks = WebhookSender(
+        secret=config.webhooks_secret,
+        allow_private=config.webhooks_allow_private_addresses,
+        timeout=config.webhooks_timeout_seconds,
+        attempts=config.webhooks_max_attempts,
+        backoff=config.webhooks_backoff_seconds,
+        base_resolver=app.get(RESOLVER),
+    )
+    manager = JobManager(config, upstream, webhooks)
     app[MANAGER] = manager
+    app[QUOTAS] = Quotas(config)
     yield
     await manager.shutdown(config.server_shutdown_grace_seconds)
+    await webhooks.close()
     await upstream.close()
 
 

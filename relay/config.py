@@ -8,6 +8,7 @@ world-readable config file.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import tomllib
@@ -50,8 +51,26 @@ def _non_empty(value: Any) -> str | None:
 
 
 def _keys(value: Any) -> str | None:
-    if not all(isinstance(k, str) and len(k) >= 8 for k in value):
-        return "must be a list of strings of at least 8 characters"
+    problem = (
+        "must be a list of keys: strings of at least 8 characters, or tables "
+        '{key = "…", name = "…", requests_per_month = N, requests_per_minute = N}'
+    )
+    names = set()
+    for item in value:
+        if isinstance(item, dict):
+            if set(item) - {"key", "name", "requests_per_month", "requests_per_minute"}:
+                return problem
+            key, name = item.get("key"), item.get("name")
+            limits = [item.get("requests_per_month", 0), item.get("requests_per_minute", 0)]
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in limits):
+                return problem
+            if name is not None and (not isinstance(name, str) or not name or name in names):
+                return problem + " (names must be unique)"
+            names.add(name)
+        else:
+            key = item
+        if not isinstance(key, str) or len(key) < 8:
+            return problem
     return None
 
 
@@ -91,10 +110,34 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("upstream", "include_usage", bool, True, None, "ask streaming upstreams for a final usage chunk"),
     ("upstream", "max_connections", int, 1000, _positive, "connections in the shared upstream HTTP pool"),
     ("auth", "api_keys", list, [], _keys, "relay access keys; empty = no key needed (loopback hosts only)"),
+    ("quotas", "requests_per_month", int, 0, _non_negative, "requests per relay key per calendar month (0 = no limit)"),
+    ("quotas", "requests_per_minute", int, 0, _non_negative, "requests per relay key per minute (0 = no limit)"),
     ("retention", "max_age_days", float, 30.0, _positive, "days before a request's files expire"),
     ("webhooks", "secret", str, "", None, "HMAC-SHA256 secret for X-Relay-Signature"),
     ("webhooks", "allow_private_addresses", bool, False, None, "allow webhooks to private/loopback addresses"),
+    ("webhooks", "timeout_seconds", float, 10.0, _positive, "time limit of one delivery attempt"),
+    ("webhooks", "max_attempts", int, 3, _positive, "delivery attempts on network errors and 5xx"),
+    ("webhooks", "backoff_seconds", float, 1.0, _non_negative, "wait before the 2nd attempt, doubled after"),
 ]
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One relay access key and its limits (None = the [quotas] default)."""
+
+    key: str = field(repr=False)
+    name: str | None = None
+    requests_per_month: int | None = None
+    requests_per_minute: int | None = None
+
+    @property
+    def ident(self) -> str:
+        """How the key is named in quota files and logs: its name, else a short hash (never the key)."""
+        return self.name or "key-" + hashlib.sha256(self.key.encode()).hexdigest()[:12]
+
+
+def _api_keys(value: list[Any]) -> tuple[ApiKey, ...]:
+    return tuple(ApiKey(key=item) if isinstance(item, str) else ApiKey(**item) for item in value)
 
 
 @dataclass(frozen=True)
@@ -119,10 +162,15 @@ class Config:
     upstream_max_timeout: float = 600.0
     upstream_include_usage: bool = True
     upstream_max_connections: int = 1000
-    auth_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    auth_api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
+    quotas_requests_per_month: int = 0
+    quotas_requests_per_minute: int = 0
     retention_max_age_days: float = 30.0
     webhooks_secret: str = field(default="", repr=False)
     webhooks_allow_private_addresses: bool = False
+    webhooks_timeout_seconds: float = 10.0
+    webhooks_max_attempts: int = 3
+    webhooks_backoff_seconds: float = 1.0
 
     @property
     def public_url(self) -> str:
@@ -138,7 +186,13 @@ class Config:
         for name, value in values.items():
             section, key = name.split("_", 1)
             _check(section, key, value, "command line")
-        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return replace(self, **{k: _convert(k, v) for k, v in values.items()})
+
+
+def _convert(name: str, value: Any) -> Any:
+    if name == "auth_api_keys":
+        return _api_keys(list(value))
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _type_name(kind: type) -> str:
@@ -185,7 +239,7 @@ def load(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"{where}: [{section}] must be a table")
         for key, value in table.items():
             value = _check(section, key, value, where)
-            values[f"{section}_{key}"] = tuple(value) if isinstance(value, list) else value
+            values[f"{section}_{key}"] = _convert(f"{section}_{key}", value)
     env_key = env.get("RELAY_UPSTREAM_API_KEY")
     if env_key:
         values["upstream_api_key"] = env_key

@@ -21,6 +21,7 @@ from .config import Config
 from .paths import RequestPath
 from .store import DONE_DATA, EventLog, write_bytes_atomic, write_json_atomic
 from .upstream import Upstream, UpstreamError
+from .webhooks import WebhookSender
 
 log = logging.getLogger("relay.jobs")
 
@@ -42,8 +43,12 @@ STREAM_README = (
 ASYNC_README = "The `status_url` endpoint below updates until the request is done. Poll it to get the result."
 
 
-class Interrupted(Exception):
-    """The relay is shutting down and the job could not finish in time."""
+def public_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """The status document as clients see it: without the stored token hashes."""
+    auth = doc.get("authorization") or {}
+    if set(auth) <= {"access"}:
+        return doc
+    return {**doc, "authorization": {"access": auth.get("access", "private")}}
 
 
 class Job:
@@ -358,6 +363,8 @@ class Job:
         self.finished = True
         self._wake()
         self.manager.forget(self)
+        if self.webhook_url:
+            self.manager.webhooks.send_later(self.webhook_url, public_view(doc), self.rp.request_id)
         ttfb = f"{self.first_chunk_at - self.processed_at:.3f}" if self.first_chunk_at and self.processed_at else "-"
         log.info(
             "request %s %s status=%s%s chunks=%d ttfb=%s total=%.3f%s",
@@ -383,9 +390,10 @@ class Job:
 class JobManager:
     """The running jobs of this process, by request id."""
 
-    def __init__(self, config: Config, upstream: Upstream) -> None:
+    def __init__(self, config: Config, upstream: Upstream, webhooks: WebhookSender) -> None:
         self.config = config
         self.upstream = upstream
+        self.webhooks = webhooks
         self.jobs: dict[str, Job] = {}
         self.accepting = True
 

@@ -8,6 +8,8 @@ import secrets
 
 from aiohttp import web
 
+from .config import ApiKey
+
 
 def new_token() -> str:
     """A fresh random token: 192 bits, URL-safe."""
@@ -39,12 +41,13 @@ def relay_key(request: web.Request) -> str | None:
     return request.headers.get("X-RapidAPI-Key") or bearer(request)
 
 
-def key_allowed(key: str | None, keys: tuple[str, ...]) -> bool:
-    """Constant-time check of `key` against every configured key."""
+def find_key(key: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    """The configured key equal to `key`, compared in constant time against every key."""
     if not key:
-        return False
-    found = False
+        return None
+    found = None
     candidate = key.encode()
     for k in keys:
-        found |= hmac.compare_digest(candidate, k.encode())
+        if hmac.compare_digest(candidate, k.key.encode()):
+            found = k
     return found

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .config import Config
 from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
-from .jobs import Job, JobManager
+from .jobs import Job, JobManager, public_view
 from .paths import RequestPath, parse_request_path
 from .security import bearer, token_matches
 from .store import event_end, read_json
@@ -118,8 +118,7 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.Stream
                 doc = read_json(path)
             except (FileNotFoundError, NotADirectoryError):
                 raise _not_found() from None
-            auth = doc.get("authorization") or {}
-            doc["authorization"] = {"access": auth.get("access", "private")}
+            doc = public_view(doc)
             return web.Response(
                 body=orjson.dumps(doc, option=orjson.OPT_INDENT_2), content_type="application/json", headers=NO_STORE
             )

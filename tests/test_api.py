@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from relay.config import Config, ConfigError, check_startup
+from relay.config import ApiKey, Config, ConfigError, check_startup
 
 from .conftest import TEST_KEY, Relay, RelayFactory, msg, parse_sse, read_stream, text_of
 
@@ -119,7 +119,7 @@ async def test_relay_keys(make_relay: RelayFactory) -> None:
 def test_open_relay_refused_on_public_host() -> None:
     with pytest.raises(ConfigError, match=r"\[auth\] api_keys"):
         check_startup(Config(server_host="0.0.0.0"))
-    check_startup(Config(server_host="0.0.0.0", auth_api_keys=("k" * 16,)))
+    check_startup(Config(server_host="0.0.0.0", auth_api_keys=(ApiKey("k" * 16),)))
     check_startup(Config(server_host="127.0.0.1"))
     check_startup(Config(server_host="::1"))
 

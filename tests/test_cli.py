@@ -45,7 +45,7 @@ def test_help_lists_every_command() -> None:
         ("[nonsense]\n", "unknown section [nonsense]"),
         ("[server\n", "not valid TOML"),
         ('[server]\nhost = "0.0.0.0"\n', "[auth] api_keys is empty"),
-        ('[auth]\napi_keys = ["short"]\n', "[auth] api_keys must be a list of strings of at least 8"),
+        ('[auth]\napi_keys = ["short"]\n', "[auth] api_keys must be a list of keys: strings of at least 8"),
     ],
 )
 def test_bad_config_is_one_clear_line_and_exit_2(tmp_path: Path, toml: str, needle: str) -> None:

@@ -1,0 +1,188 @@
+"""Webhook delivery, and the address checks that keep it from being used against the relay's network.
+
+A webhook URL is checked twice: when the request is accepted (its host must resolve, and only to
+public addresses), and again when it is delivered, by the resolver of the HTTP client itself: the
+addresses the client connects to are exactly the ones that passed the check, so a name that resolves
+differently the second time (DNS rebinding) cannot get through. IP literals, which HTTP clients do not
+resolve, are checked directly. Redirects are never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+
+log = logging.getLogger("relay.webhooks")
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class WebhookRefused(Exception):
+    """The URL may not be called; the message says why."""
+
+
+def address_allowed(text: str) -> bool:
+    """True for a unicast, globally routable address (IPv4, IPv6, and v4 embedded in v6)."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and not address_allowed(str(embedded)):
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves with `base` and drops every address that is not allowed."""
+
+    def __init__(self, base: AbstractResolver | None = None, allow_private: bool = False) -> None:
+        self.base = base
+        self.allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if self.base is None:
+            self.base = ThreadedResolver()
+        results = await self.base.resolve(host, port, family)
+        if self.allow_private:
+            return results
+        allowed = [r for r in results if address_allowed(r["host"])]
+        if not allowed:
+            raise OSError(f"{host} resolves only to addresses webhooks may not reach")
+        return allowed
+
+    async def close(self) -> None:
+        if self.base is not None:
+            await self.base.close()
+
+
+async def check_url(url: str, resolver: GuardedResolver) -> None:
+    """Refuse (WebhookRefused) a webhook URL that is malformed or points at a non-public address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused("must be an absolute http(s) URL")
+    if parts.username or parts.password:
+        raise WebhookRefused("must not contain credentials")
+    try:
+        port = parts.port
+    except ValueError:
+        raise WebhookRefused("has an invalid port") from None
+    if resolver.allow_private:
+        return
+    host = parts.hostname
+    literal = _literal(host)
+    if literal is not None:
+        if not address_allowed(literal):
+            raise WebhookRefused("points at a loopback, private, link-local, multicast or reserved address")
+        return
+    try:
+        await resolver.resolve(host, port or 0, socket.AF_UNSPEC)
+    except OSError as exc:
+        if "may not reach" in str(exc):
+            raise WebhookRefused("resolves to a loopback, private, link-local, multicast or reserved address") from None
+        raise WebhookRefused(f"host {host!r} does not resolve") from None
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class WebhookSender:
+    """Delivers final status documents; one HTTP session for the whole process."""
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        allow_private: bool,
+        timeout: float = 10.0,
+        attempts: int = 3,
+        backoff: float = 1.0,
+        base_resolver: AbstractResolver | None = None,
+    ) -> None:
+        self.secret = secret
+        self.resolver = GuardedResolver(base_resolver, allow_private)
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        self._session: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task[bool]] = set()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(resolver=self.resolver, use_dns_cache=False, limit=100)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                trust_env=False,  # no proxy from the environment
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": "offload-relay-webhook"},
+            )
+        return self._session
+
+    def send_later(self, url: str, doc: dict[str, Any], request_id: str) -> None:
+        task = asyncio.create_task(self.send(url, doc, request_id), name=f"webhook-{request_id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def send(self, url: str, doc: dict[str, Any], request_id: str) -> bool:
+        """POST `response=<doc JSON>`; retries network errors and 5xx with backoff. True if delivered."""
+        body = urlencode({"response": orjson.dumps(doc).decode()}).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if self.secret:
+            headers["X-Relay-Signature"] = sign(self.secret, body)
+        literal = _literal(urlsplit(url).hostname or "")
+        if literal is not None and not self.resolver.allow_private and not address_allowed(literal):
+            log.warning("request %s: webhook refused: non-public address", request_id)
+            return False
+        for attempt in range(1, self.attempts + 1):
+            try:
+                async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                    await resp.read()
+                    if resp.status < 300:
+                        log.info("request %s: webhook delivered (HTTP %d)", request_id, resp.status)
+                        return True
+                    if resp.status < 500:
+                        log.warning("request %s: webhook answered HTTP %d; not retried", request_id, resp.status)
+                        return False
+                    problem = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                problem = type(exc).__name__
+                if "may not reach" in str(exc):
+                    log.warning("request %s: webhook refused: host resolves to a non-public address", request_id)
+                    return False
+            if attempt < self.attempts:
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+        log.warning("request %s: webhook failed after %d attempts (%s)", request_id, self.attempts, problem)
+        return False
+
+    async def close(self, grace: float = 5.0) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+            for task in list(self.tasks):
+                task.cancel()
+        if self._session is not None:
+            await self._session.close()
+        await self.resolver.close()
