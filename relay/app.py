@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.abc import AbstractResolver
+from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
 from . import api, serve
 from .config import Config
@@ -58,3 +58,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 async def _shutdown(app: web.Application) -> None:
     """Stop taking requests; let running ones finish (or interrupt them) so their readers can close."""
     await app[MANAGER].shutdown(app[CONFIG].server_shutdown_grace_seconds)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Method, path without the query string (it may hold a stream token), status, size, time."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            duration,
+        )

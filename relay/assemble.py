@@ -139,9 +139,10 @@ class Assembler:
         choices = []
         for index in sorted(self.choices):
             slot = self.choices[index]
+            content = "".join(slot["content"])
             message: dict[str, Any] = {
                 "role": slot["role"] or "assistant",
-                "content": "".join(slot["content"]) if slot["content"] or not slot["tool_calls"] else None,
+                "content": None if slot["tool_calls"] and not content else content,
             }
             if slot["refusal"]:
                 message["refusal"] = "".join(slot["refusal"])

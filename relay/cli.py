@@ -13,10 +13,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from . import devupstream
-from .app import make_app
+from .app import AccessLogger, make_app
 from .config import Config, ConfigError, check_startup, load
 
 log = logging.getLogger("relay")
@@ -46,21 +45,6 @@ def setup_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
     for name in ("openai", "httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-class AccessLogger(AbstractAccessLogger):
-    """Method, path without the query string (it may hold a stream token), status, size, time."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        self.logger.info(
-            '%s "%s %s" %s %s %.3fs',
-            request.remote,
-            request.method,
-            request.path,
-            response.status,
-            response.body_length,
-            duration,
-        )
 
 
 def _parser() -> argparse.ArgumentParser:

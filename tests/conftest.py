@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from relay import devupstream
-from relay.app import make_app
+from relay.app import AccessLogger, make_app
 from relay.config import Config
 
 TEST_KEY = "sk-test-UPSTREAMKEY-9f8e7d6c5b4a"
@@ -164,9 +164,11 @@ RelayFactory = Callable[..., Awaitable[Relay]]
 async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayFactory]:
     relays: list[Relay] = []
 
-    async def factory(upstream_url: str | None = None, **overrides: Any) -> Relay:
+    async def factory(
+        upstream_url: str | None = None, resolver: Any = None, data_dir: Path | None = None, **overrides: Any
+    ) -> Relay:
         port = free_port()
-        data_dir = tmp_path / f"data{len(relays)}"
+        data_dir = data_dir or tmp_path / f"data{len(relays)}"
         config = Config(
             server_port=port,
             server_public_url=f"http://127.0.0.1:{port}",
@@ -175,8 +177,8 @@ async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayF
             upstream_default_model="echo",
         )
         config = config.with_overrides(**overrides)
-        app = make_app(config)
-        runner = web.AppRunner(app, shutdown_timeout=5)
+        app = make_app(config, resolver)
+        runner = web.AppRunner(app, shutdown_timeout=5, access_log_class=AccessLogger)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
