@@ -45,16 +45,22 @@ async def test_private_parent_needs_its_token_and_is_inherited(relay: Relay) -> 
     url = first["endpoints"]["status_url"]
     status, _, doc = await relay.post({"messages": user("two"), "from_status_url": url})
     assert status == 403 and doc["error"]["code"] == "forbidden"
-    status, _, doc = await relay.post({"messages": user("two"), "from_status_url": url, "from_bearer_token": "nope-nope"})
+    status, _, doc = await relay.post(
+        {"messages": user("two"), "from_status_url": url, "from_bearer_token": "nope-nope"}
+    )
     assert status == 403
     stream_token = first["authorization"]["stream_url_arg"].split("=", 1)[1]
-    status, _, doc = await relay.post({"messages": user("two"), "from_status_url": url, "from_bearer_token": stream_token})
+    status, _, doc = await relay.post(
+        {"messages": user("two"), "from_status_url": url, "from_bearer_token": stream_token}
+    )
     assert status == 403  # the read token does not open the parent
     second = await relay.start({"messages": user("two"), "from_status_url": url, "from_bearer_token": token})
     assert second["authorization"]["access"] == "private" and "/1/r/prv/" in second["endpoints"]["status_url"]
     child_token = second["authorization"]["bearer_token"]
     assert child_token != token
-    child = await relay.wait_status(second["endpoints"]["status_url"], headers={"Authorization": f"Bearer {child_token}"})
+    child = await relay.wait_status(
+        second["endpoints"]["status_url"], headers={"Authorization": f"Bearer {child_token}"}
+    )
     assert [m["content"] for m in child["parameters"]["messages"]] == ["private one", "private one", "two"]
 
 
@@ -136,7 +142,9 @@ async def test_tool_call_parent_passes_its_calls_on(relay: Relay) -> None:
     first = await relay.start(msg("Oslo", model="echo:tool_call"))
     await relay.wait_status(first["endpoints"]["status_url"])
     tool_reply = {"role": "tool", "tool_call_id": "call_dev_0", "content": "5 degrees"}
-    second = await relay.start({"messages": [tool_reply], "model": "echo", "from_status_url": first["endpoints"]["status_url"]})
+    second = await relay.start(
+        {"messages": [tool_reply], "model": "echo", "from_status_url": first["endpoints"]["status_url"]}
+    )
     child = await relay.wait_status(second["endpoints"]["status_url"])
     assistant = child["parameters"]["messages"][1]
     assert assistant["role"] == "assistant" and assistant["content"] is None

@@ -40,7 +40,9 @@ async def test_private_answer_and_storage(relay: Relay, caplog: pytest.LogCaptur
     assert final["status"] == "done"
     assert final["authorization"] == {"access": "private"}  # no hashes, no tokens
     # read the stream the way a browser does, then check nothing stored or logged holds a token
-    code, _, body = await read_stream(relay.session, doc["endpoints"]["stream_events_url"] + "?" + auth["stream_url_arg"])
+    code, _, body = await read_stream(
+        relay.session, doc["endpoints"]["stream_events_url"] + "?" + auth["stream_url_arg"]
+    )
     assert code == 200 and text_of(parse_sse(body)) == "secret words"
     stored = all_bytes(relay)
     assert token.encode() not in stored and stream_token.encode() not in stored
@@ -84,7 +86,9 @@ async def test_private_tokens_open_what_they_should(relay: Relay) -> None:
     # resume with the read token
     _, _, body = await read_stream(relay.session, stream_url + "?stream_token=" + stream_token)
     events = parse_sse(body)
-    _, _, rest = await read_stream(relay.session, f"{stream_url}?stream_token={stream_token}&last_event_id={events[2].id}")
+    _, _, rest = await read_stream(
+        relay.session, f"{stream_url}?stream_token={stream_token}&last_event_id={events[2].id}"
+    )
     assert parse_sse(rest) == events[3:]
     # the stop URL: only the bearer token
     async with relay.session.post(ep["stop_url"]) as r:
@@ -98,7 +102,9 @@ async def test_private_tokens_open_what_they_should(relay: Relay) -> None:
 async def test_stop_a_private_request_with_its_token(relay: Relay) -> None:
     doc = await start_private(relay, "x", model="echo:delay=30")
     token = doc["authorization"]["bearer_token"]
-    async with relay.session.get(doc["endpoints"]["stop_url"], headers={"Authorization": "Bearer bad-bad-bad-bad"}) as r:
+    async with relay.session.get(
+        doc["endpoints"]["stop_url"], headers={"Authorization": "Bearer bad-bad-bad-bad"}
+    ) as r:
         assert r.status == 403
     _, still = await relay.get_json(doc["endpoints"]["status_url"], bearer(token))
     assert still["status"] == "streaming"
@@ -152,3 +158,30 @@ async def test_private_files_never_open_without_a_token_whatever_the_spelling(re
             assert b"secret words" not in body and b"chat.completion" not in body, spelling
             if r.status == 401:
                 assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_cors_preflight_and_headers_on_every_generated_url(relay: Relay) -> None:
+    doc = await start_private(relay)
+    token = doc["authorization"]["bearer_token"]
+    ep = doc["endpoints"]
+    await relay.wait_status(ep["status_url"], headers=bearer(token))
+    raw = ep["status_url"][: -len(".json")] + ".raw"
+    origin = {"Origin": "https://frontend.example"}
+    for url in (ep["status_url"], ep["stream_events_url"], raw, ep["stop_url"], relay.url + "/v1/async-chatgpt"):
+        preflight = {**origin, "Access-Control-Request-Method": "GET",
+                     "Access-Control-Request-Headers": "authorization,last-event-id"}  # fmt: skip
+        async with relay.session.options(url, headers=preflight) as r:
+            assert r.status == 204, url
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            allowed = r.headers["Access-Control-Allow-Headers"].lower()
+            assert "authorization" in allowed and "last-event-id" in allowed and "content-type" in allowed
+            assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+    for url in (ep["status_url"], raw):
+        async with relay.session.get(url, headers={**origin, **bearer(token)}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+    async with relay.session.get(ep["status_url"], headers=origin) as r:
+        assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == "*"  # errors are readable too
+    stream = ep["stream_events_url"] + "?" + doc["authorization"]["stream_url_arg"]
+    async with relay.session.get(stream, headers=origin) as r:
+        assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+        await r.read()

@@ -1,0 +1,237 @@
+"""Webhooks: delivery on every terminal state, signature, retries, no redirects, and SSRF refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import socket
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from relay.webhooks import address_allowed
+
+from .conftest import Relay, RelayFactory, msg
+
+SECRET = "webhook-secret-for-tests"
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.hits: dict[str, list[tuple[dict[str, str], bytes]]] = defaultdict(list)
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await request.read()
+        self.hits[name].append((dict(request.headers), body))
+        n = len(self.hits[name])
+        if name == "fail-twice" and n <= 2:
+            return web.Response(status=503)
+        if name == "always-500":
+            return web.Response(status=500)
+        if name == "bad":
+            return web.Response(status=400)
+        if name == "redirect":
+            raise web.HTTPFound(self.url + "/target")
+        if name == "hang":
+            await asyncio.sleep(30)
+        return web.Response(text="ok")
+
+    def payload(self, name: str, i: int = 0) -> dict:
+        _, body = self.hits[name][i]
+        return orjson.loads(parse_qs(body.decode())["response"][0])
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/{name}", rec.handle)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rec.url = f"http://127.0.0.1:{port}"
+    yield rec
+    await runner.cleanup()
+
+
+async def wait_hits(rec: Receiver, name: str, count: int, timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if len(rec.hits[name]) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name}: {len(rec.hits[name])} hits, wanted {count}")
+
+
+@pytest.fixture
+async def hook_relay(make_relay: RelayFactory) -> Relay:
+    return await make_relay(
+        webhooks_allow_private_addresses=True, webhooks_secret=SECRET, webhooks_backoff_seconds=0.1,
+        webhooks_timeout_seconds=1,
+    )  # fmt: skip
+
+
+async def test_done_error_and_stop_each_post_the_final_status(hook_relay: Relay, receiver: Receiver) -> None:
+    relay = hook_relay
+    done = await relay.start(msg("hooked", webhook_url=receiver.url + "/done"))
+    final = await relay.wait_status(done["endpoints"]["status_url"])
+    await wait_hits(receiver, "done", 1)
+    headers, body = receiver.hits["done"][0]
+    assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+    expected_sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["X-Relay-Signature"] == expected_sig
+    assert receiver.payload("done") == final
+    assert "webhook" not in orjson.dumps(final).decode()  # the URL is not published in the status
+
+    failed = await relay.start(msg("x", model="echo:fail=500", webhook_url=receiver.url + "/error"))
+    await wait_hits(receiver, "error", 1)
+    assert receiver.payload("error")["status"] == "error"
+    assert receiver.payload("error")["endpoints"]["status_url"] == failed["endpoints"]["status_url"]
+
+    slow = await relay.start(msg("x", model="echo:delay=30", webhook_url=receiver.url + "/stop"))
+    async with relay.session.post(slow["endpoints"]["stop_url"]):
+        pass
+    await wait_hits(receiver, "stop", 1)
+    assert receiver.payload("stop")["status"] == "stop"
+
+
+async def test_private_webhook_payload_has_no_token_hashes(hook_relay: Relay, receiver: Receiver) -> None:
+    doc = await hook_relay.start(msg("p", access="private", webhook_url=receiver.url + "/private"))
+    await wait_hits(receiver, "private", 1)
+    payload = receiver.payload("private")
+    assert payload["authorization"] == {"access": "private"}
+    assert doc["authorization"]["bearer_token"] not in receiver.hits["private"][0][1].decode()
+
+
+async def test_retries_on_5xx_then_delivers(hook_relay: Relay, receiver: Receiver) -> None:
+    doc = await hook_relay.start(msg("retry", webhook_url=receiver.url + "/fail-twice"))
+    await wait_hits(receiver, "fail-twice", 3)
+    await asyncio.sleep(0.5)
+    assert len(receiver.hits["fail-twice"]) == 3
+    final = await hook_relay.wait_status(doc["endpoints"]["status_url"])
+    assert final["status"] == "done"  # a webhook never changes the stored result
+
+
+async def test_bounded_attempts_no_retry_on_4xx_no_redirects(hook_relay: Relay, receiver: Receiver) -> None:
+    for name in ("always-500", "bad", "redirect", "hang"):
+        await hook_relay.start(msg("x", webhook_url=f"{receiver.url}/{name}"))
+    await wait_hits(receiver, "always-500", 3)
+    await wait_hits(receiver, "hang", 3)  # each attempt timed out after 1 s
+    await asyncio.sleep(1.0)
+    assert len(receiver.hits["always-500"]) == 3
+    assert len(receiver.hits["bad"]) == 1
+    assert len(receiver.hits["redirect"]) == 1
+    assert receiver.hits["target"] == []  # the redirect was not followed
+    assert len(receiver.hits["hang"]) == 3
+
+
+@pytest.mark.parametrize(
+    "address,allowed",
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.5.4", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("255.255.255.255", False),
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("ff02::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("64:ff9b::7f00:1", False),
+        ("2002:7f00:1::", False),
+    ],
+)
+def test_address_rules(address: str, allowed: bool) -> None:
+    assert address_allowed(address) is allowed
+
+
+SSRF_URLS = [
+    "http://127.0.0.1/hook",
+    "http://127.1/hook",
+    "http://localhost:8080/hook",
+    "http://LOCALHOST/hook",
+    "http://[::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://[::ffff:7f00:1]/hook",
+    "http://0.0.0.0/hook",
+    "http://0/hook",
+    "http://2130706433/hook",
+    "http://0177.0.0.1/hook",
+    "http://0x7f.0.0.1/hook",
+    "http://0x7f000001/hook",
+    "http://10.0.0.1/hook",
+    "http://192.168.1.1/hook",
+    "http://172.16.0.1/hook",
+    "http://169.254.169.254/latest/meta-data",
+    "http://[fe80::1]/hook",
+    "http://[fc00::1]/hook",
+    "http://224.0.0.1/hook",
+    "http://user:pass@8.8.8.8/hook",
+    "http://no-such-host.invalid/hook",
+    "gopher://8.8.8.8/",
+    "http://8.8.8.8:99999/",
+]
+
+
+@pytest.mark.parametrize("url", SSRF_URLS)
+async def test_webhook_urls_to_internal_addresses_are_refused(relay: Relay, url: str) -> None:
+    assert relay.upstream is not None
+    before = relay.upstream.state.total
+    status, _, doc = await relay.post(msg("x", webhook_url=url))
+    assert status == 400, (url, doc)
+    assert doc["error"]["code"] == "invalid_field" and "`webhook_url`" in doc["error"]["message"]
+    assert relay.upstream.state.total == before
+    assert not [p for p in relay.data_dir.rglob("*") if p.is_file()]
+
+
+class FlipResolver(AbstractResolver):
+    """A DNS that answers a public address the first time and loopback afterwards (DNS rebinding)."""
+
+    def __init__(self, port: int) -> None:
+        self.calls = 0
+        self.port = port
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.calls += 1
+        address = "93.184.216.34" if self.calls == 1 else "127.0.0.1"
+        return [
+            {"hostname": host, "host": address, "port": self.port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_dns_rebinding_is_caught_at_connect_time(make_relay: RelayFactory, receiver: Receiver) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1])
+    resolver = FlipResolver(port)
+    relay = await make_relay(resolver=resolver, webhooks_backoff_seconds=0.05)
+    doc = await relay.start(msg("rebind", webhook_url=f"http://hooks.example.com:{port}/rebind"))
+    await relay.wait_status(doc["endpoints"]["status_url"])
+    for _ in range(40):
+        if resolver.calls >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert resolver.calls >= 2  # it was looked up again when delivering...
+    assert receiver.hits["rebind"] == []  # ...and the loopback answer was not connected to
