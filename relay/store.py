@@ -28,6 +28,20 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
+def write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp file left by a failed write (a full disk must not fill up with them)."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 def write_json_atomic(path: Path, doc: Any) -> None:
     """Replace `path` with the JSON of `doc`: temp file + rename, so no reader sees a torn document."""
     tmp = _tmp_name(path)
@@ -35,17 +49,12 @@ def write_json_atomic(path: Path, doc: Any) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
 
 
@@ -57,10 +66,7 @@ async def write_bytes_atomic(path: Path, data: bytes) -> None:
             await fh.write(data)
         await aiofiles.os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
 
 
@@ -93,9 +99,7 @@ class EventLog:
             chunk = encode_event(offset, data, name)
             out += chunk
             offset += len(chunk)
-        view = memoryview(out)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        write_all(self.fd, out)
         self.size = offset
         return len(out)
 

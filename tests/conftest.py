@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,26 @@ async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayF
     for relay in relays:
         await relay.session.close()
         await relay.runner.cleanup()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[tuple[int, set[int]]]:
+    """A port where TCP connects hang: a listening socket whose accept queue is full, so the kernel
+    drops further SYNs. Yields the port and the local ports of the sockets that fill the queue."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    yield port, {f.getsockname()[1] for f in fillers}
+    for s in fillers:
+        s.close()
+    listener.close()
 
 
 @pytest.fixture

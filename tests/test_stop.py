@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import orjson
@@ -83,37 +82,21 @@ async def test_stop_while_waiting_for_first_chunk(relay: Relay) -> None:
     assert parse_sse(body)[-1].data == "[DONE]"
 
 
-async def test_stop_while_connecting(make_relay: RelayFactory) -> None:
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    port = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", port))
-        fillers.append(s)
-    try:
-        relay = await make_relay(upstream_url=f"http://127.0.0.1:{port}/v1")
-        doc = await relay.start(msg("x", connect_timeout=10))
-        await asyncio.sleep(0.5)
-        fillers_ports = {f.getsockname()[1] for f in fillers}
-        assert connections_to(port, fillers_ports) == 1  # the relay is connecting right now
-        _, running = await relay.get_json(doc["endpoints"]["status_url"])
-        assert running["status"] == "streaming"
-        t0 = time.monotonic()
-        await stop(relay, doc["endpoints"]["stop_url"])
-        assert time.monotonic() - t0 < 1
-        _, final = await relay.get_json(doc["endpoints"]["status_url"])
-        assert final["status"] == "stop"
-        # no connection attempt is left behind
-        await asyncio.sleep(0.2)
-        assert connections_to(port, fillers_ports) == 0
-    finally:
-        for s in fillers:
-            s.close()
-        blackhole.close()
+async def test_stop_while_connecting(make_relay: RelayFactory, blackhole: tuple[int, set[int]]) -> None:
+    port, fillers_ports = blackhole
+    relay = await make_relay(upstream_url=f"http://127.0.0.1:{port}/v1")
+    doc = await relay.start(msg("x", connect_timeout=10))
+    await asyncio.sleep(0.5)
+    assert connections_to(port, fillers_ports) == 1  # the relay is connecting right now
+    _, running = await relay.get_json(doc["endpoints"]["status_url"])
+    assert running["status"] == "streaming"
+    t0 = time.monotonic()
+    await stop(relay, doc["endpoints"]["stop_url"])
+    assert time.monotonic() - t0 < 1
+    _, final = await relay.get_json(doc["endpoints"]["status_url"])
+    assert final["status"] == "stop"
+    await asyncio.sleep(0.2)
+    assert connections_to(port, fillers_ports) == 0  # no connection attempt is left behind
 
 
 async def test_stop_async_request(relay: Relay) -> None:
