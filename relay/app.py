@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
-from . import api, serve
+from . import api, recovery, serve
 from .config import Config
 from .http import CONFIG, MANAGER, QUOTAS, READERS
-from .jobs import JobManager
+from .jobs import JobManager, public_view
 from .quotas import Quotas
 from .upstream import Upstream
 from .webhooks import WebhookSender
@@ -48,6 +48,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     manager = JobManager(config, upstream, webhooks)
     app[MANAGER] = manager
+    for doc, webhook_url in recovery.repair(config.data_dir, config.server_node_id):
+        if webhook_url:
+            webhooks.send_later(webhook_url, public_view(doc), doc["endpoints"]["status_url"].rsplit("/", 1)[1][:-5])
     app[QUOTAS] = Quotas(config)
     yield
     await manager.shutdown(config.server_shutdown_grace_seconds)

@@ -17,6 +17,7 @@ from aiohttp import web
 from . import devupstream
 from .app import AccessLogger, make_app
 from .config import Config, ConfigError, check_startup, load
+from .http import MANAGER
 
 log = logging.getLogger("relay")
 
@@ -123,6 +124,8 @@ async def _serve(config: Config, demo: bool) -> None:
     await stop.wait()
     log.info("signal received: stopping (grace %gs for running requests)", config.server_shutdown_grace_seconds)
     started = time.monotonic()
+    # keep listening while running requests finish: new POSTs get 503, readers keep reading
+    await app[MANAGER].shutdown(config.server_shutdown_grace_seconds)
     await runner.cleanup()
     if demo_runner is not None:
         await demo_runner.cleanup()

@@ -19,6 +19,7 @@ import orjson
 from .assemble import Assembler, SSEParser
 from .config import Config
 from .paths import RequestPath
+from .recovery import remove_marker, write_marker
 from .store import DONE_DATA, EventLog, write_bytes_atomic, write_json_atomic
 from .upstream import Upstream, UpstreamError
 from .webhooks import WebhookSender
@@ -100,11 +101,20 @@ class Job:
 
     def create_files(self) -> None:
         """Write the queued status (and the empty event log). Called before the POST answers."""
-        directory = self.rp.directory(self.manager.config.data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.stream:
-            self.events = EventLog(self.rp.file(self.manager.config.data_dir, "txt"))
-        write_json_atomic(self.status_path, self.doc)
+        data_dir = self.manager.config.data_dir
+        write_marker(data_dir, self.rp, self.webhook_url)
+        try:
+            self.rp.directory(data_dir).mkdir(parents=True, exist_ok=True)
+            if self.stream:
+                self.events = EventLog(self.rp.file(data_dir, "txt"))
+            write_json_atomic(self.status_path, self.doc)
+        except OSError:
+            if self.events is not None:
+                self.events.close()
+            for ext in ("txt", "json"):
+                self.rp.file(data_dir, ext).unlink(missing_ok=True)
+            remove_marker(data_dir, self.rp)
+            raise
         self._last_status_write = time.monotonic()
 
     @property
@@ -360,6 +370,8 @@ class Job:
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
             self.events.close()
+        if not problems:
+            remove_marker(self.manager.config.data_dir, self.rp)  # else the next start repairs it
         self.finished = True
         self._wake()
         self.manager.forget(self)
