@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
-from . import api, recovery, serve
+from . import api, janitor, recovery, serve
 from .config import Config
 from .http import CONFIG, MANAGER, QUOTAS, READERS
 from .jobs import JobManager, public_view
 from .quotas import Quotas
 from .upstream import Upstream
 from .webhooks import WebhookSender
+
+log = logging.getLogger("relay")
 
 RESOLVER: web.AppKey[AbstractResolver] = web.AppKey("resolver")
 
@@ -52,10 +56,30 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), doc["endpoints"]["status_url"].rsplit("/", 1)[1][:-5])
     app[QUOTAS] = Quotas(config)
+    janitor_task = asyncio.create_task(_janitor_loop(app), name="janitor")
     yield
+    janitor_task.cancel()
+    await asyncio.gather(janitor_task, return_exceptions=True)
     await manager.shutdown(config.server_shutdown_grace_seconds)
     await webhooks.close()
     await upstream.close()
+
+
+async def _janitor_loop(app: web.Application) -> None:
+    config = app[CONFIG]
+    manager = app[MANAGER]
+    while True:
+        try:
+            await janitor.run_once(
+                config.data_dir,
+                config.server_node_id,
+                config.retention_max_age_days,
+                lambda request_id: manager.get(request_id) is not None,
+                config.retention_janitor_batch,
+            )
+        except Exception:
+            log.exception("janitor run failed")
+        await asyncio.sleep(config.retention_janitor_interval_seconds)
 
 
 async def _shutdown(app: web.Application) -> None:

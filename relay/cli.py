@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import devupstream
+from . import devupstream, janitor
 from .app import AccessLogger, make_app
 from .config import Config, ConfigError, check_startup, load
 from .http import MANAGER
+from .recovery import marker_dir
 
 log = logging.getLogger("relay")
 
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="when no upstream key is configured, run the built-in echo upstream beside the relay and use it",
     )
+    jan = sub.add_parser("janitor", help="remove expired requests once, print what was removed, and exit")
+    jan.add_argument("--config", help="config file (default: ./config.toml if it exists)")
+    jan.add_argument("--data-dir", help="override [storage] data_dir")
     dev = sub.add_parser("dev-upstream", help="run the development OpenAI-compatible echo server")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8090)
@@ -79,11 +83,11 @@ def load_config(args: argparse.Namespace) -> Config:
         path = "config.toml"
     config = load(path)
     config = config.with_overrides(
-        server_host=args.host,
-        server_port=args.port,
+        server_host=getattr(args, "host", None),
+        server_port=getattr(args, "port", None),
         storage_data_dir=args.data_dir,
-        server_public_url=args.public_url,
-        upstream_base_url=args.upstream_base_url,
+        server_public_url=getattr(args, "public_url", None),
+        upstream_base_url=getattr(args, "upstream_base_url", None),
     )
     check_startup(config, path or "defaults")
     return config
@@ -159,6 +163,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.server_log_format, config.server_log_level)
+    if args.command == "janitor":
+        report = asyncio.run(
+            janitor.run_once(
+                config.data_dir,
+                config.server_node_id,
+                config.retention_max_age_days,
+                lambda request_id: (marker_dir(config.data_dir) / f"{request_id}.json").exists(),
+                config.retention_janitor_batch,
+            )
+        )
+        print(
+            f"removed {report.requests} expired request(s): {report.files} file(s), {report.bytes} byte(s), "
+            f"{report.folders} empty folder(s); {len(report.errors)} error(s)"
+        )
+        return 1 if report.errors else 0
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -113,6 +113,8 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("quotas", "requests_per_month", int, 0, _non_negative, "requests per relay key per calendar month (0 = no limit)"),
     ("quotas", "requests_per_minute", int, 0, _non_negative, "requests per relay key per minute (0 = no limit)"),
     ("retention", "max_age_days", float, 30.0, _positive, "days before a request's files expire"),
+    ("retention", "janitor_interval_seconds", float, 600.0, _positive, "how often expired files are removed"),
+    ("retention", "janitor_batch", int, 500, _positive, "requests removed per batch (the loop serves between)"),
     ("webhooks", "secret", str, "", None, "HMAC-SHA256 secret for X-Relay-Signature"),
     ("webhooks", "allow_private_addresses", bool, False, None, "allow webhooks to private/loopback addresses"),
     ("webhooks", "timeout_seconds", float, 10.0, _positive, "time limit of one delivery attempt"),
@@ -166,6 +168,8 @@ class Config:
     quotas_requests_per_month: int = 0
     quotas_requests_per_minute: int = 0
     retention_max_age_days: float = 30.0
+    retention_janitor_interval_seconds: float = 600.0
+    retention_janitor_batch: int = 500
     webhooks_secret: str = field(default="", repr=False)
     webhooks_allow_private_addresses: bool = False
     webhooks_timeout_seconds: float = 10.0
