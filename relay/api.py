@@ -6,6 +6,7 @@ moment the client reads it. Any refusal happens before a file is created or the 
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import re
@@ -304,9 +305,11 @@ async def create(request: web.Request, stream: bool) -> web.Response:
     )
     job.doc["README"] = README["queued"]
     try:
+        if not manager.reserve.ensure():
+            raise OSError(errno.ENOSPC, "no space left to keep the reserve")
         job.create_files()
     except OSError as exc:
-        log.error("cannot create files for a new request: %s", exc.strerror)
+        log.error("refusing a new request: cannot write to the data directory: %s", exc.strerror)
         return error(
             507,
             "storage_unavailable",

@@ -52,6 +52,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     manager = JobManager(config, upstream, webhooks)
     app[MANAGER] = manager
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if not manager.reserve.ensure():
+        log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
+                    config.storage_reserve_bytes, config.data_dir)  # fmt: skip
     for doc, webhook_url in recovery.repair(config.data_dir, config.server_node_id):
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), doc["endpoints"]["status_url"].rsplit("/", 1)[1][:-5])

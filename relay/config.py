@@ -103,6 +103,14 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("server", "log_format", str, "text", _log_format, 'log lines as "text" or "json" (one object per line)'),
     ("server", "log_level", str, "info", _log_level, "debug, info, warning or error"),
     ("storage", "data_dir", str, "data", _non_empty, "directory that holds every request's files"),
+    (
+        "storage",
+        "reserve_bytes",
+        int,
+        8 * 1024 * 1024,
+        _non_negative,
+        "space held back for finishing on a full disk",
+    ),
     ("upstream", "base_url", str, "https://api.openai.com/v1", _url, "any OpenAI-compatible server"),
     ("upstream", "api_key", str, "", None, "server-side upstream key; else X-OpenAI-API-Key is required"),
     ("upstream", "default_model", str, "gpt-4o-mini", _non_empty, "model used when a request names none"),
@@ -158,6 +166,7 @@ class Config:
     server_log_format: str = "text"
     server_log_level: str = "info"
     storage_data_dir: str = "data"
+    storage_reserve_bytes: int = 8 * 1024 * 1024
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: str = field(default="", repr=False)
     upstream_default_model: str = "gpt-4o-mini"

@@ -10,8 +10,10 @@ terminal status, with `[DONE]` as the last event of a stream and `.raw` written.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,13 +22,14 @@ from .assemble import Assembler, SSEParser
 from .config import Config
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
-from .store import DONE_DATA, EventLog, write_bytes_atomic, write_json_atomic
+from .store import DONE_DATA, EventLog, Reserve, write_bytes_atomic, write_json_atomic
 from .upstream import Upstream, UpstreamError
 from .webhooks import WebhookSender
 
 log = logging.getLogger("relay.jobs")
 
 TERMINAL = frozenset({"done", "error", "stop"})
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 README = {
     "queued": "The request is queued and will start in a moment; this document updates as it runs.",
@@ -185,6 +188,8 @@ class Job:
                 status, error = "error", ("interrupted", "the relay shut down before the request finished")
         except OSError as exc:
             log.error("request %s: storage error: %s", self.rp.request_id, exc.strerror)
+            if exc.errno in NO_SPACE:
+                self.manager.reserve.release()  # room to write the terminal state below
             status, error = (
                 "error",
                 ("storage_error", f"the relay could not write the request's files ({exc.strerror})"),
@@ -241,21 +246,27 @@ class Job:
             return
         assert self.events is not None
         out: list[tuple[bytes, str | None]] = []
+        chunks: list[dict[str, Any]] = []
         try:
             for data in datas:
                 if data == DONE_DATA:
                     self._saw_done = True
                     break
-                out.append((self._chunk(data), None))
+                line, chunk = self._chunk(data)
+                out.append((line, None))
+                chunks.append(chunk)
         finally:
             if out:
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.time()
                 self.events.append(out)
+                for chunk in chunks:  # only what is on disk counts towards the assembled answer
+                    self.assembler.add(chunk)
                 self._wake()
                 self._schedule_refresh()
 
-    def _chunk(self, data: bytes) -> bytes:
+    def _chunk(self, data: bytes) -> tuple[bytes, dict[str, Any]]:
+        """Check one upstream event; returns the bytes to log and the parsed chunk."""
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -272,7 +283,6 @@ class Job:
             raise UpstreamError(
                 "upstream_error", f"the upstream reported an error mid-stream: {str(text)[:500]}", body=data
             )
-        self.assembler.add(chunk)
         choices = chunk.get("choices")
         rewrite = b"\n" in data or b"\r" in data
         if isinstance(choices, list):
@@ -280,7 +290,7 @@ class Job:
                 if isinstance(choice, dict) and "delta" not in choice:
                     choice["delta"] = {}
                     rewrite = True
-        return orjson.dumps(chunk) if rewrite else data
+        return (orjson.dumps(chunk) if rewrite else data), chunk
 
     def _schedule_refresh(self) -> None:
         if self._flush_handle is not None:
@@ -349,13 +359,14 @@ class Job:
         endpoints = doc["endpoints"]
         endpoints.pop("stop_url", None)
         problems: list[str] = []
+        if not error or error[0] != "storage_error":  # on a full disk, the status and [DONE] come first
+            try:
+                await write_bytes_atomic(self.raw_path, bytes(self.raw))
+                endpoints["response_raw_url"] = self.rp.url(self.manager.config.public_url, "raw")
+            except OSError as exc:
+                problems.append(f".raw: {exc.strerror}")
         try:
-            await write_bytes_atomic(self.raw_path, bytes(self.raw))
-            endpoints["response_raw_url"] = self.rp.url(self.manager.config.public_url, "raw")
-        except OSError as exc:
-            problems.append(f".raw: {exc.strerror}")
-        try:
-            self._write_status()
+            self._with_reserve(self._write_status)
         except OSError as exc:
             problems.append(f".json: {exc.strerror}")
         if self.events is not None:
@@ -366,7 +377,7 @@ class Job:
                 tail.append((orjson.dumps({"status": "stop", "message": "stopped by the stop URL"}), "stop"))
             tail.append((DONE_DATA, None))
             try:
-                self.events.append(tail)
+                self._with_reserve(lambda: self.events.append(tail) if self.events else None)
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
             self.events.close()
@@ -390,6 +401,16 @@ class Job:
             f" write_errors={'; '.join(problems)}" if problems else "",
         )
 
+    def _with_reserve(self, write: Callable[[], object]) -> None:
+        """Run a small write; on a full disk, give back the reserve and try once more."""
+        try:
+            write()
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            self.manager.reserve.release()
+            write()
+
     def cancel(self, reason: str) -> None:
         """Cancel the upstream call in whatever phase it is; a job not yet started sees the flag."""
         if self.cancel_reason is not None or self.finished:
@@ -408,6 +429,7 @@ class JobManager:
         self.webhooks = webhooks
         self.jobs: dict[str, Job] = {}
         self.accepting = True
+        self.reserve = Reserve(config.data_dir / "reserve.bin", config.storage_reserve_bytes)
 
     def running(self) -> int:
         return len(self.jobs)

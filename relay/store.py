@@ -92,14 +92,24 @@ class EventLog:
         self.size = size  # bytes committed; readers never read past this
 
     def append(self, events: list[tuple[bytes, str | None]]) -> int:
-        """Append events (data, event name); returns the number of bytes written."""
+        """Append events (data, event name); returns the number of bytes written.
+
+        All or nothing: if the disk fills up half-way, the part written is cut off again, so the log
+        never holds half an event."""
         out = bytearray()
         offset = self.size
         for data, name in events:
             chunk = encode_event(offset, data, name)
             out += chunk
             offset += len(chunk)
-        write_all(self.fd, out)
+        try:
+            write_all(self.fd, out)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
+            raise
         self.size = offset
         return len(out)
 
@@ -132,3 +142,44 @@ def event_end(fd: int, event_id: str, size: int) -> int | None:
 
 def file_size(path: Path) -> int:
     return os.stat(path).st_size
+
+
+class Reserve:
+    """A file of `size` allocated bytes kept in the data directory.
+
+    When the disk fills up, running requests give it back, so that they can still write their terminal
+    status and `[DONE]` instead of being left half-written. New requests are refused (507) while it
+    cannot be re-created, and accepted again by themselves once space returns.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    def ensure(self) -> bool:
+        """True when the reserve is in place (created now if needed)."""
+        if self.size <= 0:
+            return True
+        try:
+            if os.stat(self.path).st_size >= self.size:
+                return True
+        except FileNotFoundError:
+            pass
+        tmp = _tmp_name(self.path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            return True
+        except OSError:
+            _discard(tmp)
+            return False
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from .conftest import TEST_KEY, Relay, RelayFactory, msg, parse_sse, read_stream, text_of
+from .test_api import all_files
 
 
 def rel_file(relay: Relay, url: str) -> Path:
@@ -233,7 +234,7 @@ async def test_key_never_reaches_files_or_logs(make_relay: RelayFactory, caplog:
     for body, key, endpoint in runs:
         doc = await relay.start(body, key=key, endpoint=endpoint)
         await relay.wait_status(doc["endpoints"]["status_url"])
-    files = [p for p in relay.data_dir.rglob("*") if p.is_file()]
+    files = all_files(relay.data_dir)
     assert len(files) >= 3 * len(runs) - 1
     for p in files:
         data = p.read_bytes()

@@ -18,6 +18,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from relay.webhooks import address_allowed
 
 from .conftest import Relay, RelayFactory, msg
+from .test_api import all_files
 
 SECRET = "webhook-secret-for-tests"
 
@@ -199,7 +200,7 @@ async def test_webhook_urls_to_internal_addresses_are_refused(relay: Relay, url:
     assert status == 400, (url, doc)
     assert doc["error"]["code"] == "invalid_field" and "`webhook_url`" in doc["error"]["message"]
     assert relay.upstream.state.total == before
-    assert not [p for p in relay.data_dir.rglob("*") if p.is_file()]
+    assert all_files(relay.data_dir) == []
 
 
 class FlipResolver(AbstractResolver):
