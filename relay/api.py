@@ -230,6 +230,8 @@ async def create(request: web.Request, stream: bool) -> web.Response:
         except QuotaExceeded as exc:
             raise HTTPError(429, "quota_exceeded", exc.message, {"Retry-After": str(exc.retry_after)}) from None
     except HTTPError as exc:
+        manager.metrics.refusals.labels(str(exc.status)).inc()
+        manager.metrics.requests.labels(request.path, "refused").inc()
         return exc.response()
     except OSError as exc:
         log.error("cannot record quota usage: %s", exc.strerror)

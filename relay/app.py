@@ -11,8 +11,9 @@ from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
 from . import api, janitor, recovery, serve
 from .config import Config
-from .http import CONFIG, MANAGER, QUOTAS, READERS
+from .http import CONFIG, MANAGER, METRICS, QUOTAS, READERS
 from .jobs import JobManager, public_view
+from .metrics import Metrics
 from .quotas import Quotas
 from .upstream import Upstream
 from .webhooks import WebhookSender
@@ -27,6 +28,8 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
     app = web.Application(middlewares=[serve.json_errors], client_max_size=config.server_max_body_bytes + 1)
     app[CONFIG] = config
     app[READERS] = [0]
+    app[METRICS] = Metrics()
+    app.router.add_get("/metrics", app[METRICS].handler)
     if resolver is not None:
         app[RESOLVER] = resolver
     app.router.add_post("/v1/stream-chatgpt", api.stream_chatgpt)
@@ -49,9 +52,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         attempts=config.webhooks_max_attempts,
         backoff=config.webhooks_backoff_seconds,
         base_resolver=app.get(RESOLVER),
+        on_result=lambda result: metrics.webhooks.labels(result).inc(),
     )
-    manager = JobManager(config, upstream, webhooks)
+    metrics = app[METRICS]
+    manager = JobManager(config, upstream, webhooks, metrics)
     app[MANAGER] = manager
+    metrics.bind(manager.running, lambda: app[READERS][0])
     config.data_dir.mkdir(parents=True, exist_ok=True)
     if not manager.reserve.ensure():
         log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
@@ -74,13 +80,15 @@ async def _janitor_loop(app: web.Application) -> None:
     manager = app[MANAGER]
     while True:
         try:
-            await janitor.run_once(
+            report = await janitor.run_once(
                 config.data_dir,
                 config.server_node_id,
                 config.retention_max_age_days,
                 lambda request_id: manager.get(request_id) is not None,
                 config.retention_janitor_batch,
             )
+            app[METRICS].janitor_requests.inc(report.requests)
+            app[METRICS].janitor_bytes.inc(report.bytes)
         except Exception:
             log.exception("janitor run failed")
         await asyncio.sleep(config.retention_janitor_interval_seconds)

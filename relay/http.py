@@ -10,12 +10,14 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .config import Config
     from .jobs import JobManager
+    from .metrics import Metrics
     from .quotas import Quotas
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 MANAGER: web.AppKey[JobManager] = web.AppKey("manager")
 READERS: web.AppKey[list[int]] = web.AppKey("readers")
 QUOTAS: web.AppKey[Quotas] = web.AppKey("quotas")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -20,6 +20,7 @@ import orjson
 
 from .assemble import Assembler, SSEParser
 from .config import Config
+from .metrics import Metrics
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
 from .store import DONE_DATA, EventLog, Reserve, write_bytes_atomic, write_json_atomic
@@ -383,6 +384,13 @@ class Job:
             self.events.close()
         if not problems:
             remove_marker(self.manager.config.data_dir, self.rp)  # else the next start repairs it
+        metrics = self.manager.metrics
+        metrics.requests.labels(self.doc["request"]["endpoint"], status).inc()
+        if error:
+            metrics.errors.labels(error[0]).inc()
+        if self.first_chunk_at and self.processed_at:
+            metrics.first_chunk.observe(self.first_chunk_at - self.processed_at)
+        metrics.bytes_written.inc(self.size + (len(self.raw) if "response_raw_url" in endpoints else 0))
         self.finished = True
         self._wake()
         self.manager.forget(self)
@@ -423,8 +431,9 @@ class Job:
 class JobManager:
     """The running jobs of this process, by request id."""
 
-    def __init__(self, config: Config, upstream: Upstream, webhooks: WebhookSender) -> None:
+    def __init__(self, config: Config, upstream: Upstream, webhooks: WebhookSender, metrics: Metrics) -> None:
         self.config = config
+        self.metrics = metrics
         self.upstream = upstream
         self.webhooks = webhooks
         self.jobs: dict[str, Job] = {}

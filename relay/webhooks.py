@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -122,8 +123,10 @@ class WebhookSender:
         attempts: int = 3,
         backoff: float = 1.0,
         base_resolver: AbstractResolver | None = None,
+        on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.secret = secret
+        self.on_result = on_result or (lambda result: None)
         self.resolver = GuardedResolver(base_resolver, allow_private)
         self.timeout = timeout
         self.attempts = attempts
@@ -143,9 +146,14 @@ class WebhookSender:
         return self._session
 
     def send_later(self, url: str, doc: dict[str, Any], request_id: str) -> None:
-        task = asyncio.create_task(self.send(url, doc, request_id), name=f"webhook-{request_id}")
+        task = asyncio.create_task(self._send_counted(url, doc, request_id), name=f"webhook-{request_id}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _send_counted(self, url: str, doc: dict[str, Any], request_id: str) -> bool:
+        delivered = await self.send(url, doc, request_id)
+        self.on_result("delivered" if delivered else "failed")
+        return delivered
 
     async def send(self, url: str, doc: dict[str, Any], request_id: str) -> bool:
         """POST `response=<doc JSON>`; retries network errors and 5xx with backoff. True if delivered."""

@@ -1,0 +1,46 @@
+"""Prometheus metrics (`GET /metrics`), one registry per application.
+
+Labels are fixed, small sets (endpoint, outcome, error code): never a key, a token, an id or any
+message content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "relay_requests", "Requests by endpoint and outcome (done, error, stop, or refused at the POST)",
+            ["endpoint", "outcome"], registry=r,
+        )  # fmt: skip
+        self.errors = Counter(
+            "relay_request_errors", "Requests that ended in error, by error code", ["code"], registry=r
+        )
+        self.refusals = Counter("relay_refusals", "POSTs refused, by HTTP status", ["status"], registry=r)
+        self.running = Gauge("relay_running_jobs", "Requests running now", registry=r)
+        self.readers = Gauge("relay_open_readers", "Event-stream readers connected now", registry=r)
+        self.first_chunk = Histogram(
+            "relay_upstream_first_chunk_seconds", "Time from the upstream call to its first chunk",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r,
+        )  # fmt: skip
+        self.bytes_written = Counter("relay_bytes_written", "Bytes written to event logs and raw files", registry=r)
+        self.janitor_requests = Counter("relay_janitor_removed_requests", "Expired requests removed", registry=r)
+        self.janitor_bytes = Counter("relay_janitor_removed_bytes", "Bytes of expired files removed", registry=r)
+        self.webhooks = Counter("relay_webhook_deliveries", "Webhook deliveries by result", ["result"], registry=r)
+
+    def bind(self, running: Callable[[], int], readers: Callable[[], int]) -> None:
+        self.running.set_function(running)
+        self.readers.set_function(readers)
+
+    async def handler(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"},
+        )
