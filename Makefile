@@ -10,6 +10,7 @@ start: $(VENV)/.runtime
 	$(PY) relay.py serve --demo
 
 test: $(VENV)/.dev
+	deploy/install-system-packages.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
