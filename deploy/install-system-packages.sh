@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite drives for real (nginx, systemd-analyze, mount). Run by `make test`; does
+# Installs the Debian packages the test suite drives for real (nginx, systemd-analyze, mount,
+# Chromium for the console's browser tests: Debian's package, never a browser download). Run by `make test`; does
 # nothing when they are already there. Needs root (CI runs as root) or passwordless sudo.
 set -euo pipefail
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v mount >/dev/null 2>&1 || missing+=(mount)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
@@ -19,6 +20,8 @@ from .upstream import Upstream
 from .webhooks import WebhookSender
 
 log = logging.getLogger("relay")
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
 
 RESOLVER: web.AppKey[AbstractResolver] = web.AppKey("resolver")
 
@@ -35,6 +38,8 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
     app.router.add_post("/v1/stream-chatgpt", api.stream_chatgpt)
     app.router.add_post("/v1/async-chatgpt", api.async_chatgpt)
     app.router.add_get("/healthz", serve.healthz)
+    app.router.add_get("/", serve.console)
+    app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
     app.router.add_route("*", r"/{node:\d+}/r/{tail:.*}", serve.handle_file)
     app.on_response_prepare.append(serve.add_cors)
     app.cleanup_ctx.append(_lifecycle)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -239,6 +240,18 @@ async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Access-Control-Expose-Headers"] = "Retry-After, WWW-Authenticate"
     if allowed != "*":
         response.headers.add("Vary", "Origin")
+
+
+CONSOLE = Path(__file__).resolve().parent.parent / "static" / "index.html"
+CONSOLE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src *; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+async def console(request: web.Request) -> web.FileResponse:
+    """The web console (static/index.html)."""
+    return web.FileResponse(CONSOLE, headers={"Content-Security-Policy": CONSOLE_CSP, "Cache-Control": "no-cache"})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,0 +1,372 @@
+// The relay's web console: chat (stream, stop, continue, private), a stream viewer, and snippets.
+// Plain JavaScript, no build step, nothing fetched from elsewhere. Everything shown that came from the
+// network goes through textContent, never innerHTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEYS = ["relay-key", "openai-key", "model"];
+
+// ----- settings: kept in this tab's sessionStorage only ------------------------------------------
+for (const id of KEYS) {
+  const el = $(id);
+  el.value = sessionStorage.getItem("relay." + id) || "";
+  el.addEventListener("input", () => sessionStorage.setItem("relay." + id, el.value));
+}
+$("private").checked = sessionStorage.getItem("relay.private") === "1";
+$("private").addEventListener("change", () => sessionStorage.setItem("relay.private", $("private").checked ? "1" : "0"));
+
+// ----- tabs -------------------------------------------------------------------------------------
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => {
+    document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
+    document.querySelectorAll(".panel").forEach((p) => p.classList.toggle("active", p.id === tab.dataset.tab));
+  });
+}
+
+// ----- helpers ----------------------------------------------------------------------------------
+function apiHeaders() {
+  const h = { "Content-Type": "application/json" };
+  const relayKey = $("relay-key").value.trim();
+  const openaiKey = $("openai-key").value.trim();
+  if (relayKey) h["X-RapidAPI-Key"] = relayKey;
+  if (openaiKey) h["X-OpenAI-API-Key"] = openaiKey;
+  return h;
+}
+
+function bearerHeaders(token) {
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function errorBox(code, message) {
+  const box = el("div", "error");
+  box.append(el("code", "", String(code)), document.createTextNode(": " + message));
+  return box;
+}
+
+function setStatus(text) {
+  $("status-line").textContent = text;
+}
+
+async function readError(res) {
+  try {
+    const doc = await res.json();
+    if (doc && doc.error) return [doc.error.code, doc.error.message];
+  } catch (_) { /* not JSON */ }
+  return ["http_" + res.status, res.statusText || "request failed"];
+}
+
+function choiceText(chunk) {
+  const choice = (chunk.choices || []).find((c) => (c.index || 0) === 0);
+  return (choice && choice.delta && choice.delta.content) || "";
+}
+
+// ----- chat -------------------------------------------------------------------------------------
+const chat = {
+  parent: null, // {statusUrl, bearer} of the last finished turn, to continue from
+  current: null, // the turn that is streaming
+  last: null, // answer of the last POST, for the snippets
+};
+
+function addBubble(role, text) {
+  const bubble = el("div", "bubble " + role);
+  const body = el("span", "text", text);
+  bubble.append(body);
+  $("conversation").append(bubble);
+  bubble.scrollIntoView({ block: "end" });
+  return bubble;
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+async function send(text) {
+  const body = { messages: [{ role: "user", content: text }] };
+  const model = $("model").value.trim();
+  if (model) body.model = model;
+  if (chat.parent) {
+    body.from_status_url = chat.parent.statusUrl;
+    if (chat.parent.bearer) body.from_bearer_token = chat.parent.bearer;
+  } else if ($("private").checked) {
+    body.access = "private";
+  }
+  addBubble("user", text);
+  setBusy(true);
+  setStatus("Sending…");
+  let res;
+  try {
+    res = await fetch("/v1/stream-chatgpt", { method: "POST", headers: apiHeaders(), body: JSON.stringify(body) });
+  } catch (err) {
+    $("conversation").append(errorBox("network_error", "could not reach the relay (" + err.message + ")"));
+    setBusy(false);
+    setStatus("Failed.");
+    return;
+  }
+  if (!res.ok) {
+    const [code, message] = await readError(res);
+    $("conversation").append(errorBox(code, message));
+    setBusy(false);
+    setStatus("Refused with HTTP " + res.status + ".");
+    return;
+  }
+  const answer = await res.json();
+  chat.last = answer;
+  renderSnippets(answer);
+  const ep = answer.endpoints;
+  const auth = answer.authorization || {};
+  const bearer = auth.bearer_token || ep.bearer_token || null;
+  const streamUrl = ep.stream_events_url + (auth.stream_url_arg ? "?" + auth.stream_url_arg : "");
+  follow(streamUrl, ep, bearer);
+}
+
+function follow(streamUrl, ep, bearer) {
+  const bubble = addBubble("assistant", "");
+  bubble.classList.add("streaming");
+  const textNode = bubble.querySelector(".text");
+  const es = new EventSource(streamUrl);
+  const turn = { es, ep, bearer, bubble, textNode, serverError: null, events: 0, done: false };
+  chat.current = turn;
+  bubble.dataset.statusUrl = ep.status_url;
+  es.onopen = () => setStatus("Streaming… (" + turn.events + " events so far)");
+  es.onmessage = (e) => {
+    if (e.data === "[DONE]") {
+      es.close();
+      finishTurn(turn);
+      return;
+    }
+    turn.events += 1;
+    try {
+      textNode.textContent += choiceText(JSON.parse(e.data));
+    } catch (_) { /* a chunk that is not JSON: nothing to show */ }
+  };
+  es.addEventListener("error", (e) => {
+    if (e.data) { // the relay's named `error` event: what went wrong upstream
+      try { turn.serverError = JSON.parse(e.data).error; } catch (_) { /* ignore */ }
+      return;
+    }
+    if (turn.done) return;
+    if (es.readyState === EventSource.CONNECTING) {
+      setStatus("Connection lost; reconnecting (the relay resumes after the last event received)…");
+    } else {
+      setStatus("The stream could not be opened.");
+      finishTurn(turn);
+    }
+  });
+  es.addEventListener("stop", () => { turn.stopped = true; });
+}
+
+async function finishTurn(turn) {
+  if (turn.done) return;
+  turn.done = true;
+  turn.es.close();
+  turn.bubble.classList.remove("streaming");
+  setBusy(false);
+  let status = null;
+  try {
+    const res = await fetch(turn.ep.status_url, { headers: bearerHeaders(turn.bearer) });
+    status = res.ok ? await res.json() : null;
+  } catch (_) { /* shown below as unknown */ }
+  const meta = el("span", "meta");
+  if (!status) {
+    meta.textContent = "status unknown";
+  } else {
+    const body = (status.response && status.response.body) || {};
+    const choice = (body.choices || [])[0] || {};
+    const usage = body.usage ? " · " + body.usage.total_tokens + " tokens" : "";
+    meta.textContent = status.status + (choice.finish_reason ? " · " + choice.finish_reason : "") + usage;
+    turn.bubble.dataset.status = status.status;
+    if (status.status === "stop") turn.bubble.classList.add("stopped");
+    if (status.status === "error") {
+      const err = status.error || turn.serverError || { code: "error", message: "the request failed" };
+      turn.bubble.after(errorBox(err.code, err.message));
+    } else {
+      chat.parent = { statusUrl: turn.ep.status_url, bearer: turn.bearer };
+    }
+  }
+  turn.bubble.append(meta);
+  setStatus("Finished: " + (status ? status.status : "unknown") + ". " + turn.events + " events.");
+  chat.current = null;
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || chat.current) return;
+  $("prompt").value = "";
+  send(text);
+});
+
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("composer").requestSubmit();
+});
+
+$("stop").addEventListener("click", async () => {
+  const turn = chat.current;
+  if (!turn) return;
+  $("stop").disabled = true;
+  setStatus("Stopping…");
+  try {
+    const res = await fetch(turn.ep.stop_url, { method: "POST", headers: bearerHeaders(turn.bearer) });
+    if (!res.ok) {
+      const [code, message] = await readError(res);
+      $("conversation").append(errorBox(code, message));
+    }
+  } catch (err) {
+    $("conversation").append(errorBox("network_error", err.message));
+  }
+  // the stream itself ends with `event: stop` and [DONE], which finishes the turn
+});
+
+$("new-conversation").addEventListener("click", () => {
+  if (chat.current) chat.current.es.close();
+  chat.current = null;
+  chat.parent = null;
+  $("conversation").replaceChildren();
+  setBusy(false);
+  setStatus("New conversation.");
+});
+
+// ----- viewer -----------------------------------------------------------------------------------
+const viewer = { es: null };
+
+function viewerUrls(input, token) {
+  const url = new URL(input, location.href);
+  const base = url.origin + url.pathname.replace(/\.(json|txt|raw)$/, "");
+  const params = new URLSearchParams(url.search);
+  if (token && !params.has("stream_token")) params.set("stream_token", token);
+  const query = params.toString();
+  return { status: base + ".json", stream: base + ".txt" + (query ? "?" + query : "") };
+}
+
+function addEventRow(id, type, data) {
+  const row = el("tr");
+  row.append(el("td", "", id || ""), el("td", "", type), el("td", "", data));
+  $("viewer-events").querySelector("tbody").append(row);
+}
+
+async function showViewerStatus(statusUrl, token) {
+  try {
+    const res = await fetch(statusUrl, { headers: bearerHeaders(token) });
+    const text = await res.text();
+    try {
+      $("viewer-status").textContent = JSON.stringify(JSON.parse(text), null, 2);
+    } catch (_) {
+      $("viewer-status").textContent = text;
+    }
+  } catch (err) {
+    $("viewer-status").textContent = "could not fetch the status: " + err.message;
+  }
+}
+
+function closeViewer() {
+  if (viewer.es) viewer.es.close();
+  viewer.es = null;
+}
+
+$("viewer-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  closeViewer();
+  const token = $("viewer-token").value.trim();
+  let urls;
+  try {
+    urls = viewerUrls($("viewer-url").value.trim(), token);
+  } catch (_) {
+    $("viewer-state").textContent = "That is not a URL.";
+    return;
+  }
+  $("viewer-events").querySelector("tbody").replaceChildren();
+  $("viewer-text").textContent = "";
+  $("viewer-status").textContent = "";
+  $("viewer-state").textContent = "Connecting to " + urls.stream.split("?")[0] + " …";
+  const es = new EventSource(urls.stream);
+  viewer.es = es;
+  let count = 0;
+  es.onopen = () => { $("viewer-state").textContent = "Connected; live events below."; };
+  es.onmessage = (ev) => {
+    addEventRow(ev.lastEventId, "message", ev.data);
+    if (ev.data === "[DONE]") {
+      closeViewer();
+      $("viewer-state").textContent = "Finished: " + count + " events, then [DONE].";
+      showViewerStatus(urls.status, token);
+      return;
+    }
+    count += 1;
+    try { $("viewer-text").textContent += choiceText(JSON.parse(ev.data)); } catch (_) { /* not JSON */ }
+  };
+  for (const name of ["error", "stop"]) {
+    es.addEventListener(name, (ev) => {
+      if (ev.data) { addEventRow(ev.lastEventId, name, ev.data); return; }
+      if (name === "error" && es.readyState === EventSource.CLOSED) {
+        $("viewer-state").textContent = "The stream could not be opened (wrong URL, an async request, or a private one without its token). Its status:";
+        closeViewer();
+        showViewerStatus(urls.status, token);
+      } else if (name === "error") {
+        $("viewer-state").textContent = "Connection lost; reconnecting with Last-Event-ID…";
+      }
+    });
+  }
+});
+
+$("viewer-close").addEventListener("click", () => {
+  closeViewer();
+  $("viewer-state").textContent = "Closed.";
+});
+
+// ----- snippets ---------------------------------------------------------------------------------
+function renderSnippets(answer) {
+  const ep = answer.endpoints;
+  const auth = answer.authorization || {};
+  const bearer = auth.bearer_token;
+  const stream = ep.stream_events_url + (auth.stream_url_arg ? "?" + auth.stream_url_arg : "");
+  const authHeader = bearer ? ` \\\n  -H 'Authorization: Bearer ${bearer}'` : "";
+  $("snippets-hint").textContent = "Filled in with the URLs of the last request.";
+  $("snippet-curl").textContent =
+    `# watch the answer stream in\ncurl -N '${stream}'\n\n` +
+    `# the status document (final answer in response.body)\ncurl -s '${ep.status_url}'${authHeader}\n\n` +
+    `# stop it\ncurl -s -X POST '${ep.stop_url}'${authHeader}\n\n` +
+    `# continue the conversation\ncurl -s '${location.origin}/v1/stream-chatgpt' -H 'Content-Type: application/json' \\\n` +
+    `  -d '{"messages": [{"role": "user", "content": "And then?"}], "from_status_url": "${ep.status_url}"` +
+    (bearer ? `, "from_bearer_token": "${bearer}"` : "") + `}'`;
+  $("snippet-js").textContent =
+    `const es = new EventSource(${JSON.stringify(stream)});\nlet text = "";\n` +
+    `es.onmessage = (e) => {\n  if (e.data === "[DONE]") { es.close(); return; }\n` +
+    `  const chunk = JSON.parse(e.data);\n  text += chunk.choices[0]?.delta?.content ?? "";\n};\n` +
+    `es.addEventListener("error", (e) => { if (e.data) console.error(JSON.parse(e.data).error); });\n` +
+    `// after a dropped connection, EventSource reconnects with Last-Event-ID and the relay resumes`;
+  $("snippet-python").textContent =
+    `import json, urllib.request\n\n` +
+    `text = ""\nwith urllib.request.urlopen(${JSON.stringify(stream)}) as stream:\n` +
+    `    for raw in stream:\n        line = raw.decode().rstrip("\\n")\n` +
+    `        if not line.startswith("data: "):\n            continue\n` +
+    `        data = line[len("data: "):]\n        if data == "[DONE]":\n            break\n` +
+    `        chunk = json.loads(data)\n        if "choices" in chunk and chunk["choices"]:\n` +
+    `            text += chunk["choices"][0].get("delta", {}).get("content") or ""\nprint(text)\n\n` +
+    `status = urllib.request.Request(${JSON.stringify(ep.status_url)}` +
+    (bearer ? `, headers={"Authorization": "Bearer ${bearer}"}` : "") + `)\n` +
+    `print(json.load(urllib.request.urlopen(status))["status"])`;
+}
+
+for (const button of document.querySelectorAll(".copy")) {
+  button.addEventListener("click", async () => {
+    const text = $(button.dataset.copy).textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "Copied";
+    } catch (_) {
+      const range = document.createRange();
+      range.selectNodeContents($(button.dataset.copy));
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      button.textContent = "Selected: press Ctrl+C";
+    }
+    setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  });
+}

@@ -1,0 +1,197 @@
+"""The web console in a real headless Chromium (Debian's package, driven by Playwright) against a real
+relay and the dev upstream. Screenshots go to test-output/screenshots/."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from .conftest import TEST_KEY, Relay, RelayFactory, free_port
+from .tcpproxy import CuttableProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-output" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+LONG = " ".join(f"word{i}" for i in range(60))
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        await b.close()
+
+
+async def open_console(browser: Browser, url: str, test_name: str, openai_key: str | None = TEST_KEY) -> Page:
+    page = await browser.new_page(viewport={"width": 1100, "height": 900})
+    page.set_default_timeout(20_000)
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    # JavaScript errors only: the browser also logs every non-2xx answer, which some tests cause on purpose
+    page.on(
+        "console",
+        lambda m: problems.append(m.text) if m.type == "error" and "Failed to load resource" not in m.text else None,
+    )
+    await page.goto(url + "/")
+    if openai_key:
+        await page.fill("#openai-key", openai_key)
+    page.problems = problems  # type: ignore[attr-defined]
+    page.test_name = test_name  # type: ignore[attr-defined]
+    return page
+
+
+async def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{page.test_name}-{name}.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+async def say(page: Page, text: str, model: str = "echo") -> None:
+    await page.fill("#model", model)
+    await page.fill("#prompt", text)
+    await page.click("#send")
+
+
+def last_assistant(page: Page):  # noqa: ANN201 - a Playwright locator
+    return page.locator("#conversation .bubble.assistant").last
+
+
+async def status_of(relay: Relay, page: Page, headers: dict[str, str] | None = None) -> dict:
+    url = await last_assistant(page).get_attribute("data-status-url")
+    assert url
+    code, doc = await relay.get_json(url, headers)
+    assert code == 200
+    return doc
+
+
+async def test_send_stream_chain_and_stop(browser: Browser, relay: Relay) -> None:
+    page = await open_console(browser, relay.url, "chat")
+    await say(page, LONG, "echo:pace=0.04")
+    bubble = last_assistant(page)
+    await expect(bubble).to_have_class(re.compile(r"\bstreaming\b"))
+    await expect(bubble.locator(".text")).to_contain_text("word5")
+    partial = await bubble.locator(".text").text_content()
+    assert partial and len(partial) < len(LONG)  # it arrives piece by piece
+    await shot(page, "1-streaming")
+    await expect(bubble.locator(".meta")).to_contain_text("done")
+    assert await bubble.locator(".text").text_content() == LONG
+
+    # a second turn continues the conversation
+    await say(page, "second turn")
+    bubble = last_assistant(page)
+    await expect(bubble.locator(".meta")).to_contain_text("done")
+    assert await bubble.locator(".text").text_content() == "second turn"
+    doc = await status_of(relay, page)
+    assert [m["content"] for m in doc["parameters"]["messages"]] == [LONG, LONG, "second turn"]
+    assert doc["endpoints"]["from_status_url"]
+    await shot(page, "2-chained")
+
+    # stop one: the partial text stays
+    await page.click("#new-conversation")
+    await say(page, LONG, "echo:pace=0.1")
+    bubble = last_assistant(page)
+    await expect(bubble.locator(".text")).to_contain_text("word3")
+    await page.click("#stop")
+    await expect(bubble.locator(".meta")).to_contain_text("stop")
+    await expect(bubble).to_have_class(re.compile(r"\bstopped\b"))
+    text = await bubble.locator(".text").text_content()
+    assert text and LONG.startswith(text) and len(text) < len(LONG)
+    doc = await status_of(relay, page)
+    assert doc["status"] == "stop" and doc["response"]["body"]["choices"][0]["message"]["content"] == text
+    await shot(page, "3-stopped")
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+async def test_private_conversation_with_keys_in_session_storage(browser: Browser, make_relay: RelayFactory) -> None:
+    relay = await make_relay(auth_api_keys=["console-relay-key"])
+    page = await open_console(browser, relay.url, "private", openai_key=None)
+    # without the relay key: a readable error
+    await say(page, "refused")
+    await expect(page.locator(".error")).to_contain_text("unauthorized")
+    await expect(page.locator(".error")).to_contain_text("X-RapidAPI-Key")
+    await shot(page, "1-error")
+    await page.click("#new-conversation")
+    await page.fill("#relay-key", "console-relay-key")
+    await page.fill("#openai-key", TEST_KEY)
+    await page.check("#private")
+    await say(page, "a private hello")
+    bubble = last_assistant(page)
+    await expect(bubble.locator(".meta")).to_contain_text("done")
+    assert await bubble.locator(".text").text_content() == "a private hello"
+    status_url = await bubble.get_attribute("data-status-url")
+    assert status_url and "/1/r/prv/" in status_url
+    async with relay.session.get(status_url) as r:
+        assert r.status == 401  # the page read it with its bearer token; without one it is closed
+    await say(page, "and a second private turn")
+    bubble = last_assistant(page)
+    await expect(bubble.locator(".meta")).to_contain_text("done")
+    assert "/1/r/prv/" in (await bubble.get_attribute("data-status-url") or "")
+    storage = await page.evaluate("() => [JSON.stringify(sessionStorage), localStorage.length, location.href]")
+    assert "console-relay-key" in storage[0] and "UPSTREAMKEY" in storage[0]
+    assert storage[1] == 0 and "key" not in storage[2]
+    await shot(page, "2-private")
+    # the snippets are filled in with the last request's URLs and its token
+    await page.click("#tab-snippets")
+    curl = await page.text_content("#snippet-curl")
+    assert curl and "/1/r/prv/" in curl and "Authorization: Bearer" in curl and "stream_token=" in curl
+    await shot(page, "3-snippets")
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+async def test_dropped_connection_mid_stream_keeps_the_text_whole(browser: Browser, make_relay: RelayFactory) -> None:
+    port = free_port()
+    relay = await make_relay(server_public_url=f"http://127.0.0.1:{port}")
+    proxy = CuttableProxy(relay.config.server_port)
+    await proxy.start(port)
+    try:
+        page = await open_console(browser, proxy_url := f"http://127.0.0.1:{port}", "reconnect")
+        assert proxy_url
+        await say(page, LONG, "echo:pace=0.05")
+        bubble = last_assistant(page)
+        await expect(bubble.locator(".text")).to_contain_text("word10")
+        assert proxy.cut() >= 1  # the network drops mid-stream
+        await expect(page.locator("#status-line")).to_contain_text("reconnecting")
+        await shot(page, "1-reconnecting")
+        await expect(bubble.locator(".meta")).to_contain_text("done", timeout=30_000)
+        assert await bubble.locator(".text").text_content() == LONG  # nothing lost, nothing twice
+        resumed = [h for h in proxy.heads if b".txt" in h.split(b"\r\n", 1)[0] and b"last-event-id" in h.lower()]
+        assert resumed, "the browser did not resume with Last-Event-ID"
+        await shot(page, "2-whole")
+        assert page.problems == []  # type: ignore[attr-defined]
+    finally:
+        await proxy.stop()
+
+
+async def test_viewer_shows_events_with_their_ids(browser: Browser, relay: Relay) -> None:
+    doc = await relay.start({"model": "echo:pace=0.05", "messages": [{"role": "user", "content": "watch me stream"}]})
+    page = await open_console(browser, relay.url, "viewer")
+    await page.click("#tab-viewer")
+    await page.fill("#viewer-url", doc["endpoints"]["status_url"])
+    await page.click("#viewer-open")
+    await expect(page.locator("#viewer-state")).to_contain_text("Finished")
+    await expect(page.locator("#viewer-text")).to_have_text("watch me stream")
+    rows = page.locator("#viewer-events tbody tr")
+    count = await rows.count()
+    assert count >= 5
+    first_id = await rows.nth(0).locator("td").nth(0).text_content()
+    assert first_id == "0"
+    assert await rows.nth(count - 1).locator("td").nth(2).text_content() == "[DONE]"
+    await expect(page.locator("#viewer-status")).to_contain_text('"status": "done"')
+    await shot(page, "1-viewer")
+    # an async request has no stream: the viewer says so and shows its status
+    a = await relay.start({"messages": [{"role": "user", "content": "async one"}]}, endpoint="/v1/async-chatgpt")
+    await relay.wait_status(a["endpoints"]["status_url"])
+    await page.fill("#viewer-url", a["endpoints"]["status_url"])
+    await page.click("#viewer-open")
+    await expect(page.locator("#viewer-state")).to_contain_text("could not be opened")
+    await expect(page.locator("#viewer-status")).to_contain_text("async one")
+    await asyncio.sleep(0)
