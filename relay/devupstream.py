@@ -22,6 +22,7 @@ object in the body (`"dev": {"pace": 0.05}`), which the relay forwards untouched
 | tool_call     | answer with a streamed tool call instead of text                        |
 | no_done       | end the stream without `data: [DONE]`                                   |
 | json_instead  | answer a streaming request with a plain `chat.completion` JSON body     |
+| stamp         | add `x_seq` (0, 1, …) and `x_sent` (CLOCK_MONOTONIC) to content chunks  |
 
 `GET /dev/stats` reports `open` (requests being answered right now) and `total`; `POST /dev/reset`
 zeroes them. When started with a required key, any other `Authorization` is answered with 401.
@@ -208,6 +209,7 @@ class DevUpstream:
             )
         )
         sent = 0
+        started = 0.0
         if tool:
             args = _tool_args(body)
             parts = [args[i : i + 8] for i in range(0, len(args), 8)]
@@ -256,12 +258,13 @@ class DevUpstream:
                     hang = opts.get("hang")
                     if hang and hang != 1 and hang is not True and sent >= int(hang) - 1:
                         await asyncio.sleep(3600)
-                    if pace:
-                        await asyncio.sleep(pace)
+                    if pace:  # on a fixed schedule, so that pacing does not drift with load
+                        started = started or time.monotonic()
+                        await asyncio.sleep(max(0.0, started + (sent + 1) * pace - time.monotonic()))
+                    stamp = {"x_seq": sent, "x_sent": time.monotonic()} if opts.get("stamp") else None
+                    delta = {"content": words[step]}
                     await resp.write(
-                        chunk(
-                            [{"index": i, "delta": {"content": words[step]}, "logprobs": None, "finish_reason": None}]
-                        )
+                        chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], stamp)
                     )
                     sent += 1
         for i, (_, truncated) in enumerate(pieces):
