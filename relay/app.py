@@ -71,13 +71,27 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), doc["endpoints"]["status_url"].rsplit("/", 1)[1][:-5])
     app[QUOTAS] = Quotas(config)
-    janitor_task = asyncio.create_task(_janitor_loop(app), name="janitor")
+    background = [
+        asyncio.create_task(_janitor_loop(app), name="janitor"),
+        asyncio.create_task(_heartbeat_loop(app), name="heartbeat"),
+    ]
     yield
-    janitor_task.cancel()
-    await asyncio.gather(janitor_task, return_exceptions=True)
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     await manager.shutdown(config.server_shutdown_grace_seconds)
     await webhooks.close()
     await upstream.close()
+
+
+async def _heartbeat_loop(app: web.Application) -> None:
+    """Wake every waiting reader once per interval, so each sends a keep-alive comment."""
+    interval = app[CONFIG].server_heartbeat_seconds
+    manager = app[MANAGER]
+    while True:
+        await asyncio.sleep(interval)
+        for job in list(manager.jobs.values()):
+            job.heartbeat()
 
 
 async def _janitor_loop(app: web.Application) -> None:

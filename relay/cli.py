@@ -110,7 +110,7 @@ async def _serve(config: Config, demo: bool) -> None:
         shutdown_timeout=config.server_shutdown_grace_seconds + 5,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.server_host, config.server_port, reuse_address=True)
+    site = web.TCPSite(runner, config.server_host, config.server_port, reuse_address=True, backlog=4096)
     await site.start()
     log.info(
         "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s)",

@@ -96,7 +96,7 @@ class Job:
         self.first_chunk_at: float | None = None
         self.started_at = time.time()
         self.processed_at: float | None = None
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_status_write = 0.0
         self._saw_done = False
@@ -136,24 +136,25 @@ class Job:
 
     # ----- readers ---------------------------------------------------------------------------------
 
-    async def wait_for_more(self, offset: int, timeout: float) -> None:
-        """Return when the log grows past `offset`, the job finishes, or `timeout` passes."""
+    async def wait_for_more(self, offset: int) -> None:
+        """Return when the log grows past `offset`, the job finishes, or the heartbeat ticks.
+
+        One future per waiting reader and no timer of its own: the app's heartbeat task wakes every
+        running job's readers at once (see `heartbeat`), which is far cheaper with thousands of readers.
+        """
         if self.finished or self.size > offset:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.add(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            self._waiters.discard(fut)
+        self._waiters.append(fut)
+        await fut
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, set()
+        waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+    heartbeat = _wake  # readers woken with nothing new write a keep-alive comment
 
     # ----- running ---------------------------------------------------------------------------------
 

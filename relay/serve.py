@@ -120,9 +120,7 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.Stream
             except (FileNotFoundError, NotADirectoryError):
                 raise _not_found() from None
             doc = public_view(doc)
-            return web.Response(
-                body=orjson.dumps(doc, option=orjson.OPT_INDENT_2), content_type="application/json", headers=NO_STORE
-            )
+            return web.Response(body=orjson.dumps(doc), content_type="application/json", headers=NO_STORE)
         content_type = "application/json"
     else:
         is_stream = rp.file(config.data_dir, "txt").exists()
@@ -178,12 +176,12 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
             offset = end
             if offset >= size and (job is None or job.finished):
                 return web.Response(status=204, headers={"Cache-Control": "no-cache"})
-        return await _follow(request, fd, offset, job, config.server_heartbeat_seconds)
+        return await _follow(request, fd, offset, job)
     finally:
         os.close(fd)
 
 
-async def _follow(request: web.Request, fd: int, offset: int, job: Job | None, heartbeat: float) -> web.StreamResponse:
+async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     readers = request.app[READERS]
@@ -193,7 +191,11 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None, h
         while True:
             size = job.size if job is not None else os.fstat(fd).st_size
             if offset < size:
-                data = os.pread(fd, min(size - offset, READ_BLOCK), offset)
+                events = job.events if job is not None else None
+                if events is not None and offset == events.tail_start:
+                    data = events.tail  # a live reader: the bytes just appended, without a read
+                else:
+                    data = os.pread(fd, min(size - offset, READ_BLOCK), offset)
                 if not data:
                     break
                 offset += len(data)
@@ -201,7 +203,7 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None, h
                 continue
             if job is None or job.finished:
                 break
-            await job.wait_for_more(offset, heartbeat)
+            await job.wait_for_more(offset)
             if not job.finished and job.size <= offset:
                 await resp.write(b": keep-alive\n\n")
         await resp.write_eof()

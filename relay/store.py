@@ -45,7 +45,7 @@ def _discard(tmp: Path) -> None:
 def write_json_atomic(path: Path, doc: Any) -> None:
     """Replace `path` with the JSON of `doc`: temp file + rename, so no reader sees a torn document."""
     tmp = _tmp_name(path)
-    data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+    data = orjson.dumps(doc)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -90,6 +90,7 @@ class EventLog:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.size = size  # bytes committed; readers never read past this
+        self.tail_start, self.tail = size, b""  # the last append, so live readers need no read from disk
 
     def append(self, events: list[tuple[bytes, str | None]]) -> int:
         """Append events (data, event name); returns the number of bytes written.
@@ -110,6 +111,7 @@ class EventLog:
             except OSError:
                 pass
             raise
+        self.tail_start, self.tail = self.size, bytes(out)
         self.size = offset
         return len(out)
 

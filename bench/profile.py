@@ -1,0 +1,83 @@
+"""Profile the relay under W1 (C streams, one reader each) with py-spy; print where its CPU goes.
+
+    .venv/bin/python bench/profile.py [--streams 100] [--seconds 6] [--out docs/profile-w1.txt]
+
+Writes the collapsed stacks next to the summary (…-stacks.txt) for flame-graph tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
+
+
+async def main(streams: int, seconds: float, out: Path | None) -> str:
+    with tempfile.TemporaryDirectory(prefix="relay-profile-") as tmp:
+        bench = run.Bench(Path(tmp), quick=True)
+        await bench.start_upstream()
+        relay = await bench.start_relay("profile")
+        stacks = Path(tmp) / "stacks.txt"
+        try:
+            model = "echo:chunks=400,pace=0.02,delay=1.5,stamp"
+            messages = [{"role": "user", "content": "profile me"}]
+            docs = await asyncio.gather(*(bench.post(relay, {"model": model, "messages": messages}) for _ in range(streams)))
+            spy = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(relay.pid), "--duration",
+                str(int(seconds)), "--rate", "250", "--format", "raw", "--output", str(stacks), "--nonblocking",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
+            await asyncio.gather(bench.loadgen({"kind": "stream", "targets": targets, "expected": 400}), spy.wait())
+        finally:
+            relay.stop()
+            assert bench.upstream is not None
+            bench.upstream.stop()
+        own: collections.Counter[str] = collections.Counter()
+        total_samples = 0
+        by_area: collections.Counter[str] = collections.Counter()
+        raw = stacks.read_text()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = stack.split(";")
+        total_samples += n
+        leaf = frames[-1]
+        own[leaf] += n
+        joined = stack
+        area = (
+            "upstream read (httpx2/httpcore2/anyio, openai SDK)" if any(k in joined for k in ("httpx2", "httpcore2", "anyio", "openai/"))
+            else "event stream writes to readers (relay/serve.py, aiohttp)" if "serve.py" in joined
+            else "job: parse, assemble, append (relay/jobs.py, assemble.py, store.py)" if any(k in joined for k in ("jobs.py", "assemble.py", "store.py"))
+            else "event loop, selectors, idle" if any(k in joined for k in ("base_events", "selectors", "select"))
+            else "other"
+        )
+        by_area[area] += n
+    lines = [f"py-spy, {seconds:.0f} s at 250 Hz on the relay process, {streams} streams at 50 chunks/s each", ""]
+    lines.append("Share of samples by area:")
+    for area, n in by_area.most_common():
+        lines.append(f"  {100 * n / total_samples:5.1f}%  {area}")
+    lines += ["", "Top functions by own samples:"]
+    for name, n in own.most_common(25):
+        lines.append(f"  {100 * n / total_samples:5.1f}%  {name}")
+    text = "\n".join(lines) + "\n"
+    if out:
+        out.write_text(text)
+        out.with_name(out.stem + "-stacks.txt").write_text(raw)
+    return text
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    print(asyncio.run(main(args.streams, args.seconds, args.out)))
