@@ -18,7 +18,7 @@ from . import devupstream, janitor
 from .app import AccessLogger, make_app
 from .config import Config, ConfigError, check_startup, load
 from .http import MANAGER
-from .recovery import marker_dir
+from .recovery import running_ids
 
 log = logging.getLogger("relay")
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 config.data_dir,
                 config.server_node_id,
                 config.retention_max_age_days,
-                lambda request_id: (marker_dir(config.data_dir) / f"{request_id}.json").exists(),
+                running_ids(config.data_dir).__contains__,
                 config.retention_janitor_batch,
             )
         )

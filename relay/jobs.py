@@ -23,7 +23,7 @@ from .config import Config
 from .metrics import Metrics
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
-from .store import DONE_DATA, EventLog, Reserve, write_bytes_atomic, write_json_atomic
+from .store import DONE_DATA, EventLog, Reserve, write_atomic, write_bytes_atomic, write_json_atomic
 from .upstream import Upstream, UpstreamError
 from .webhooks import WebhookSender
 
@@ -99,6 +99,7 @@ class Job:
         self._waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_status_write = 0.0
+        self._refreshing: asyncio.Future[None] | None = None
         self._saw_done = False
 
     # ----- files -----------------------------------------------------------------------------------
@@ -301,13 +302,22 @@ class Job:
         self._flush_handle = asyncio.get_running_loop().call_later(delay, self._refresh)
 
     def _refresh(self) -> None:
+        """Rewrite the streaming status with the text so far, in a worker thread (off the event loop)."""
         self._flush_handle = None
         if self.finished or self.doc["status"] in TERMINAL:
             return
+        if self._refreshing is not None and not self._refreshing.done():
+            self._schedule_refresh()  # the previous write is still going: try again a little later
+            return
         self.doc.setdefault("response", {})["body"] = self.assembler.completion(self.body["model"])
-        try:
-            self._write_status()
-        except OSError as exc:
+        data = orjson.dumps(self.doc)
+        self._last_status_write = time.monotonic()
+        self._refreshing = asyncio.ensure_future(asyncio.to_thread(write_atomic, self.status_path, data))
+        self._refreshing.add_done_callback(self._refreshed)
+
+    def _refreshed(self, fut: asyncio.Future[None]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, OSError):
             log.warning("request %s: could not refresh status: %s", self.rp.request_id, exc.strerror)
 
     async def _run_async(self) -> None:
@@ -345,6 +355,8 @@ class Job:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._refreshing is not None:
+            await asyncio.wait([self._refreshing])  # the terminal status must be the last write
         now = time.time()
         doc = self.doc
         if self.stream and (self.assembler.chunks or status == "done"):

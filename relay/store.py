@@ -44,8 +44,13 @@ def _discard(tmp: Path) -> None:
 
 def write_json_atomic(path: Path, doc: Any) -> None:
     """Replace `path` with the JSON of `doc`: temp file + rename, so no reader sees a torn document."""
+    write_atomic(path, orjson.dumps(doc))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (temp file + rename). Costs ~0.3 ms on ext4, which flushes on rename:
+    callers on a hot path run it in a worker thread."""
     tmp = _tmp_name(path)
-    data = orjson.dumps(doc)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

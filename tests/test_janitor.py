@@ -86,3 +86,21 @@ def test_janitor_command(tmp_path: Path) -> None:
     assert "removed 1 expired request(s): 3 file(s)" in out.stdout
     assert not (tmp_path / "data" / "1" / "r" / "pub" / "2020").exists()
     assert (fresh / (rid + ".json")).exists()
+
+
+def test_janitor_command_skips_requests_with_a_running_marker(tmp_path: Path) -> None:
+    from relay.paths import parse_request_path
+    from relay.recovery import write_marker
+
+    base = "1/r/pub/2020/01/02/03/04/05/3f2b7c1e-8d4a-4b6e-9f0a-1c2d3e4f5a6b"
+    (tmp_path / "data" / base).parent.mkdir(parents=True)
+    (tmp_path / "data" / (base + ".json")).write_text("{}")
+    parsed = parse_request_path("/" + base + ".json")
+    assert parsed
+    write_marker(tmp_path / "data", parsed[0], None)
+    out = subprocess.run(
+        [sys.executable, "relay.py", "janitor", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "removed 0 expired request(s)" in out.stdout
+    assert (tmp_path / "data" / (base + ".json")).exists()
