@@ -6,6 +6,7 @@ moment the client reads it. Any refusal happens before a file is created or the 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import math
@@ -309,7 +310,7 @@ async def create(request: web.Request, stream: bool) -> web.Response:
     try:
         if not manager.reserve.ensure():
             raise OSError(errno.ENOSPC, "no space left to keep the reserve")
-        job.create_files()
+        await asyncio.to_thread(job.create_files)  # ~0.5 ms of file system work, off the event loop
     except OSError as exc:
         log.error("refusing a new request: cannot write to the data directory: %s", exc.strerror)
         return error(

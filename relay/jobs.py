@@ -380,7 +380,7 @@ class Job:
             except OSError as exc:
                 problems.append(f".raw: {exc.strerror}")
         try:
-            self._with_reserve(self._write_status)
+            await asyncio.to_thread(self._with_reserve, self._write_status)
         except OSError as exc:
             problems.append(f".json: {exc.strerror}")
         if self.events is not None:
