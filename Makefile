@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: start test lint clean
+.PHONY: start test lint bench bench-quick clean
 
 start: $(VENV)/.runtime
 	$(PY) relay.py serve --demo
@@ -13,6 +13,14 @@ test: $(VENV)/.dev
 	deploy/install-system-packages.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+bench: $(VENV)/.dev
+	deploy/install-system-packages.sh --bench
+	$(PY) bench/run.py --out docs/benchmarks.md --json docs/benchmarks.json
+
+bench-quick: $(VENV)/.dev
+	deploy/install-system-packages.sh --bench
+	$(PY) bench/run.py --quick
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
