@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,19 @@ async def read_stream(
     async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as r:
         body = (await r.read()).decode()
         return r.status, dict(r.headers), body
+
+
+async def event_arrivals(response: aiohttp.ClientResponse) -> list[float]:
+    """The monotonic time at which each data event of a streaming response arrived."""
+    arrivals: list[float] = []
+    buf = b""
+    async for block in response.content.iter_any():
+        buf += block
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            if b"data: " in event:
+                arrivals.append(time.monotonic())
+    return arrivals
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from yarl import URL
 
-from .conftest import TEST_KEY, Relay, RelayFactory, free_port, msg, parse_sse, read_stream, text_of
+from .conftest import TEST_KEY, Relay, RelayFactory, event_arrivals, free_port, msg, parse_sse, read_stream, text_of
 from .nginx import Nginx
 
 
@@ -102,7 +102,6 @@ async def test_live_stream_arrives_event_by_event_through_nginx(front: tuple[Ngi
     doc = await relay.start(msg("a b c d e f g h", model="echo:pace=0.2"))
     url = doc["endpoints"]["stream_events_url"]
     assert url.startswith(nginx.url)
-    arrivals: list[float] = []
     async with relay.session.get(url) as r:
         assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
         assert "Content-Length" not in r.headers
@@ -110,13 +109,7 @@ async def test_live_stream_arrives_event_by_event_through_nginx(front: tuple[Ngi
         t0 = time.monotonic()
         first = await r.content.readuntil(b"\n\n")
         assert first.startswith(b":") and time.monotonic() - t0 < 1  # the comment is not held back
-        buf = b""
-        async for block in r.content.iter_any():
-            buf += block
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                if b"data: " in event:
-                    arrivals.append(time.monotonic())
+        arrivals = await event_arrivals(r)
     assert len(arrivals) >= 10
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert arrivals[-1] - arrivals[0] > 1.2  # spread over the stream, not one burst at the end

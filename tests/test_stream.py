@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .conftest import Event, Relay, RelayFactory, msg, parse_sse, read_stream, text_of
+from .conftest import Event, Relay, RelayFactory, event_arrivals, msg, parse_sse, read_stream, text_of
 
 
 async def test_status_and_raw_are_served_with_the_right_headers(relay: Relay) -> None:
@@ -74,15 +74,8 @@ async def test_heartbeat_while_waiting(make_relay: RelayFactory) -> None:
 
 async def test_live_follow_delivers_events_as_they_arrive(relay: Relay) -> None:
     doc = await relay.start(msg("a b c d e f", model="echo:pace=0.25"))
-    arrivals: list[float] = []
     async with relay.session.get(doc["endpoints"]["stream_events_url"]) as r:
-        buf = b""
-        async for block in r.content.iter_any():
-            buf += block
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                if b"data: " in event:
-                    arrivals.append(time.monotonic())
+        arrivals = await event_arrivals(r)
     # 8 chunks + usage + [DONE], spread over >1 s: not one burst at the end
     assert len(arrivals) >= 9
     assert arrivals[-1] - arrivals[0] > 1.0
