@@ -55,18 +55,19 @@ async def shot(page: Page, name: str) -> None:
     await page.screenshot(path=str(SHOTS / f"{page.test_name}-{name}.png"), full_page=True)  # type: ignore[attr-defined]
 
 
-async def say(page: Page, text: str, model: str = "echo") -> None:
+async def say(page: Page, text: str, model: str = "echo"):  # noqa: ANN201 - a Playwright locator
+    """Send a message; returns the locator of the assistant bubble that answers it."""
+    bubbles = page.locator("#conversation .bubble.assistant")
+    before = await bubbles.count()
     await page.fill("#model", model)
     await page.fill("#prompt", text)
     await page.click("#send")
+    return bubbles.nth(before)
 
 
-def last_assistant(page: Page):  # noqa: ANN201 - a Playwright locator
-    return page.locator("#conversation .bubble.assistant").last
-
-
-async def status_of(relay: Relay, page: Page, headers: dict[str, str] | None = None) -> dict:
-    url = await last_assistant(page).get_attribute("data-status-url")
+async def status_of(relay: Relay, bubble, headers: dict[str, str] | None = None) -> dict:  # noqa: ANN001
+    """The status document behind an assistant bubble."""
+    url = await bubble.get_attribute("data-status-url")
     assert url
     code, doc = await relay.get_json(url, headers)
     assert code == 200
@@ -75,8 +76,7 @@ async def status_of(relay: Relay, page: Page, headers: dict[str, str] | None = N
 
 async def test_send_stream_chain_and_stop(browser: Browser, relay: Relay) -> None:
     page = await open_console(browser, relay.url, "chat")
-    await say(page, LONG, "echo:pace=0.04")
-    bubble = last_assistant(page)
+    bubble = await say(page, LONG, "echo:pace=0.04")
     await expect(bubble).to_have_class(re.compile(r"\bstreaming\b"))
     await expect(bubble.locator(".text")).to_contain_text("word5")
     partial = await bubble.locator(".text").text_content()
@@ -86,26 +86,24 @@ async def test_send_stream_chain_and_stop(browser: Browser, relay: Relay) -> Non
     assert await bubble.locator(".text").text_content() == LONG
 
     # a second turn continues the conversation
-    await say(page, "second turn")
-    bubble = last_assistant(page)
+    bubble = await say(page, "second turn")
     await expect(bubble.locator(".meta")).to_contain_text("done")
     assert await bubble.locator(".text").text_content() == "second turn"
-    doc = await status_of(relay, page)
+    doc = await status_of(relay, bubble)
     assert [m["content"] for m in doc["parameters"]["messages"]] == [LONG, LONG, "second turn"]
     assert doc["endpoints"]["from_status_url"]
     await shot(page, "2-chained")
 
     # stop one: the partial text stays
     await page.click("#new-conversation")
-    await say(page, LONG, "echo:pace=0.1")
-    bubble = last_assistant(page)
+    bubble = await say(page, LONG, "echo:pace=0.1")
     await expect(bubble.locator(".text")).to_contain_text("word3")
     await page.click("#stop")
     await expect(bubble.locator(".meta")).to_contain_text("stop")
     await expect(bubble).to_have_class(re.compile(r"\bstopped\b"))
     text = await bubble.locator(".text").text_content()
     assert text and LONG.startswith(text) and len(text) < len(LONG)
-    doc = await status_of(relay, page)
+    doc = await status_of(relay, bubble)
     assert doc["status"] == "stop" and doc["response"]["body"]["choices"][0]["message"]["content"] == text
     await shot(page, "3-stopped")
     assert page.problems == []  # type: ignore[attr-defined]
@@ -123,16 +121,14 @@ async def test_private_conversation_with_keys_in_session_storage(browser: Browse
     await page.fill("#relay-key", "console-relay-key")
     await page.fill("#openai-key", TEST_KEY)
     await page.check("#private")
-    await say(page, "a private hello")
-    bubble = last_assistant(page)
+    bubble = await say(page, "a private hello")
     await expect(bubble.locator(".meta")).to_contain_text("done")
     assert await bubble.locator(".text").text_content() == "a private hello"
     status_url = await bubble.get_attribute("data-status-url")
     assert status_url and "/1/r/prv/" in status_url
     async with relay.session.get(status_url) as r:
         assert r.status == 401  # the page read it with its bearer token; without one it is closed
-    await say(page, "and a second private turn")
-    bubble = last_assistant(page)
+    bubble = await say(page, "and a second private turn")
     await expect(bubble.locator(".meta")).to_contain_text("done")
     assert "/1/r/prv/" in (await bubble.get_attribute("data-status-url") or "")
     storage = await page.evaluate("() => [JSON.stringify(sessionStorage), localStorage.length, location.href]")
@@ -155,8 +151,7 @@ async def test_dropped_connection_mid_stream_keeps_the_text_whole(browser: Brows
     try:
         page = await open_console(browser, proxy_url := f"http://127.0.0.1:{port}", "reconnect")
         assert proxy_url
-        await say(page, LONG, "echo:pace=0.05")
-        bubble = last_assistant(page)
+        bubble = await say(page, LONG, "echo:pace=0.05")
         await expect(bubble.locator(".text")).to_contain_text("word10")
         assert proxy.cut() >= 1  # the network drops mid-stream
         await expect(page.locator("#status-line")).to_contain_text("reconnecting")
