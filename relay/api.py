@@ -22,11 +22,12 @@ from aiohttp import web
 from .assemble import assistant_message
 from .config import Config
 from .http import CONFIG, MANAGER, QUOTAS, HTTPError, error, json_response
-from .jobs import ASYNC_README, README, STREAM_README, TERMINAL, Job, JobManager
+from .jobs import TERMINAL, Job, JobManager
 from .paths import RequestPath, parse_status_url
 from .quotas import QuotaExceeded
 from .security import find_key, hash_token, new_token, relay_key, token_matches
 from .store import read_json
+from .texts import ASYNC_README, README, STREAM_README
 from .webhooks import WebhookRefused, check_url
 
 log = logging.getLogger("relay.api")

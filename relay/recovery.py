@@ -21,6 +21,7 @@ import orjson
 from .assemble import Assembler
 from .paths import RequestPath, parse_request_path
 from .store import DONE_DATA, EventLog, read_json, write_all, write_json_atomic
+from .texts import README
 
 log = logging.getLogger("relay.recovery")
 
@@ -136,7 +137,7 @@ def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] |
         model = (doc.get("parameters") or {}).get("model", "")
         doc.setdefault("response", {})["body"] = assembler.completion(model)
     doc["status"] = "error"
-    doc["README"] = "The request failed: error.message says why, and response holds what the upstream sent."
+    doc["README"] = README["error"]
     doc["error"] = error
     req = doc.setdefault("request", {})
     req["finished_at"] = int(now)
