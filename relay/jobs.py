@@ -87,6 +87,7 @@ class Job:
         self._last_status_write = 0.0
         self._refreshing: asyncio.Future[None] | None = None
         self._saw_done = False
+        self._finishing = False
 
     # ----- files -----------------------------------------------------------------------------------
 
@@ -338,6 +339,7 @@ class Job:
                 response["body"] = exc.body.decode("utf-8", "replace")
 
     async def _finish(self, status: str, error: tuple[str, str] | None) -> None:
+        self._finishing = True  # from here on, a stop or a shutdown no longer cancels the task
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -420,7 +422,7 @@ class Job:
 
     def cancel(self, reason: str) -> None:
         """Cancel the upstream call in whatever phase it is; a job not yet started sees the flag."""
-        if self.cancel_reason is not None or self.finished:
+        if self.cancel_reason is not None or self.finished or self._finishing:
             return
         self.cancel_reason = reason
         if self.started and self.task is not None and not self.task.done():

@@ -148,3 +148,23 @@ async def test_shutdown_interrupts_running_requests_after_grace(make_relay: Rela
     assert slow_doc["status"] == "error" and slow_doc["error"]["code"] == "interrupted"
     quick_doc = orjson.loads((relay.data_dir / quick["endpoints"]["status_url"][len(relay.url) + 1 :]).read_bytes())
     assert quick_doc["status"] == "done"  # it finished within the grace period
+
+
+async def test_stop_racing_the_end_always_leaves_a_whole_request(relay: Relay) -> None:
+    """A stop that arrives while the request is already finishing must not cut its ending short."""
+    docs = [await relay.start(msg("a b c d e", model="echo:pace=0.02")) for _ in range(20)]
+    await asyncio.sleep(0.05)
+
+    async def stop_soon(i: int, doc: dict) -> None:
+        await asyncio.sleep(0.005 * i)  # spread the stops over the requests' last chunks and endings
+        await stop(relay, doc["endpoints"]["stop_url"])
+
+    await asyncio.gather(*(stop_soon(i, d) for i, d in enumerate(docs)))
+    for doc in docs:
+        final = await relay.wait_status(doc["endpoints"]["status_url"])
+        assert final["status"] in ("done", "stop")
+        _, _, body = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
+        events = parse_sse(body)
+        assert events[-1].data == "[DONE]"
+        assert final["response"]["body"]["choices"][0]["message"]["content"] == text_of(events)
+    assert not list((relay.data_dir / "running").glob("*.json"))
