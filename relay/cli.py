@@ -96,7 +96,8 @@ def load_config(args: argparse.Namespace) -> Config:
 async def _serve(config: Config, demo: bool) -> None:
     demo_runner = None
     if demo and not config.upstream_api_key:
-        demo_runner, _, port = await devupstream.start("127.0.0.1", 0)
+        # paced like a real model (50 ms a word), so that a newcomer sees the answer stream in
+        demo_runner, _, port = await devupstream.start("127.0.0.1", 0, default_pace=0.05)
         config = config.with_overrides(upstream_base_url=f"http://127.0.0.1:{port}/v1", upstream_api_key="demo")
         log.warning(
             "no upstream key configured: answering with the built-in echo upstream at http://127.0.0.1:%d/v1 "

@@ -85,8 +85,9 @@ def _pieces(text: str, chunks: int | None, limit: int | None) -> tuple[list[str]
 class DevUpstream:
     """The server's state: counters, and the key it requires (if any)."""
 
-    def __init__(self, required_key: str | None = None) -> None:
+    def __init__(self, required_key: str | None = None, default_pace: float = 0.0) -> None:
         self.required_key = required_key
+        self.default_pace = default_pace  # seconds between chunks when the request sets no pace
         self.open = 0
         self.total = 0
         self.last_body: dict[str, Any] | None = None
@@ -191,7 +192,7 @@ class DevUpstream:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        pace = float(opts.get("pace") or 0)
+        pace = float(opts["pace"]) if "pace" in opts else self.default_pace
         if opts.get("delay"):
             await asyncio.sleep(float(opts["delay"]))
 
@@ -288,10 +289,10 @@ def _tool_call(i: int) -> dict[str, Any]:
 
 
 async def start(
-    host: str = "127.0.0.1", port: int = 0, required_key: str | None = None
+    host: str = "127.0.0.1", port: int = 0, required_key: str | None = None, default_pace: float = 0.0
 ) -> tuple[web.AppRunner, DevUpstream, int]:
     """Start the dev upstream on a real socket; returns the runner (to clean up), the state and the port."""
-    dev = DevUpstream(required_key)
+    dev = DevUpstream(required_key, default_pace)
     runner = web.AppRunner(dev.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
