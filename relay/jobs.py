@@ -34,6 +34,26 @@ TERMINAL = frozenset({"done", "error", "stop"})
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+PUSH_BUFFER_LIMIT = 64 * 1024  # a reader with more than this still unsent goes back to its own loop
+
+
+class Subscriber:
+    """A caught-up reader whose new events the job writes straight to its socket (one chunked-encoding
+    frame per append), instead of waking the reader's task for every event. A reader that falls
+    behind, or any wake-up (end, heartbeat), hands the socket back to the reader's own loop."""
+
+    __slots__ = ("transport", "offset", "fut")
+
+    def __init__(self, transport: asyncio.Transport, offset: int, fut: asyncio.Future[None]) -> None:
+        self.transport = transport
+        self.offset = offset
+        self.fut = fut
+
+    def release(self) -> None:
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+
 def public_view(doc: dict[str, Any]) -> dict[str, Any]:
     """The status document as clients see it: without the stored token hashes."""
     auth = doc.get("authorization") or {}
@@ -83,6 +103,7 @@ class Job:
         self.started_at = time.time()
         self.processed_at: float | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        self._subs: list[Subscriber] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_status_write = 0.0
         self._refreshing: asyncio.Future[None] | None = None
@@ -136,11 +157,52 @@ class Job:
         self._waiters.append(fut)
         await fut
 
-    def _wake(self) -> None:
+    async def follow_pushed(self, transport: asyncio.Transport, offset: int) -> int:
+        """Let the job write new events to this reader's socket until it is handed back; returns the
+        reader's offset then. Only for a reader that is caught up (offset == size) on a chunked stream."""
+        if self.finished or self.size != offset:
+            return offset
+        sub = Subscriber(transport, offset, asyncio.get_running_loop().create_future())
+        self._subs.append(sub)
+        try:
+            await sub.fut
+        finally:
+            sub.release()
+        return sub.offset
+
+    def _push(self) -> None:
+        """Write the last append to every subscribed reader that is caught up and not backed up."""
+        events = self.events
+        if not self._subs or events is None:
+            return
+        data, start = events.tail, events.tail_start
+        frame = b"%x\r\n" % len(data) + data + b"\r\n"
+        keep = []
+        for sub in self._subs:
+            transport = sub.transport
+            if sub.fut.done() or sub.offset != start or transport.is_closing():
+                sub.release()
+                continue
+            transport.write(frame)
+            sub.offset = start + len(data)
+            if transport.get_write_buffer_size() > PUSH_BUFFER_LIMIT:
+                sub.release()  # a slow reader: its own loop continues, with backpressure
+                continue
+            keep.append(sub)
+        self._subs = keep
+
+    def _wake_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+    def _wake(self) -> None:
+        """Wake every reader: waiting ones, and pushed ones (their socket goes back to their loop)."""
+        self._wake_waiters()
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            sub.release()
 
     heartbeat = _wake  # readers woken with nothing new write a keep-alive comment
 
@@ -252,7 +314,8 @@ class Job:
                 self.events.append(out)
                 for chunk in chunks:  # only what is on disk counts towards the assembled answer
                     self.assembler.add(chunk)
-                self._wake()
+                self._push()
+                self._wake_waiters()
                 self._schedule_refresh()
 
     def _chunk(self, data: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -380,6 +443,7 @@ class Job:
             tail.append((DONE_DATA, None))
             try:
                 self._with_reserve(lambda: self.events.append(tail) if self.events else None)
+                self._push()
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
             self.events.close()

@@ -183,6 +183,8 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
 
 async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
+    if request.version >= (1, 1):
+        resp.enable_chunked_encoding()  # explicit, so that the job may push frames (see Job._push)
     await resp.prepare(request)
     readers = request.app[READERS]
     readers[0] += 1
@@ -203,7 +205,11 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -
                 continue
             if job is None or job.finished:
                 break
-            await job.wait_for_more(offset)
+            transport = request.transport
+            if resp.chunked and transport is not None and offset == job.size:
+                offset = await job.follow_pushed(transport, offset)  # caught up: the job writes to us
+            else:
+                await job.wait_for_more(offset)
             if not job.finished and job.size <= offset:
                 await resp.write(b": keep-alive\n\n")
         await resp.write_eof()
