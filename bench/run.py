@@ -207,12 +207,21 @@ http {{
     async def w2_relay(self, r: int, chunks: int) -> dict[str, Any]:
         relay = await self.start_relay(f"w2-{r}")
         try:
-            delay = 1.0 + r / 800
-            cpu0 = cpu_seconds([relay.pid])
+            delay = 2.0 + r / 800
             doc = await self.post(relay, {"model": f"echo:chunks={chunks},pace=0.1,delay={delay},stamp",
                                           "messages": [{"role": "user", "content": "fan out"}]})  # fmt: skip
             targets = [{"url": doc["endpoints"]["stream_events_url"]}] * r
-            res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
+            reader = asyncio.create_task(self.loadgen({"kind": "stream", "targets": targets, "expected": chunks}))
+            # count only the delivery of events: start the clock once every reader is connected
+            async with aiohttp.ClientSession() as s:
+                for _ in range(400):
+                    async with s.get(f"http://127.0.0.1:{relay.port}/metrics") as m:
+                        text = await m.text()
+                    if any(line.startswith("relay_open_readers ") and float(line.split()[1]) >= r for line in text.splitlines()):
+                        break
+                    await asyncio.sleep(0.05)
+            cpu0 = cpu_seconds([relay.pid])
+            res = await reader
             res["cpu_s"] = cpu_seconds([relay.pid]) - cpu0
             res["peak_rss_mb"] = memory_kb(relay.pid, "VmHWM") / 1024
         finally:
@@ -225,7 +234,6 @@ http {{
         location = /pub { nchan_publisher; nchan_channel_id bench; nchan_message_buffer_length 100; }
         """)  # fmt: skip
         try:
-            cpu0 = cpu_seconds(workers)
             targets = [{"url": f"http://127.0.0.1:{nginx.port}/sub"}] * r
             reader = asyncio.create_task(self.loadgen({"kind": "stream", "targets": targets, "expected": chunks}))
             async with aiohttp.ClientSession() as s:
@@ -236,6 +244,7 @@ http {{
                     if info.get("subscribers", 0) >= r:
                         break
                     await asyncio.sleep(0.1)
+                cpu0 = cpu_seconds(workers)  # as for the relay: once every subscriber is connected
                 start = time.monotonic()
                 for seq in range(chunks):
                     await asyncio.sleep(max(0.0, start + (seq + 1) * 0.1 - time.monotonic()))
