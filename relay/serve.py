@@ -176,6 +176,8 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
             offset = end
             if offset >= size and (job is None or job.finished):
                 return web.Response(status=204, headers={"Cache-Control": "no-cache"})
+        if request.method == "HEAD":
+            return web.Response(headers=SSE_HEADERS)
         return await _follow(request, fd, offset, job)
     finally:
         os.close(fd)

@@ -208,3 +208,12 @@ async def test_status_json_is_valid_for_polling_clients(relay: Relay) -> None:
     assert first["status"] in ("queued", "processing", "done")
     assert first["authorization"] == {"access": "public"}
     assert first["parameters"]["messages"] == [{"role": "user", "content": "poll"}]
+
+
+async def test_head_on_a_stream_sends_headers_only(relay: Relay) -> None:
+    doc = await relay.start(msg("a b c", model="echo:pace=0.05"))
+    async with relay.session.head(doc["endpoints"]["stream_events_url"]) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert await r.read() == b""
+    _, _, body = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
+    assert text_of(parse_sse(body)) == "a b c"
