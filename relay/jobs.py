@@ -526,11 +526,6 @@ class JobManager:
         job.cancel("stop")
         return True
 
-    async def wait_stopped(self, request_id: str) -> None:
-        job = self.jobs.get(request_id)
-        if job is not None and job.task is not None:
-            await asyncio.shield(job.task)
-
     async def shutdown(self, grace: float) -> None:
         """Refuse new requests, let running ones finish for `grace` seconds, interrupt the rest."""
         self.accepting = False

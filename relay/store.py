@@ -147,10 +147,6 @@ def event_end(fd: int, event_id: str, size: int) -> int | None:
         window *= 4
 
 
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
-
-
 class Reserve:
     """A file of `size` allocated bytes kept in the data directory.
 
