@@ -181,7 +181,7 @@ async function finishTurn(turn) {
     const body = (status.response && status.response.body) || {};
     const choice = (body.choices || [])[0] || {};
     const usage = body.usage ? " · " + body.usage.total_tokens + " tokens" : "";
-    meta.textContent = status.status + (choice.finish_reason ? " · " + choice.finish_reason : "") + usage;
+    meta.textContent = status.status + (choice.finish_reason ? " · finish_reason " + choice.finish_reason : "") + usage;
     turn.bubble.dataset.status = status.status;
     if (status.status === "stop") turn.bubble.classList.add("stopped");
     if (status.status === "error") {

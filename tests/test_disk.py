@@ -49,6 +49,7 @@ async def test_full_disk_refuses_then_recovers(
     relay = await make_relay(data_dir=small_disk / "data", storage_reserve_bytes=256 * 1024)
     status, _, doc = await relay.post(msg("before"))
     assert status == 200
+    assert (await relay.wait_status(doc["endpoints"]["status_url"]))["status"] == "done"  # nothing in flight
     filler = fill(small_disk)
     status, headers, err = await relay.post(msg("while full"))
     assert status == 507 and err["error"]["code"] == "storage_unavailable" and headers["Retry-After"]
