@@ -47,15 +47,17 @@ def _not_found() -> HTTPError:
     return HTTPError(404, "not_found", "no such request here: the URL is wrong, or the request has expired")
 
 
-def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> dict[str, Any]:
+def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> tuple[dict[str, Any], Any]:
+    """The stored token hashes of a request, and its status document when it had to be read from disk
+    (None for a running request, whose hashes are in memory)."""
     job = manager.get(rp.request_id)
     if job is not None and job.rp == rp:
-        return job.doc["authorization"]
+        return job.doc["authorization"], None
     try:
         doc = read_json(rp.file(config.data_dir, "json"))
     except (FileNotFoundError, NotADirectoryError, orjson.JSONDecodeError):
         raise _not_found() from None
-    return doc.get("authorization") or {}
+    return doc.get("authorization") or {}, doc
 
 
 def _check_token(request: web.Request, auth: dict[str, Any], kind: str) -> None:
@@ -75,7 +77,8 @@ def _check_token(request: web.Request, auth: dict[str, Any], kind: str) -> None:
     raise HTTPError(403, "forbidden", "the token does not open this URL")
 
 
-def _locate(request: web.Request) -> tuple[RequestPath, str]:
+def _locate(request: web.Request) -> tuple[RequestPath, str, Any]:
+    """The request a URL names, its kind, and (for a private one read from disk) its status document."""
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
     parsed = parse_request_path(request.rel_url.raw_path)
@@ -88,15 +91,17 @@ def _locate(request: web.Request) -> tuple[RequestPath, str]:
         age_days = (time.time() - rp.created.timestamp()) / 86400
         if age_days > config.retention_max_age_days:
             raise _not_found()
+    stored = None
     if rp.private:
-        _check_token(request, _stored_auth(manager, config, rp), kind)
-    return rp, kind
+        auth, stored = _stored_auth(manager, config, rp)
+        _check_token(request, auth, kind)
+    return rp, kind, stored
 
 
 async def handle_file(request: web.Request) -> web.StreamResponse:
     """Dispatch every `/<node>/r/…` URL."""
     try:
-        rp, kind = _locate(request)
+        rp, kind, stored = _locate(request)
         if kind == "stop":
             if request.method not in ("GET", "POST"):
                 raise HTTPError(405, "method_not_allowed", "use GET or POST on a stop URL")
@@ -105,20 +110,22 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
             raise HTTPError(405, "method_not_allowed", "this URL only answers GET")
         if kind == "txt":
             return await _events(request, rp)
-        return await _plain(request, rp, kind)
+        return await _plain(request, rp, kind, stored)
     except HTTPError as exc:
         return exc.response()
 
 
-async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.StreamResponse:
+async def _plain(request: web.Request, rp: RequestPath, kind: str, stored: Any) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
     path = rp.file(config.data_dir, kind)
     if kind == "json":
         if rp.private:
-            try:
-                doc = read_json(path)
-            except (FileNotFoundError, NotADirectoryError):
-                raise _not_found() from None
+            doc = stored  # already read to check the token, unless the request is running
+            if doc is None:
+                try:
+                    doc = read_json(path)
+                except (FileNotFoundError, NotADirectoryError):
+                    raise _not_found() from None
             doc = public_view(doc)
             return web.Response(body=orjson.dumps(doc), content_type="application/json", headers=NO_STORE)
         content_type = "application/json"
