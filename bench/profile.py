@@ -28,11 +28,25 @@ async def main(streams: int, seconds: float, out: Path | None) -> str:
         try:
             model = "echo:chunks=400,pace=0.02,delay=1.5,stamp"
             messages = [{"role": "user", "content": "profile me"}]
-            docs = await asyncio.gather(*(bench.post(relay, {"model": model, "messages": messages}) for _ in range(streams)))
+            docs = await asyncio.gather(
+                *(bench.post(relay, {"model": model, "messages": messages}) for _ in range(streams))
+            )
             spy = await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(relay.pid), "--duration",
-                str(int(seconds)), "--rate", "250", "--format", "raw", "--output", str(stacks), "--nonblocking",
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(relay.pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--output",
+                str(stacks),
+                "--nonblocking",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
             await asyncio.gather(bench.loadgen({"kind": "stream", "targets": targets, "expected": 400}), spy.wait())
@@ -53,10 +67,14 @@ async def main(streams: int, seconds: float, out: Path | None) -> str:
         own[leaf] += n
         joined = stack
         area = (
-            "upstream read (httpx2/httpcore2/anyio, openai SDK)" if any(k in joined for k in ("httpx2", "httpcore2", "anyio", "openai/"))
-            else "event stream writes to readers (relay/serve.py, aiohttp)" if "serve.py" in joined
-            else "job: parse, assemble, append (relay/jobs.py, assemble.py, store.py)" if any(k in joined for k in ("jobs.py", "assemble.py", "store.py"))
-            else "event loop, selectors, idle" if any(k in joined for k in ("base_events", "selectors", "select"))
+            "upstream read (httpx2/httpcore2/anyio, openai SDK)"
+            if any(k in joined for k in ("httpx2", "httpcore2", "anyio", "openai/"))
+            else "event stream writes to readers (Job._push, relay/serve.py, aiohttp)"
+            if "Job._push" in joined or "serve.py" in joined
+            else "job: parse, assemble, append (relay/jobs.py, assemble.py, store.py)"
+            if any(k in joined for k in ("jobs.py", "assemble.py", "store.py"))
+            else "event loop, selectors, idle"
+            if any(k in joined for k in ("base_events", "selectors", "select"))
             else "other"
         )
         by_area[area] += n

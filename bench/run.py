@@ -157,7 +157,10 @@ http {{
                     break
             except OSError:
                 time.sleep(0.05)
-        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+        workers = [
+            int(p)
+            for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ]
         return Proc(proc, port), workers
 
     @staticmethod
@@ -217,7 +220,10 @@ http {{
                 for _ in range(400):
                     async with s.get(f"http://127.0.0.1:{relay.port}/metrics") as m:
                         text = await m.text()
-                    if any(line.startswith("relay_open_readers ") and float(line.split()[1]) >= r for line in text.splitlines()):
+                    if any(
+                        line.startswith("relay_open_readers ") and float(line.split()[1]) >= r
+                        for line in text.splitlines()
+                    ):
                         break
                     await asyncio.sleep(0.05)
             cpu0 = cpu_seconds([relay.pid])
@@ -278,7 +284,9 @@ http {{
         concurrency, repeat = (20, 5) if self.quick else (50, 10)
         relay = await self.start_relay("w3")
         try:
-            doc = await self.post(relay, {"model": "echo:chunks=4000", "messages": [{"role": "user", "content": "replay"}]})
+            doc = await self.post(
+                relay, {"model": "echo:chunks=4000", "messages": [{"role": "user", "content": "replay"}]}
+            )
             async with aiohttp.ClientSession() as s:
                 for _ in range(300):
                     async with s.get(doc["endpoints"]["status_url"]) as r:
@@ -315,10 +323,16 @@ http {{
             body = {"model": "echo", "messages": [{"role": "user", "content": "intake"}]}
             url = f"http://127.0.0.1:{relay.port}/v1/stream-chatgpt"
             posts = await self.loadgen({"kind": "post", "url": url, "body": body, "count": count, "concurrency": 20})
-            first = await self.loadgen({"kind": "first_event", "url": url, "body": body, "count": 50 if self.quick else 200})
+            first = await self.loadgen(
+                {"kind": "first_event", "url": url, "body": body, "count": 50 if self.quick else 200}
+            )
         finally:
             relay.stop()
-        self.results["W4 intake"] = {"posts": posts, "posts_per_s": posts["ok"] / posts["duration"], "first_event": first}
+        self.results["W4 intake"] = {
+            "posts": posts,
+            "posts_per_s": posts["ok"] / posts["duration"],
+            "first_event": first,
+        }
 
     async def idle_memory(self) -> None:
         count = 500 if self.quick else 2000
@@ -330,7 +344,11 @@ http {{
             proc = await asyncio.create_subprocess_exec(PY, str(ROOT / "bench" / "loadgen.py"),
                                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
             assert proc.stdin and proc.stdout
-            proc.stdin.write((json.dumps({"kind": "idle", "url": doc["endpoints"]["stream_events_url"], "count": count}) + "\n").encode())
+            proc.stdin.write(
+                (
+                    json.dumps({"kind": "idle", "url": doc["endpoints"]["stream_events_url"], "count": count}) + "\n"
+                ).encode()
+            )
             await proc.stdin.drain()
             await proc.stdout.readline()  # all open
             await asyncio.sleep(1.0)
@@ -412,7 +430,12 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
                   f"POST → first event at a reader: p50 {r['first_event']['p50_ms']:.1f} ms, p99 {r['first_event']['p99_ms']:.1f} ms."]  # fmt: skip
     if "Idle readers" in results:
         r = results["Idle readers"]
-        lines += ["", "## Idle readers", "", f"{r['count']} idle event-stream readers: **{r['kb_per_reader']:.1f} KB** of relay RSS each."]
+        lines += [
+            "",
+            "## Idle readers",
+            "",
+            f"{r['count']} idle event-stream readers: **{r['kb_per_reader']:.1f} KB** of relay RSS each.",
+        ]
     return "\n".join(lines) + "\n"
 
 
