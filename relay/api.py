@@ -20,19 +20,20 @@ import orjson
 from aiohttp import web
 
 from .assemble import assistant_message
+from .bounds import containers, has_control, printable_ascii, raw_too_deep
 from .config import Config
-from .http import CONFIG, MANAGER, QUOTAS, HTTPError, error, json_response
+from .http import CONFIG, MANAGER, QUOTAS, HTTPError, json_response
 from .jobs import TERMINAL, Job, JobManager
-from .paths import RequestPath, parse_status_url
+from .paths import RequestPath, expired, parse_status_url
 from .quotas import QuotaExceeded
 from .security import find_key, hash_token, new_token, relay_key, token_matches
-from .store import read_json
+from .store import FileTooLarge, read_json_under
 from .texts import ASYNC_README, README, STREAM_README
 from .webhooks import WebhookRefused, check_url
 
 log = logging.getLogger("relay.api")
 
-CONVERSATION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RELAY_FIELDS = {
     "messages",
     "model",
@@ -80,17 +81,25 @@ def _optional_str(payload: dict[str, Any], field: str, max_len: int = 4096) -> s
         return None
     if not isinstance(value, str) or not value or len(value) > max_len:
         raise _bad(field, f"must be a non-empty string of at most {max_len} characters")
+    if has_control(value):
+        raise _bad(field, "must not contain control characters (line breaks, tabs, NUL, DEL)")
     return value
 
 
-def parse_messages(value: Any) -> list[dict[str, Any]]:
+def parse_messages(value: Any, config: Config) -> list[dict[str, Any]]:
     if isinstance(value, str):
+        raw = value.encode()
+        if containers(raw) > config.server_max_json_containers:
+            raise _too_complex(config)
         try:
-            value = orjson.loads(value)
+            value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise _bad("messages", "is a string but not a JSON array of messages") from None
+        if raw_too_deep(raw, value, config.server_max_json_depth):
+            raise _too_deep(config)
     if not isinstance(value, list) or not value:
         raise _bad("messages", "must be a non-empty array of message objects (or a string holding one)")
+    _check_count(len(value), config)
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise _bad(f"messages[{i}]", "must be an object with a `role`")
@@ -100,20 +109,74 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
     return value
 
 
+def _too_complex(config: Config) -> HTTPError:
+    return HTTPError(
+        400,
+        "body_too_complex",
+        f"the body holds more than {config.server_max_json_containers} arrays and objects (`[` and `{{` "
+        "characters, inside strings too); send a smaller request ([server] max_json_containers)",
+    )
+
+
+def _too_deep(config: Config) -> HTTPError:
+    return HTTPError(
+        400,
+        "body_too_complex",
+        f"the body nests arrays and objects more than {config.server_max_json_depth} levels deep "
+        "([server] max_json_depth)",
+    )
+
+
+def _check_count(count: int, config: Config) -> None:
+    if count > config.server_max_messages:
+        raise _bad(
+            "messages",
+            f"holds {count} messages (chained history included); the limit is {config.server_max_messages} "
+            "([server] max_messages): start a new conversation",
+        )
+
+
+def parse_body(raw: bytes, config: Config) -> Any:
+    """The JSON of a POST body, after the checks that keep parsing it cheap (see `bounds`)."""
+    if containers(raw) > config.server_max_json_containers:
+        raise _too_complex(config)
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    if raw_too_deep(raw, payload, config.server_max_json_depth):
+        raise _too_deep(config)
+    return payload
+
+
+def header_value(request: web.Request, name: str) -> str | None:
+    """A header that carries a key or an id: visible ASCII only, never echoed back."""
+    value = (request.headers.get(name) or "").strip()
+    if not value:
+        return None
+    if len(value) > 1024 or not printable_ascii(value):
+        raise HTTPError(
+            400,
+            "invalid_header",
+            f"the {name} header must be at most 1024 visible ASCII characters (no spaces or control characters)",
+        )
+    return value
+
+
 def validate(payload: Any, config: Config) -> NewRequest:
     """Check every field the relay reads; everything else is forwarded upstream untouched."""
     if not isinstance(payload, dict):
         raise HTTPError(400, "invalid_json", "the body must be a JSON object with at least `messages`")
     if "messages" not in payload:
         raise _bad("messages", "is required: an array of {role, content} objects")
-    messages = parse_messages(payload["messages"])
+    messages = parse_messages(payload["messages"], config)
     model = _optional_str(payload, "model", 256)
     access = payload.get("access")
     if access is not None and access not in ("public", "private"):
         raise _bad("access", 'must be "public" or "private"')
     conversation_id = payload.get("conversation_id")
     if conversation_id is not None and (
-        not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.match(conversation_id)
+        not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.fullmatch(conversation_id)
     ):
         raise _bad("conversation_id", "must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
     webhook_url = _optional_str(payload, "webhook_url", 2048)
@@ -136,20 +199,30 @@ def validate(payload: Any, config: Config) -> NewRequest:
     )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
+    """The whole body, at most `limit` bytes, sent within `seconds` (slow senders get 408)."""
     too_big = HTTPError(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_big
     data = bytearray()
-    async for block in request.content.iter_chunked(65536):
-        data += block
-        if len(data) > limit:
-            raise too_big
+    try:
+        async with asyncio.timeout(seconds):
+            async for block in request.content.iter_chunked(65536):
+                data += block
+                if len(data) > limit:
+                    raise too_big
+    except TimeoutError:
+        raise HTTPError(
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {seconds:g} s ([server] body_timeout_seconds)",
+            {"Connection": "close"},
+        ) from None
     return bytes(data)
 
 
 def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
-    """The parent status document of a chained request, after every check of §5."""
+    """The parent status document of a chained request, after every check of the chaining rules."""
     assert req.from_status_url is not None
     prp = parse_status_url(req.from_status_url, config.public_url)
     if prp is None:
@@ -165,12 +238,22 @@ def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
             f"`from_status_url` belongs to relay node {prp.node_id}; send the request to that node "
             f"(this is node {config.server_node_id})",
         )
+    missing = HTTPError(404, "parent_not_found", "`from_status_url` does not exist here (expired or never created)")
+    if expired(prp, config.retention_max_age_days):
+        raise missing
     try:
-        parent = read_json(prp.file(config.data_dir, "json"))
-    except (FileNotFoundError, NotADirectoryError):
+        parent = read_json_under(config.data_dir, prp.rel("json"), config.server_max_conversation_bytes)
+    except FileNotFoundError:
+        raise missing from None
+    except FileTooLarge:
         raise HTTPError(
-            404, "parent_not_found", "`from_status_url` does not exist here (expired or never created)"
+            413,
+            "conversation_too_large",
+            f"the conversation of `from_status_url` is larger than {config.server_max_conversation_bytes} bytes "
+            "([server] max_conversation_bytes): start a new conversation",
         ) from None
+    except ValueError:
+        raise HTTPError(404, "parent_not_found", "`from_status_url` does not hold a status document") from None
     if not isinstance(parent, dict):
         raise HTTPError(404, "parent_not_found", "`from_status_url` does not hold a status document")
     auth = parent.get("authorization") or {}
@@ -190,70 +273,105 @@ def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
     return parent
 
 
-async def create(request: web.Request, stream: bool) -> web.Response:
-    config: Config = request.app[CONFIG]
-    manager: JobManager = request.app[MANAGER]
+@dataclass
+class Admitted:
+    """What the checks before any file is written produced."""
+
+    req: NewRequest
+    api_key: str
+    parent: dict[str, Any] | None
+
+
+async def admit(request: web.Request, manager: JobManager, config: Config) -> Admitted:
+    """Every refusal of the contract, in order: shutdown, relay key, body, fields, upstream key,
+    parent, webhook URL, quota. Raises HTTPError. The caller holds a job slot while this runs."""
+    api_key_entry = find_key(relay_key(request), config.auth_api_keys)
+    if config.auth_api_keys and api_key_entry is None:
+        raise HTTPError(
+            401,
+            "unauthorized",
+            "send a valid relay access key as X-RapidAPI-Key or Authorization: Bearer <key>",
+            {"WWW-Authenticate": 'Bearer realm="relay"'},
+        )
+    raw = await read_body(request, config.server_max_body_bytes, config.server_body_timeout_seconds)
+    req = validate(parse_body(raw, config), config)
+    api_key = header_value(request, "X-OpenAI-API-Key") or config.upstream_api_key
+    header_value(request, "X-OpenAI-Organization")
+    if not api_key:
+        raise HTTPError(
+            400,
+            "missing_api_key",
+            "send the upstream key in the X-OpenAI-API-Key header (this relay has no upstream key configured)",
+        )
+    parent = resolve_parent(req, config) if req.from_status_url else None
+    if req.webhook_url:
+        try:
+            await check_url(req.webhook_url, manager.webhooks.resolver)
+        except WebhookRefused as exc:
+            raise _bad("webhook_url", str(exc)) from None
     try:
-        if not manager.accepting:
-            raise HTTPError(503, "shutting_down", "the relay is shutting down; retry in a moment", {"Retry-After": "5"})
-        api_key_entry = find_key(relay_key(request), config.auth_api_keys)
-        if config.auth_api_keys and api_key_entry is None:
-            raise HTTPError(
-                401,
-                "unauthorized",
-                "send a valid relay access key as X-RapidAPI-Key or Authorization: Bearer <key>",
-                {"WWW-Authenticate": 'Bearer realm="relay"'},
-            )
-        raw = await read_body(request, config.server_max_body_bytes)
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise HTTPError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
-        req = validate(payload, config)
-        api_key = (request.headers.get("X-OpenAI-API-Key") or "").strip() or config.upstream_api_key
-        if not api_key:
-            raise HTTPError(
-                400,
-                "missing_api_key",
-                "send the upstream key in the X-OpenAI-API-Key header (this relay has no upstream key configured)",
-            )
-        parent = resolve_parent(req, config) if req.from_status_url else None
-        if req.webhook_url:
-            try:
-                await check_url(req.webhook_url, manager.webhooks.resolver)
-            except WebhookRefused as exc:
-                raise _bad("webhook_url", str(exc)) from None
-        if manager.running() >= config.server_max_concurrent_jobs:
-            raise HTTPError(
-                503, "busy", "the relay is at its limit of running requests; retry shortly", {"Retry-After": "1"}
-            )
-        try:
-            request.app[QUOTAS].take(api_key_entry)
-        except QuotaExceeded as exc:
-            raise HTTPError(429, "quota_exceeded", exc.message, {"Retry-After": str(exc.retry_after)}) from None
-    except HTTPError as exc:
-        manager.metrics.refusals.labels(str(exc.status)).inc()
-        manager.metrics.requests.labels(request.path, "refused").inc()
-        return exc.response()
+        request.app[QUOTAS].take(api_key_entry)
+    except QuotaExceeded as exc:
+        raise HTTPError(429, "quota_exceeded", exc.message, {"Retry-After": str(exc.retry_after)}) from None
     except OSError as exc:
         log.error("cannot record quota usage: %s", exc.strerror)
-        return error(507, "storage_unavailable", "the relay cannot write to its data directory right now; retry later")
+        raise STORAGE_UNAVAILABLE from None
+    return Admitted(req, api_key, parent)
 
-    messages = req.messages
-    model = req.model
-    access = req.access
-    conversation_id = req.conversation_id
+
+STORAGE_UNAVAILABLE = HTTPError(
+    507, "storage_unavailable", "the relay cannot write to its data directory right now; retry later", {"Retry-After": "30"}
+)
+
+
+def conversation(adm: Admitted, config: Config) -> tuple[list[dict[str, Any]], str, str | None, str | None]:
+    """Messages, model, access and conversation id of the new request, chained onto its parent."""
+    req, parent = adm.req, adm.parent
+    messages, model, access, conversation_id = req.messages, req.model, req.access, req.conversation_id
     if parent is not None:
         params = parent.get("parameters") or {}
-        history = list(params.get("messages") or [])
+        history = params.get("messages") or []
+        history = history if isinstance(history, list) else []
         reply = assistant_message((parent.get("response") or {}).get("body"))
+        _check_count(len(history) + 1 + len(messages), config)
         messages = history + ([reply] if reply else []) + messages
         model = model or params.get("model")
         access = access or (parent.get("authorization") or {}).get("access")
         conversation_id = conversation_id or parent.get("conversation_id")
-    private = access == "private"
-    model = model or config.upstream_default_model
+    return messages, model or config.upstream_default_model, access, conversation_id
 
+
+async def create(request: web.Request, stream: bool) -> web.Response:
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    slot = False
+    try:
+        if not manager.accepting:
+            raise HTTPError(503, "shutting_down", "the relay is shutting down; retry in a moment", {"Retry-After": "5"})
+        slot = manager.claim_slot()  # taken before the first await, so the limit holds under concurrency
+        if not slot:
+            raise HTTPError(
+                503, "busy", "the relay is at its limit of running requests; retry shortly", {"Retry-After": "1"}
+            )
+        adm = await admit(request, manager, config)
+        job, answer = await _start(request, manager, config, adm, stream)
+        slot = False  # the job holds it now
+        return answer
+    except HTTPError as exc:
+        manager.metrics.refusals.labels(str(exc.status)).inc()
+        manager.metrics.requests.labels(request.path, "refused").inc()
+        return exc.response()
+    finally:
+        if slot:
+            manager.release_slot()
+
+
+async def _start(
+    request: web.Request, manager: JobManager, config: Config, adm: Admitted, stream: bool
+) -> tuple[Job, web.Response]:
+    """Create the request's files and its job; the answer with the permalinks."""
+    messages, model, access, conversation_id = conversation(adm, config)
+    private = access == "private"
     created_at = int(time.time())
     rp = RequestPath.new(config.server_node_id, private, created_at)
     conversation_id = conversation_id or rp.request_id
@@ -273,14 +391,14 @@ async def create(request: web.Request, stream: bool) -> web.Response:
             authorization["stream_url_arg"] = f"stream_token={stream_token}"
             stored_auth["stream_token_sha256"] = hash_token(stream_token)
         answer_endpoints["bearer_token"] = bearer_token
-    if parent is not None:
-        endpoints["from_status_url"] = req.from_status_url  # type: ignore[assignment]
-    body = {"model": model, "messages": messages, **req.forwarded}
+    if adm.parent is not None:
+        endpoints["from_status_url"] = adm.req.from_status_url  # type: ignore[assignment]
+    body = {"model": model, "messages": messages, **adm.req.forwarded}
     doc: dict[str, Any] = {
         "status": "queued",
         "created_at": created_at,
         "conversation_id": conversation_id,
-        "README": "",
+        "README": README["queued"],
         "authorization": stored_auth,
         "endpoints": endpoints,
         "request": {
@@ -291,8 +409,9 @@ async def create(request: web.Request, stream: bool) -> web.Response:
             "request_time": 0.0,
             "total_time": 0.0,
         },
-        "options": {"timeout": req.timeout, "connect_timeout": req.connect_timeout},
-        "parameters": body,
+        "options": {"timeout": adm.req.timeout, "connect_timeout": adm.req.connect_timeout},
+        # serialised once: every status refresh embeds these bytes instead of re-encoding the history
+        "parameters": orjson.Fragment(orjson.dumps(body)),
         "response": {},
     }
     job = Job(
@@ -301,25 +420,19 @@ async def create(request: web.Request, stream: bool) -> web.Response:
         stream=stream,
         doc=doc,
         body=body,
-        api_key=api_key,
-        organization=request.headers.get("X-OpenAI-Organization") or None,
-        timeout=req.timeout,
-        connect_timeout=req.connect_timeout,
-        webhook_url=req.webhook_url,
+        api_key=adm.api_key,
+        organization=header_value(request, "X-OpenAI-Organization"),
+        timeout=adm.req.timeout,
+        connect_timeout=adm.req.connect_timeout,
+        webhook_url=adm.req.webhook_url,
     )
-    job.doc["README"] = README["queued"]
     try:
         if not manager.reserve.ensure():
             raise OSError(errno.ENOSPC, "no space left to keep the reserve")
         await asyncio.to_thread(job.create_files)  # ~0.5 ms of file system work, off the event loop
     except OSError as exc:
         log.error("refusing a new request: cannot write to the data directory: %s", exc.strerror)
-        return error(
-            507,
-            "storage_unavailable",
-            "the relay cannot write to its data directory right now; retry later",
-            {"Retry-After": "30"},
-        )
+        raise STORAGE_UNAVAILABLE from None
     manager.start(job)
     log.info(
         "request %s accepted endpoint=%s model=%s access=%s%s",
@@ -327,9 +440,9 @@ async def create(request: web.Request, stream: bool) -> web.Response:
         request.path,
         model,
         authorization["access"],
-        " chained" if parent is not None else "",
+        " chained" if adm.parent is not None else "",
     )
-    return json_response(
+    answer = json_response(
         {
             "status": "success",
             "created_at": created_at,
@@ -339,6 +452,7 @@ async def create(request: web.Request, stream: bool) -> web.Response:
             "endpoints": answer_endpoints,
         }
     )
+    return job, answer
 
 
 async def stream_chatgpt(request: web.Request) -> web.Response:

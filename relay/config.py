@@ -80,6 +80,10 @@ def _origins(value: Any) -> str | None:
     return None
 
 
+def _depth(value: Any) -> str | None:
+    return None if 2 <= value <= 200 else "must be between 2 and 200"
+
+
 def _log_format(value: Any) -> str | None:
     return None if value in ("text", "json") else 'must be "text" or "json"'
 
@@ -97,6 +101,14 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("server", "node_id", int, 1, _node_id, "this instance's number, first path segment of every file URL"),
     ("server", "max_body_bytes", int, 4 * 1024 * 1024, _positive, "largest accepted POST body (413 above)"),
     ("server", "max_concurrent_jobs", int, 512, _positive, "running requests at once (503 above)"),
+    ("server", "max_connections", int, 4096, _positive, "open client connections at once; more are closed at once"),
+    ("server", "header_timeout_seconds", float, 15.0, _positive, "time to send request headers; idle keep-alive limit"),
+    ("server", "body_timeout_seconds", float, 30.0, _positive, "time to send a whole POST body (408 after)"),
+    ("server", "send_timeout_seconds", float, 60.0, _positive, "a reader that takes no bytes for this long is dropped"),
+    ("server", "max_messages", int, 10000, _positive, "messages in one conversation, chained history included"),
+    ("server", "max_json_depth", int, 32, _depth, "nesting depth of a POST body (arrays and objects)"),
+    ("server", "max_json_containers", int, 50000, _positive, "`[` and `{` characters in a POST body, strings included"),
+    ("server", "max_conversation_bytes", int, 16 * 1024 * 1024, _positive, "size of a parent status a chained request reads"),
     ("server", "cors_origins", list, ["*"], _origins, "origins allowed to read the URLs from a browser"),
     ("server", "shutdown_grace_seconds", float, 10.0, _non_negative, "how long running requests may finish on SIGTERM"),
     ("server", "heartbeat_seconds", float, 15.0, _positive, "keep-alive comment interval on event streams"),
@@ -117,6 +129,9 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("upstream", "max_timeout", float, 600.0, _positive, "largest `timeout` a request may ask for, seconds"),
     ("upstream", "include_usage", bool, True, None, "ask streaming upstreams for a final usage chunk"),
     ("upstream", "max_connections", int, 1000, _positive, "connections in the shared upstream HTTP pool"),
+    ("upstream", "max_event_bytes", int, 1024 * 1024, _positive, "largest single event in an upstream stream"),
+    ("upstream", "max_response_bytes", int, 16 * 1024 * 1024, _positive, "largest upstream response body"),
+    ("upstream", "max_json_depth", int, 32, _depth, "nesting depth of an upstream chunk or answer"),
     ("auth", "api_keys", list, [], _keys, "relay access keys; empty = no key needed (loopback hosts only)"),
     ("quotas", "requests_per_month", int, 0, _non_negative, "requests per relay key per calendar month (0 = no limit)"),
     ("quotas", "requests_per_minute", int, 0, _non_negative, "requests per relay key per minute (0 = no limit)"),
@@ -160,6 +175,14 @@ class Config:
     server_node_id: int = 1
     server_max_body_bytes: int = 4 * 1024 * 1024
     server_max_concurrent_jobs: int = 512
+    server_max_connections: int = 4096
+    server_header_timeout_seconds: float = 15.0
+    server_body_timeout_seconds: float = 30.0
+    server_send_timeout_seconds: float = 60.0
+    server_max_messages: int = 10000
+    server_max_json_depth: int = 32
+    server_max_json_containers: int = 50000
+    server_max_conversation_bytes: int = 16 * 1024 * 1024
     server_cors_origins: tuple[str, ...] = ("*",)
     server_shutdown_grace_seconds: float = 10.0
     server_heartbeat_seconds: float = 15.0
@@ -173,6 +196,9 @@ class Config:
     upstream_max_timeout: float = 600.0
     upstream_include_usage: bool = True
     upstream_max_connections: int = 1000
+    upstream_max_event_bytes: int = 1024 * 1024
+    upstream_max_response_bytes: int = 16 * 1024 * 1024
+    upstream_max_json_depth: int = 32
     auth_api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
     quotas_requests_per_month: int = 0
     quotas_requests_per_minute: int = 0

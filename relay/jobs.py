@@ -502,11 +502,23 @@ class JobManager:
         self.upstream = upstream
         self.webhooks = webhooks
         self.jobs: dict[str, Job] = {}
+        self._slots = 0  # claimed by POSTs being admitted, and by running jobs
         self.accepting = True
         self.reserve = Reserve(config.data_dir / "reserve.bin", config.storage_reserve_bytes)
 
     def running(self) -> int:
         return len(self.jobs)
+
+    def claim_slot(self) -> bool:
+        """Take one of the `max_concurrent_jobs` slots (False when none is free). A slot is held from the
+        first await of a POST until its job ends, so the limit holds however many POSTs arrive at once."""
+        if self._slots >= self.config.server_max_concurrent_jobs:
+            return False
+        self._slots += 1
+        return True
+
+    def release_slot(self) -> None:
+        self._slots -= 1
 
     def get(self, request_id: str) -> Job | None:
         return self.jobs.get(request_id)
@@ -516,7 +528,8 @@ class JobManager:
         job.task = asyncio.create_task(job.run(), name=f"job-{job.rp.request_id}")
 
     def forget(self, job: Job) -> None:
-        self.jobs.pop(job.rp.request_id, None)
+        if self.jobs.pop(job.rp.request_id, None) is not None:
+            self.release_slot()
 
     def stop(self, request_id: str) -> bool:
         """Cancel a running job (any phase). False when it is not running here."""

@@ -9,13 +9,12 @@ other spelling simply do not match, so they never reach the disk. This module ne
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
-
-KINDS = ("json", "txt", "raw", "stop")
 
 _PATH_RE = re.compile(
     r"^/(?P<node>[1-9][0-9]{0,5})/r/(?P<access>pub|prv)/"
@@ -62,11 +61,21 @@ class RequestPath:
             return f"{public_url}/{self.base}/stop"
         return f"{public_url}/{self.base}.{kind}"
 
+    def rel(self, ext: str) -> str:
+        """Path of one of the request's files relative to the data directory."""
+        return f"{self.base}.{ext}"
+
     def file(self, data_dir: Path, ext: str) -> Path:
         return data_dir / f"{self.base}.{ext}"
 
     def directory(self, data_dir: Path) -> Path:
         return (data_dir / self.base).parent
+
+
+def expired(rp: RequestPath, max_age_days: float, now: float | None = None) -> bool:
+    """True when the request is older than the retention period (its URLs then answer 404)."""
+    now = time.time() if now is None else now
+    return (now - rp.created.timestamp()) / 86400 > max_age_days
 
 
 def parse_request_path(raw_path: str) -> tuple[RequestPath, str] | None:

@@ -12,7 +12,9 @@ large, is written through aiofiles.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,68 @@ async def write_bytes_atomic(path: Path, data: bytes) -> None:
 def read_json(path: Path) -> Any:
     with open(path, "rb") as fh:
         return orjson.loads(fh.read())
+
+
+class FileTooLarge(Exception):
+    """A file is larger than the caller is willing to read into memory."""
+
+
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO)
+
+
+def open_under(root: Path, rel: str) -> int:
+    """Open `root/rel` for reading without following a symlink in any component below `root`.
+
+    Only regular files are opened: a symlink, a directory, a FIFO or a device anywhere on the way counts
+    as missing (FileNotFoundError). `root` itself may be a symlink (an operator's choice)."""
+    parts = rel.split("/")
+    try:
+        dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno in _NOT_THERE:
+            raise FileNotFoundError(errno.ENOENT, "not found") from None
+        raise
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno in _NOT_THERE:
+            raise FileNotFoundError(errno.ENOENT, "not found") from None
+        raise
+    finally:
+        os.close(dfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "not a regular file")
+    return fd
+
+
+def read_under(root: Path, rel: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of `root/rel` (see `open_under`); FileTooLarge when larger than `max_bytes`."""
+    fd = open_under(root, rel)
+    try:
+        size = os.fstat(fd).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise FileTooLarge(size)
+        chunks = []
+        while True:
+            block = os.read(fd, max(size, 65536))
+            if not block:
+                break
+            chunks.append(block)
+            if max_bytes is not None and sum(map(len, chunks)) > max_bytes:
+                raise FileTooLarge(size)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json_under(root: Path, rel: str, max_bytes: int | None = None) -> Any:
+    """The JSON document in `root/rel`; ValueError (orjson.JSONDecodeError) when it is not JSON."""
+    return orjson.loads(read_under(root, rel, max_bytes))
 
 
 def encode_event(offset: int, data: bytes, event: str | None = None) -> bytes:

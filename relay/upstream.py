@@ -21,6 +21,7 @@ import aiohttp
 import httpx2
 import openai
 import orjson
+from openai._constants import RAW_RESPONSE_HEADER
 
 log = logging.getLogger("relay.upstream")
 
@@ -105,6 +106,7 @@ class Upstream:
         # aiohttp's C HTTP parser instead of h11 + anyio, which took half the relay's CPU per chunk.
         self.http = openai.DefaultAioHttpClient(
             limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=100),
+            event_hooks={"response": [_bound_error_body]},
         )
         self.client = openai.AsyncOpenAI(
             api_key="per-request",  # replaced by each call's Authorization header
@@ -129,30 +131,31 @@ class Upstream:
     ) -> AsyncIterator[UpstreamResponse]:
         """POST /chat/completions; yields the response whose `chunks` are the raw body bytes.
 
-        Raises UpstreamError for HTTP errors, unreachable servers and connect timeouts; errors while
-        reading `chunks` are raised as UpstreamError too.
+        The body goes out as one orjson encoding of the request (no SDK model or transform per message,
+        whose cost grows with the history). Raises UpstreamError for HTTP errors, unreachable servers
+        and connect timeouts; errors while reading `chunks` are raised as UpstreamError too.
         """
-        params = dict(body)
-        model = params.pop("model")
-        messages = params.pop("messages")
-        headers: dict[str, Any] = {"Authorization": f"Bearer {api_key}"}
+        fields: dict[str, Any] = {"stream": stream}
+        if stream and include_usage:
+            fields["stream_options"] = {"include_usage": True}
+        content = orjson.dumps({**body, **fields})
+        headers: dict[str, str] = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",  # no decompression: every size limit counts the bytes as sent
+            RAW_RESPONSE_HEADER: "stream",  # hand back the response unread, like `with_streaming_response`
+        }
         if organization:
             headers["OpenAI-Organization"] = organization
-        extra: dict[str, Any] = {}
-        if stream and include_usage:
-            extra["stream_options"] = {"include_usage": True}
-        cm = self.client.chat.completions.with_streaming_response.create(
-            model=model,
-            messages=messages,
-            stream=stream,
-            extra_body=params,
-            extra_headers=headers,
-            timeout=httpx2.Timeout(None, connect=connect_timeout),
-            **extra,
-        )
-        del headers, api_key
+        del api_key
         try:
-            resp = await cm.__aenter__()
+            http: httpx2.Response = await self.client.post(
+                "/chat/completions",
+                cast_to=httpx2.Response,  # the transport's response itself, body not read yet
+                content=content,
+                options={"headers": headers, "timeout": httpx2.Timeout(None, connect=connect_timeout)},
+                stream=stream,
+            )
         except openai.APIStatusError as exc:
             raise UpstreamError(
                 "upstream_error",
@@ -174,8 +177,9 @@ class Upstream:
             raise UpstreamError(
                 "upstream_unreachable", f"could not connect to the upstream at {self.base_url} ({_cause(exc)})"
             ) from None
+        finally:
+            del headers
         try:
-            http = resp.http_response
             yield UpstreamResponse(
                 status_code=http.status_code,
                 headers=dict(http.headers.items()),
@@ -183,7 +187,30 @@ class Upstream:
                 chunks=_read(http),
             )
         finally:
-            await cm.__aexit__(None, None, None)
+            await http.aclose()
+
+
+ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error answer that are kept (the SDK reads it whole)
+
+
+async def _bound_error_body(response: httpx2.Response) -> None:
+    """Keep at most ERROR_BODY_LIMIT bytes of an upstream error answer, then close it. Runs before the
+    SDK turns the status into an exception, which would otherwise read the whole body into memory."""
+    if response.status_code < 400:
+        return
+    body = bytearray()
+    parts = response.aiter_raw()
+    try:
+        async for part in parts:
+            body += part
+            if len(body) >= ERROR_BODY_LIMIT:
+                break
+    except httpx2.HTTPError:
+        pass
+    finally:
+        await parts.aclose()
+    response._content = bytes(body[:ERROR_BODY_LIMIT])
+    await response.aclose()
 
 
 async def _read(http: httpx2.Response) -> AsyncIterator[bytes]:
