@@ -320,7 +320,10 @@ async def admit(request: web.Request, manager: JobManager, config: Config) -> Ad
 
 
 STORAGE_UNAVAILABLE = HTTPError(
-    507, "storage_unavailable", "the relay cannot write to its data directory right now; retry later", {"Retry-After": "30"}
+    507,
+    "storage_unavailable",
+    "the relay cannot write to its data directory right now; retry later",
+    {"Retry-After": "30"},
 )
 
 
