@@ -8,50 +8,76 @@ from __future__ import annotations
 from typing import Any
 
 
-class SSEParser:
-    """Incremental server-sent-events parser: feed bytes, get the `data` of each complete event."""
+class EventTooLarge(Exception):
+    """An event (or a line) of the upstream's stream is larger than the parser's limit."""
 
-    def __init__(self) -> None:
-        self._buf = b""
+
+class SSEParser:
+    """Incremental server-sent-events parser: feed bytes, get the `data` of each complete event.
+
+    Linear in what is fed: each byte is scanned once, an unterminated line is kept in a bytearray that
+    grows by appending, and no event may exceed `max_event_bytes` (EventTooLarge), so an upstream that
+    never ends a line costs bounded memory and no rescans. Lines end with LF or CRLF.
+    """
+
+    def __init__(self, max_event_bytes: int = 16 * 1024 * 1024) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._line = bytearray()  # the unterminated last line
         self._data: list[bytes] = []
+        self._size = 0  # bytes of data lines in the current event
 
     def feed(self, block: bytes) -> list[bytes]:
-        buf = self._buf + block if self._buf else block
         out: list[bytes] = []
         start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            line = buf[start:nl]
+        nl = block.find(b"\n")
+        if nl >= 0 and self._line:
+            self._line += block[:nl]
+            line = bytes(self._line)
+            self._line.clear()
+            self._line_done(line, out)
             start = nl + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    out.append(b"\n".join(self._data))
-                    self._data = []
-                continue
-            if line.startswith(b"data:"):
-                value = line[5:]
-                if value.startswith(b" "):
-                    value = value[1:]
-                self._data.append(value)
-            # comments (":"), "event:", "id:" and "retry:" lines carry nothing the relay needs
-        self._buf = buf[start:]
+            nl = block.find(b"\n", start)
+        while nl >= 0:
+            self._line_done(block[start:nl], out)
+            start = nl + 1
+            nl = block.find(b"\n", start)
+        if start < len(block):
+            self._line += block[start:]
+            if len(self._line) + self._size > self.max_event_bytes:
+                raise EventTooLarge(len(self._line) + self._size)
         return out
+
+    def _line_done(self, line: bytes, out: list[bytes]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if self._data:
+                out.append(b"\n".join(self._data))
+                self._data = []
+                self._size = 0
+            return
+        if line.startswith(b"data:"):
+            value = line[5:]
+            if value.startswith(b" "):
+                value = value[1:]
+            self._size += len(value) + 1
+            if self._size > self.max_event_bytes:
+                raise EventTooLarge(self._size)
+            self._data.append(value)
+        # comments (":"), "event:", "id:" and "retry:" lines carry nothing the relay needs
 
     def flush(self) -> list[bytes]:
         """Data of a last event that the upstream did not terminate with a blank line."""
-        if self._buf.strip():
-            self.feed(b"\n\n")
-        elif self._buf:
-            self._buf = b""
+        out: list[bytes] = []
+        if self._line:
+            line = bytes(self._line)
+            self._line.clear()
+            self._line_done(line, out)
         if self._data:
-            out = [b"\n".join(self._data)]
+            out.append(b"\n".join(self._data))
             self._data = []
-            return out
-        return []
+            self._size = 0
+        return out
 
 
 class Assembler:
@@ -129,10 +155,6 @@ class Assembler:
 
     def all_finished(self) -> bool:
         return bool(self.choices) and all(c["finish_reason"] for c in self.choices.values())
-
-    def text(self, index: int = 0) -> str:
-        slot = self.choices.get(index)
-        return "".join(slot["content"]) if slot else ""
 
     def completion(self, default_model: str) -> dict[str, Any]:
         """The assembled `chat.completion` (also used, unfinished, while streaming)."""

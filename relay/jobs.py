@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from .assemble import Assembler, SSEParser
+from .assemble import Assembler, EventTooLarge, SSEParser
+from .bounds import containers, raw_too_deep
 from .config import Config
 from .metrics import Metrics
 from .paths import RequestPath
@@ -34,6 +35,7 @@ TERMINAL = frozenset({"done", "error", "stop"})
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+UPSTREAM_MAX_CONTAINERS = 100_000  # arrays + objects in one upstream event or answer (~50 ms to parse at worst)
 PUSH_BUFFER_LIMIT = 64 * 1024  # a reader with more than this still unsent goes back to its own loop
 
 
@@ -109,6 +111,9 @@ class Job:
         self._refreshing: asyncio.Future[None] | None = None
         self._saw_done = False
         self._finishing = False
+        self._raw_tried = False
+        self._status_written = False
+        self._tail_written = False
 
     # ----- files -----------------------------------------------------------------------------------
 
@@ -121,12 +126,18 @@ class Job:
             if self.stream:
                 self.events = EventLog(self.rp.file(data_dir, "txt"))
             write_json_atomic(self.status_path, self.doc)
-        except OSError:
+        except BaseException:  # whatever failed, nothing of this request is left behind
             if self.events is not None:
                 self.events.close()
             for ext in ("txt", "json"):
-                self.rp.file(data_dir, ext).unlink(missing_ok=True)
-            remove_marker(data_dir, self.rp)
+                try:
+                    self.rp.file(data_dir, ext).unlink(missing_ok=True)
+                except OSError:
+                    pass
+            try:
+                remove_marker(data_dir, self.rp)
+            except OSError:
+                pass
             raise
         self._last_status_write = time.monotonic()
 
@@ -136,7 +147,7 @@ class Job:
         return self.events.size if self.events else 0
 
     def _write_status(self) -> None:
-        write_json_atomic(self.status_path, self.doc)
+        write_atomic(self.status_path, orjson.dumps(self.doc))
         self._last_status_write = time.monotonic()
 
     def _set_status(self, status: str) -> None:
@@ -241,7 +252,7 @@ class Job:
         except OSError as exc:
             log.error("request %s: storage error: %s", self.rp.request_id, exc.strerror)
             if exc.errno in NO_SPACE:
-                self.manager.reserve.release()  # room to write the terminal state below
+                self.manager.reserve.release()  # room to write the terminal state
             status, error = (
                 "error",
                 ("storage_error", f"the relay could not write the request's files ({exc.strerror})"),
@@ -265,13 +276,26 @@ class Job:
             "include_usage": cfg.upstream_include_usage,
         }
 
+    def _keep_raw(self, block: bytes) -> None:
+        """Keep the upstream's bytes for `.raw`, up to [upstream] max_response_bytes."""
+        limit = self.manager.config.upstream_max_response_bytes
+        if len(self.raw) + len(block) > limit:
+            raise UpstreamError(
+                "upstream_response_too_large",
+                f"the upstream response is larger than {limit} bytes ([upstream] max_response_bytes)",
+            )
+        self.raw += block
+
     async def _run_stream(self) -> None:
-        parser = SSEParser()
+        cfg = self.manager.config
+        parser = SSEParser(cfg.upstream_max_event_bytes)
         async with self.manager.upstream.open(self.body, **self._call_args()) as resp:
             self.doc["response"] = {"status_code": resp.status_code, "headers": resp.headers}
             if "text/event-stream" not in resp.content_type:
                 async for block in resp.chunks:
-                    self.raw += block
+                    self._keep_raw(block[: 64 * 1024 - len(self.raw)])
+                    if len(self.raw) >= 64 * 1024:
+                        break
                 raise UpstreamError(
                     "upstream_invalid_response",
                     f"the upstream answered with Content-Type {resp.content_type or 'none'!r} instead of an "
@@ -280,13 +304,20 @@ class Job:
                     headers=resp.headers,
                     body=bytes(self.raw),
                 )
-            async for block in resp.chunks:
-                self.raw += block
-                self._handle(parser.feed(block))
-                if self._saw_done:
-                    break
-            if not self._saw_done:
-                self._handle(parser.flush())
+            try:
+                async for block in resp.chunks:
+                    self._keep_raw(block)
+                    self._handle(parser.feed(block))
+                    if self._saw_done:
+                        break
+                if not self._saw_done:
+                    self._handle(parser.flush())
+            except EventTooLarge:
+                raise UpstreamError(
+                    "upstream_event_too_large",
+                    f"the upstream sent a stream event larger than {cfg.upstream_max_event_bytes} bytes "
+                    "([upstream] max_event_bytes)",
+                ) from None
         if not self._saw_done and not self.assembler.all_finished():
             raise UpstreamError(
                 "upstream_disconnected", "the upstream closed the stream before the answer was complete"
@@ -318,14 +349,29 @@ class Job:
                 self._wake_waiters()
                 self._schedule_refresh()
 
+    def _parse(self, data: bytes, what: str) -> Any:
+        """Upstream JSON, within the bounds that keep parsing and re-serialising it cheap."""
+        cfg = self.manager.config
+        if containers(data) > UPSTREAM_MAX_CONTAINERS:
+            raise UpstreamError(
+                "upstream_invalid_response",
+                f"the upstream sent {what} with more than {UPSTREAM_MAX_CONTAINERS} arrays and objects",
+            )
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("upstream_invalid_response", f"the upstream sent {what} that is not JSON") from None
+        if raw_too_deep(data, value, cfg.upstream_max_json_depth):
+            raise UpstreamError(
+                "upstream_invalid_response",
+                f"the upstream sent {what} nested more than {cfg.upstream_max_json_depth} levels deep "
+                "([upstream] max_json_depth)",
+            )
+        return value
+
     def _chunk(self, data: bytes) -> tuple[bytes, dict[str, Any]]:
         """Check one upstream event; returns the bytes to log and the parsed chunk."""
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                "upstream_invalid_response", "the upstream sent a stream event that is not JSON"
-            ) from None
+        chunk = self._parse(data, "a stream event")
         if not isinstance(chunk, dict):
             raise UpstreamError(
                 "upstream_invalid_response", "the upstream sent a stream event that is not a JSON object"
@@ -360,7 +406,11 @@ class Job:
             self._schedule_refresh()  # the previous write is still going: try again a little later
             return
         self.doc.setdefault("response", {})["body"] = self.assembler.completion(self.body["model"])
-        data = orjson.dumps(self.doc)
+        try:
+            data = orjson.dumps(self.doc)
+        except orjson.JSONEncodeError:
+            log.exception("request %s: cannot encode the status", self.rp.request_id)
+            return
         self._last_status_write = time.monotonic()
         self._refreshing = asyncio.ensure_future(asyncio.to_thread(write_atomic, self.status_path, data))
         self._refreshing.add_done_callback(self._refreshed)
@@ -374,14 +424,9 @@ class Job:
         async with self.manager.upstream.open(self.body, **self._call_args()) as resp:
             self.doc["response"] = {"status_code": resp.status_code, "headers": resp.headers}
             async for block in resp.chunks:
-                self.raw += block
+                self._keep_raw(block)
         self.first_chunk_at = time.time()
-        try:
-            body = orjson.loads(self.raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                "upstream_invalid_response", "the upstream answered with a body that is not JSON"
-            ) from None
+        body = self._parse(bytes(self.raw), "an answer")
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
             raise UpstreamError("upstream_invalid_response", "the upstream answer has no `choices`")
         self.doc["response"]["body"] = body
@@ -397,11 +442,16 @@ class Job:
             self.raw += exc.body
         if exc.status_code is not None and exc.body and not self.assembler.chunks:
             try:
-                response["body"] = orjson.loads(exc.body)
-            except orjson.JSONDecodeError:
+                response["body"] = self._parse(exc.body, "an error body")
+            except UpstreamError:
                 response["body"] = exc.body.decode("utf-8", "replace")
 
     async def _finish(self, status: str, error: tuple[str, str] | None) -> None:
+        """Write the ending (terminal status, `[DONE]`), then give back everything the request held.
+
+        Whatever goes wrong here, the request ends: an ending that cannot be encoded becomes
+        `internal_error`; writes that fail are retried in the background until the disk takes them
+        (the running marker stays until then, so a restart repairs what a crash interrupts)."""
         self._finishing = True  # from here on, a stop or a shutdown no longer cancels the task
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -409,6 +459,27 @@ class Job:
         if self._refreshing is not None:
             await asyncio.wait([self._refreshing])  # the terminal status must be the last write
         now = time.time()
+        problems = ["not written"]
+        try:
+            self._ending_doc(status, error, now)
+            problems = await self._write_ending(status, error)
+        except Exception:
+            log.exception("request %s: internal error while finishing", self.rp.request_id)
+            status, error = "error", ("internal_error", "the relay failed unexpectedly; see its log")
+            self.doc["response"] = {}
+            try:
+                self._ending_doc(status, error, now)
+                problems = await self._write_ending(status, error)
+            except Exception:
+                log.exception("request %s: cannot write its ending", self.rp.request_id)
+        if problems:
+            self.manager.retry_ending(self, status, error)
+        else:
+            self._close_files()
+            remove_marker(self.manager.config.data_dir, self.rp)
+        self._close_out(status, error, now, problems)
+
+    def _ending_doc(self, status: str, error: tuple[str, str] | None, now: float) -> None:
         doc = self.doc
         if self.stream and (self.assembler.chunks or status == "done"):
             doc.setdefault("response", {})["body"] = self.assembler.completion(self.body["model"])
@@ -421,34 +492,52 @@ class Job:
             req["processed_at"] = int(self.processed_at)
             req["request_time"] = round(now - self.processed_at, 3)
         req["total_time"] = round(now - self.started_at, 3)
-        endpoints = doc["endpoints"]
-        endpoints.pop("stop_url", None)
+        doc["endpoints"].pop("stop_url", None)
+
+    async def _write_ending(self, status: str, error: tuple[str, str] | None) -> list[str]:
+        """Write what is still missing of the ending, each piece durable (fsync, directory included):
+        `.raw`, then the terminal status, then the log's last events. Returns the pieces that failed."""
         problems: list[str] = []
-        if not error or error[0] != "storage_error":  # on a full disk, the status and [DONE] come first
+        endpoints = self.doc["endpoints"]
+        if not self._raw_tried:  # a `.raw` that cannot be written is left out, not retried
+            self._raw_tried = True
+            if not error or error[0] != "storage_error":  # on a full disk, the status and [DONE] come first
+                try:
+                    await write_bytes_atomic(self.raw_path, bytes(self.raw))
+                    endpoints["response_raw_url"] = self.rp.url(self.manager.config.public_url, "raw")
+                except OSError as exc:
+                    log.warning("request %s: cannot write .raw: %s", self.rp.request_id, exc.strerror)
+        if not self._status_written:
+            data = orjson.dumps(self.doc)  # raises for what cannot be encoded: the caller ends as internal_error
             try:
-                await write_bytes_atomic(self.raw_path, bytes(self.raw))
-                endpoints["response_raw_url"] = self.rp.url(self.manager.config.public_url, "raw")
+                await asyncio.to_thread(self._with_reserve, lambda: write_atomic(self.status_path, data, True))
+                self._status_written = True
             except OSError as exc:
-                problems.append(f".raw: {exc.strerror}")
-        try:
-            await asyncio.to_thread(self._with_reserve, self._write_status)
-        except OSError as exc:
-            problems.append(f".json: {exc.strerror}")
-        if self.events is not None:
+                problems.append(f".json: {exc.strerror}")
+        if self.events is not None and not self._tail_written:
             tail: list[tuple[bytes, str | None]] = []
             if error:
                 tail.append((orjson.dumps({"error": {"code": error[0], "message": error[1]}}), "error"))
             elif status == "stop":
                 tail.append((orjson.dumps({"status": "stop", "message": "stopped by the stop URL"}), "stop"))
             tail.append((DONE_DATA, None))
+            events = self.events
             try:
-                self._with_reserve(lambda: self.events.append(tail) if self.events else None)
+                self._with_reserve(lambda: events.append(tail))
+                self._tail_written = True
                 self._push()
+                await asyncio.to_thread(events.sync)
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
+        return problems
+
+    def _close_files(self) -> None:
+        if self.events is not None:
             self.events.close()
-        if not problems:
-            remove_marker(self.manager.config.data_dir, self.rp)  # else the next start repairs it
+
+    def _close_out(self, status: str, error: tuple[str, str] | None, now: float, problems: list[str]) -> None:
+        """Give back what the request held (slot, readers, gauge) and report it; runs exactly once."""
+        endpoints = self.doc["endpoints"]
         metrics = self.manager.metrics
         metrics.requests.labels(self.doc["request"]["endpoint"], status).inc()
         if error:
@@ -460,7 +549,7 @@ class Job:
         self._wake()
         self.manager.forget(self)
         if self.webhook_url:
-            self.manager.webhooks.send_later(self.webhook_url, public_view(doc), self.rp.request_id)
+            self.manager.webhooks.send_later(self.webhook_url, public_view(self.doc), self.rp.request_id)
         ttfb = f"{self.first_chunk_at - self.processed_at:.3f}" if self.first_chunk_at and self.processed_at else "-"
         log.info(
             "request %s %s status=%s%s chunks=%d ttfb=%s total=%.3f%s",
@@ -471,8 +560,28 @@ class Job:
             self.assembler.chunks,
             ttfb,
             now - self.started_at,
-            f" write_errors={'; '.join(problems)}" if problems else "",
+            f" write_errors={'; '.join(problems)} (retrying)" if problems else "",
         )
+
+    async def retry_ending(self, status: str, error: tuple[str, str] | None) -> None:
+        """Write the pieces of the ending that failed, until the disk takes them; then drop the marker."""
+        delay = 1.0
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                try:
+                    problems = await self._write_ending(status, error)
+                except Exception:
+                    log.exception("request %s: cannot write its ending", self.rp.request_id)
+                    continue
+                if not problems:
+                    self._close_files()
+                    remove_marker(self.manager.config.data_dir, self.rp)
+                    log.info("request %s: ending written after the disk came back", self.rp.request_id)
+                    return
+        finally:
+            self._close_files()  # given up (shutdown): the marker stays and the next start repairs it
 
     def _with_reserve(self, write: Callable[[], object]) -> None:
         """Run a small write; on a full disk, give back the reserve and try once more."""
@@ -503,6 +612,7 @@ class JobManager:
         self.webhooks = webhooks
         self.jobs: dict[str, Job] = {}
         self._slots = 0  # claimed by POSTs being admitted, and by running jobs
+        self.retries: set[asyncio.Task[None]] = set()  # endings waiting for the disk
         self.accepting = True
         self.reserve = Reserve(config.data_dir / "reserve.bin", config.storage_reserve_bytes)
 
@@ -526,6 +636,11 @@ class JobManager:
     def start(self, job: Job) -> None:
         self.jobs[job.rp.request_id] = job
         job.task = asyncio.create_task(job.run(), name=f"job-{job.rp.request_id}")
+
+    def retry_ending(self, job: Job, status: str, error: tuple[str, str] | None) -> None:
+        task = asyncio.create_task(job.retry_ending(status, error), name=f"ending-{job.rp.request_id}")
+        self.retries.add(task)
+        task.add_done_callback(self.retries.discard)
 
     def forget(self, job: Job) -> None:
         if self.jobs.pop(job.rp.request_id, None) is not None:
@@ -552,3 +667,9 @@ class JobManager:
         if rest:
             log.info("shutting down: interrupted %d request(s)", len(rest))
             await asyncio.wait(rest)
+        retries = list(self.retries)
+        for task in retries:  # endings still waiting for the disk: their markers stay for the next start
+            task.cancel()
+        if retries:
+            log.warning("shutting down: %d ending(s) not yet on disk; the next start repairs them", len(retries))
+            await asyncio.wait(retries)

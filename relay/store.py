@@ -5,13 +5,14 @@ starts. That makes ids stable across restarts, unique, ordered, and lets a reade
 by reading just that one event (to find where it ends) instead of the file from the start. An id is
 valid only if the file holds `id: <n>\\n` at offset n, so a made-up id is recognised and refused.
 
-Small writes (status documents, events) are plain synchronous writes: they hit the page cache in
-microseconds, and a thread hop per write would cost more than the write. The `.raw` body, which can be
-large, is written through aiofiles.
+Small writes (events) are plain synchronous writes: they hit the page cache in microseconds, and a
+thread hop per write would cost more than the write. Status documents and the `.raw` body are written
+in a worker thread; the ending of a request is made durable there (fsync) before its marker goes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat
@@ -49,32 +50,48 @@ def write_json_atomic(path: Path, doc: Any) -> None:
     write_atomic(path, orjson.dumps(doc))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     """Replace `path` with `data` (temp file + rename). Costs ~0.3 ms on ext4, which flushes on rename:
-    callers on a hot path run it in a worker thread."""
+    callers on a hot path run it in a worker thread. `durable`: the data and the rename reach the disk
+    (fsync of the file and of its directory) before this returns."""
     tmp = _tmp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             write_all(fd, data)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         _discard(tmp)
         raise
+    if durable:
+        sync_dir(path.parent)
 
 
 async def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a possibly large body off the event loop, then rename it into place."""
+    """Write a possibly large body off the event loop (aiofiles), durably, then rename it into place."""
     tmp = _tmp_name(path)
     try:
         async with aiofiles.open(tmp, "wb") as fh:
             await fh.write(data)
+            await fh.flush()
+            await asyncio.to_thread(os.fsync, fh.fileno())
         await aiofiles.os.replace(tmp, path)
     except BaseException:
         _discard(tmp)
         raise
+
+
+def sync_dir(directory: Path) -> None:
+    """fsync a directory, so that the names created or renamed in it survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path) -> Any:
@@ -183,6 +200,11 @@ class EventLog:
         self.tail_start, self.tail = self.size, bytes(out)
         self.size = offset
         return len(out)
+
+    def sync(self) -> None:
+        """Make what was appended durable (the file was created with its directory synced later)."""
+        if self.fd >= 0:
+            os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
