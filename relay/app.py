@@ -64,12 +64,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[MANAGER] = manager
     metrics.bind(manager.running, lambda: app[READERS][0])
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    if not manager.reserve.ensure():
-        log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
-                    config.storage_reserve_bytes, config.data_dir)  # fmt: skip
-    for doc, webhook_url in recovery.repair(config.data_dir, config.server_node_id):
+    for doc, webhook_url in recovery.repair(config.data_dir, config.server_node_id, reserve=manager.reserve):
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), doc["endpoints"]["status_url"].rsplit("/", 1)[1][:-5])
+    if not manager.reserve.ensure():  # after the repairs, which may have needed its room
+        log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
+                    config.storage_reserve_bytes, config.data_dir)  # fmt: skip
     app[QUOTAS] = Quotas(config)
     background = [
         asyncio.create_task(_janitor_loop(app), name="janitor"),

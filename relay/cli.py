@@ -23,6 +23,10 @@ from .recovery import running_ids
 log = logging.getLogger("relay")
 
 
+class CannotListen(Exception):
+    """The relay's address is taken or not allowed."""
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -112,7 +116,11 @@ async def _serve(config: Config, demo: bool) -> None:
     )
     await runner.setup()
     site = web.TCPSite(runner, config.server_host, config.server_port, reuse_address=True, backlog=4096)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {config.server_host}:{config.server_port}: {exc.strerror}") from None
     log.info(
         "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s)",
         config.server_host,
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(_serve(config, args.demo))
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.server_host, config.server_port, exc.strerror)
+    except CannotListen as exc:
+        log.error("%s", exc)
         return 1
     return 0

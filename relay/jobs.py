@@ -25,13 +25,13 @@ from .metrics import Metrics
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
 from .store import DONE_DATA, EventLog, Reserve, write_atomic, write_bytes_atomic, write_json_atomic
-from .texts import README
+from .texts import README, TERMINAL
 from .upstream import Upstream, UpstreamError
 from .webhooks import WebhookSender
 
 log = logging.getLogger("relay.jobs")
 
-TERMINAL = frozenset({"done", "error", "stop"})
+
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 

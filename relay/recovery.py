@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ import orjson
 
 from .assemble import Assembler
 from .paths import RequestPath, parse_request_path
-from .store import DONE_DATA, EventLog, read_json, write_all, write_json_atomic
-from .texts import README
+from .store import DONE_DATA, EventLog, Reserve, read_json, read_json_under, write_all, write_atomic
+from .texts import README, TERMINAL
 
 log = logging.getLogger("relay.recovery")
 
@@ -61,8 +62,8 @@ def remove_marker(data_dir: Path, rp: RequestPath) -> None:
         pass
 
 
-def repair_event_log(path: Path) -> tuple[int, list[bytes]]:
-    """Cut a torn last event off the log; return its size and the data of its events."""
+def repair_event_log(path: Path) -> tuple[int, list[tuple[str | None, bytes]]]:
+    """Cut a torn last event off the log; return its size and its events as (name, data)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -72,97 +73,186 @@ def repair_event_log(path: Path) -> tuple[int, list[bytes]]:
     if len(keep) != len(data):
         with open(path, "r+b") as fh:
             fh.truncate(len(keep))
-    datas = []
+            fh.flush()
+            os.fsync(fh.fileno())
+    events: list[tuple[str | None, bytes]] = []
     for event in keep.split(b"\n\n"):
+        name = None
         for line in event.split(b"\n"):
-            if line.startswith(b"data: "):
-                datas.append(line[6:])
-    return len(keep), datas
+            if line.startswith(b"event: "):
+                name = line[7:].decode("utf-8", "replace")
+            elif line.startswith(b"data: "):
+                events.append((name, line[6:]))
+    return len(keep), events
 
 
-def repair(data_dir: Path, node_id: int, now: float | None = None) -> list[tuple[dict[str, Any], str | None]]:
-    """Finish every request a previous run left running. Returns (final status, webhook URL) of each."""
+class Unsafe(Exception):
+    """A request's files are not ones the relay would have made (a symlink, a non-regular file)."""
+
+
+def _check_no_symlinks(data_dir: Path, rp: RequestPath) -> None:
+    """Refuse a request whose path below the data directory holds a symlink (or a non-directory)."""
+    current = data_dir
+    for part in rp.base.split("/")[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            raise Unsafe(f"{current} is not a plain directory")
+    for ext in ("json", "txt", "raw"):
+        try:
+            st = os.lstat(rp.file(data_dir, ext))
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise Unsafe(f"{rp.file(data_dir, ext)} is not a regular file")
+
+
+def repair(
+    data_dir: Path, node_id: int, now: float | None = None, reserve: Reserve | None = None
+) -> list[tuple[dict[str, Any], str | None]]:
+    """Finish every request a previous run left running. Returns (final status, webhook URL) of each.
+
+    Never raises: a marker that cannot be repaired now (disk full or read-only) stays for the next
+    start; one whose files are damaged beyond repair, or not the relay's own, is moved to
+    `running/quarantine/` with one log line. The reserve is given back first, so that a full disk
+    still has room for the repairs."""
     directory = marker_dir(data_dir)
-    if not directory.is_dir():
+    try:
+        markers = sorted(p for p in directory.glob("*.json") if p.is_file())
+    except OSError as exc:
+        log.error("cannot read running markers in %s: %s", directory, exc.strerror)
         return []
+    if not markers:
+        return []
+    if reserve is not None:
+        reserve.release()
     now = time.time() if now is None else now
     repaired = []
-    for marker in sorted(directory.glob("*.json")):
+    for marker in markers:
         parsed = parse_request_path("/" + marker.name[: -len(".json")].replace("_", "/") + ".json")
+        if parsed is None or parsed[0].node_id != node_id:
+            _quarantine(marker, "its name is not a request of this node")
+            continue
+        rp = parsed[0]
         try:
             info = read_json(marker)
             info = info if isinstance(info, dict) else {}
         except (OSError, ValueError):
             info = {}
-        if parsed is None or parsed[0].node_id != node_id:
-            log.warning("ignoring unreadable running marker %s", marker.name)
-            marker.unlink(missing_ok=True)
+        webhook_url = info.get("webhook_url") if isinstance(info.get("webhook_url"), str) else None
+        try:
+            _check_no_symlinks(data_dir, rp)
+            doc = _repair_one(data_dir, rp, now)
+        except OSError as exc:
+            log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
             continue
-        rp = parsed[0]
-        doc = _repair_one(data_dir, rp, now)
+        except Exception as exc:
+            _quarantine(marker, f"{type(exc).__name__}: {str(exc)[:200]!r}")
+            continue
         if doc is not None:
-            repaired.append((doc, info.get("webhook_url")))
-        marker.unlink(missing_ok=True)
+            repaired.append((doc, webhook_url))
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot remove the running marker of %s: %s", rp.request_id, exc.strerror)
     if repaired:
-        log.warning("marked %d request(s) interrupted by the previous run as error/interrupted", len(repaired))
+        log.warning("marked %d request(s) interrupted by the previous run as ended", len(repaired))
     return repaired
 
 
-def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] | None:
-    status_path = rp.file(data_dir, "json")
+def _quarantine(marker: Path, why: str) -> None:
+    """Set a marker aside (it is not repaired again), with one log line saying why."""
+    target = marker.parent / "quarantine"
     try:
-        doc = read_json(status_path)
-    except (FileNotFoundError, orjson.JSONDecodeError):
+        target.mkdir(exist_ok=True)
+        os.replace(marker, target / marker.name)
+        log.error("quarantined running marker %s: %s", marker.name, why)
+    except OSError as exc:
+        log.error("cannot quarantine running marker %s (%s): %s", marker.name, why, exc.strerror)
+
+
+def _ending_from_log(events: list[tuple[str | None, bytes]]) -> tuple[str, dict[str, Any] | None] | None:
+    """(status, error) that a log ending with `[DONE]` already states; None when it has no `[DONE]`."""
+    if not events or events[-1][1] != DONE_DATA:
         return None
-    if doc.get("status") in ("done", "error", "stop"):
-        _ensure_done(rp.file(data_dir, "txt"))  # the crash came between the status and the final event
-        return None
+    if len(events) >= 2 and events[-2][0] in ("error", "stop"):
+        name, data = events[-2]
+        if name == "stop":
+            return "stop", None
+        try:
+            err = orjson.loads(data).get("error")
+        except (ValueError, AttributeError):
+            err = None
+        if not isinstance(err, dict):
+            err = {"code": "interrupted", "message": INTERRUPTED_MESSAGE}
+        return "error", err
+    return "done", None
+
+
+def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] | None:
+    try:
+        doc = read_json_under(data_dir, rp.rel("json"))
+    except FileNotFoundError:
+        return None  # the crash came before the status existed: nothing was promised to anyone
+    if not isinstance(doc, dict):
+        raise ValueError("the status file is not a JSON object")
     txt = rp.file(data_dir, "txt")
     is_stream = txt.exists()
-    size, datas = repair_event_log(txt) if is_stream else (0, [])
+    size, events = repair_event_log(txt) if is_stream else (0, [])
+    if doc.get("status") in TERMINAL:
+        if is_stream:  # the crash came between the terminal status and the log's last event
+            _append_ending(txt, size, events, doc.get("status"), doc.get("error"))
+        return None
     assembler = Assembler()
-    for data in datas:
-        if data != DONE_DATA:
+    for name, data in events:
+        if name is None and data != DONE_DATA:
             try:
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError:
                 continue
             if isinstance(chunk, dict):
                 assembler.add(chunk)
-    error = {"code": "interrupted", "message": INTERRUPTED_MESSAGE}
+    stated = _ending_from_log(events) if is_stream else None
+    status, error = stated if stated else ("error", {"code": "interrupted", "message": INTERRUPTED_MESSAGE})
     raw_path = rp.file(data_dir, "raw")
     if not raw_path.exists():
-        raw_path.write_bytes(b"".join(b"data: " + d + b"\n\n" for d in datas))
+        write_atomic(raw_path, b"".join(b"data: " + d + b"\n\n" for name, d in events if name is None), True)
     if assembler.chunks:
         model = (doc.get("parameters") or {}).get("model", "")
-        doc.setdefault("response", {})["body"] = assembler.completion(model)
-    doc["status"] = "error"
-    doc["README"] = README["error"]
-    doc["error"] = error
+        doc.setdefault("response", {})["body"] = assembler.completion(model if isinstance(model, str) else "")
+    doc["status"] = status
+    doc["README"] = README[status]
+    if error:
+        doc["error"] = error
     req = doc.setdefault("request", {})
     req["finished_at"] = int(now)
     req["total_time"] = round(now - float(req.get("request_at") or now), 3)
     endpoints = doc.setdefault("endpoints", {})
     endpoints.pop("stop_url", None)
     endpoints["response_raw_url"] = endpoints.get("status_url", "")[: -len(".json")] + ".raw"
-    write_json_atomic(status_path, doc)
-    if is_stream:
-        events = EventLog(txt, size)
-        try:
-            events.append([(orjson.dumps({"error": error}), "error"), (DONE_DATA, None)])
-        finally:
-            events.close()
+    write_atomic(rp.file(data_dir, "json"), orjson.dumps(doc), True)
+    if is_stream and stated is None:
+        _append_ending(txt, size, events, status, error)
     return doc
 
 
-def _ensure_done(txt: Path) -> None:
-    if not txt.exists():
+def _append_ending(txt: Path, size: int, events: list[tuple[str | None, bytes]], status: Any, error: Any) -> None:
+    """Append the named event of the ending and `[DONE]` to a log that lacks them (never a second one)."""
+    if events and events[-1][1] == DONE_DATA:
         return
-    size, datas = repair_event_log(txt)
-    if datas and datas[-1] == DONE_DATA:
-        return
-    events = EventLog(txt, size)
+    tail: list[tuple[bytes, str | None]] = []
+    if status == "error":
+        err = error if isinstance(error, dict) else {"code": "interrupted", "message": INTERRUPTED_MESSAGE}
+        tail.append((orjson.dumps({"error": err}), "error"))
+    elif status == "stop":
+        tail.append((orjson.dumps({"status": "stop", "message": "stopped by the stop URL"}), "stop"))
+    tail.append((DONE_DATA, None))
+    log_file = EventLog(txt, size)
     try:
-        events.append([(DONE_DATA, None)])
+        log_file.append(tail)
+        log_file.sync()
     finally:
-        events.close()
+        log_file.close()

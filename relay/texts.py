@@ -14,3 +14,5 @@ STREAM_README = (
     "The `stream_events_url` endpoint below streams data sent by the ChatGPT API. Open it to receive incoming messages."
 )
 ASYNC_README = "The `status_url` endpoint below updates until the request is done. Poll it to get the result."
+
+TERMINAL = frozenset({"done", "error", "stop"})  # the status values a request ends in; never changed after
