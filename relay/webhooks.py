@@ -26,23 +26,35 @@ from aiohttp.resolver import ThreadedResolver
 
 log = logging.getLogger("relay.webhooks")
 
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the v4 address is the last 32 bits
+GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")  # every other IPv6 range is local, reserved or legacy
+RESPONSE_LIMIT = 64 * 1024  # bytes of a receiver's answer that are read; the rest is never read
 
 
 class WebhookRefused(Exception):
     """The URL may not be called; the message says why."""
 
 
+class NonPublicAddress(OSError):
+    """A webhook host resolves only to addresses webhooks may not reach (raised by the resolver)."""
+
+
 def address_allowed(text: str) -> bool:
-    """True for a unicast, globally routable address (IPv4, IPv6, and v4 embedded in v6)."""
+    """True for a unicast, globally routable address (IPv4, IPv6, and v4 embedded in v6).
+
+    IPv6 must be global unicast (2000::/3), which leaves out IPv4-compatible (::a.b.c.d), IPv4-translated
+    (::ffff:0:a.b.c.d), site-local (fec0::/10), unique-local and the local-use NAT64 prefix
+    (64:ff9b:1::/48); the well-known NAT64 prefix is allowed only for a public IPv4 address."""
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip in NAT64:
+            return address_allowed(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+        if ip not in GLOBAL_UNICAST_V6:
+            return False
+        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is not None and not address_allowed(str(embedded)):
             return False
     return ip.is_global and not ip.is_multicast
@@ -72,7 +84,7 @@ class GuardedResolver(AbstractResolver):
             return results
         allowed = [r for r in results if address_allowed(r["host"])]
         if not allowed:
-            raise OSError(f"{host} resolves only to addresses webhooks may not reach")
+            raise NonPublicAddress(f"{host} resolves only to addresses webhooks may not reach")
         return allowed
 
     async def close(self) -> None:
@@ -101,10 +113,31 @@ async def check_url(url: str, resolver: GuardedResolver) -> None:
         return
     try:
         await resolver.resolve(host, port or 0, socket.AF_UNSPEC)
-    except OSError as exc:
-        if "may not reach" in str(exc):
-            raise WebhookRefused("resolves to a loopback, private, link-local, multicast or reserved address") from None
-        raise WebhookRefused(f"host {host!r} does not resolve") from None
+    except NonPublicAddress:
+        raise WebhookRefused("resolves to a loopback, private, link-local, multicast or reserved address") from None
+    except OSError:
+        raise WebhookRefused(f"host {host[:100]!r} does not resolve") from None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+async def _drain_bounded(resp: aiohttp.ClientResponse) -> None:
+    """Read at most RESPONSE_LIMIT bytes of a receiver's answer; a longer one is cut off (the
+    connection is closed, not reused). Only the status matters to the relay."""
+    read = 0
+    while read <= RESPONSE_LIMIT:
+        block = await resp.content.readany()
+        if not block:
+            return
+        read += len(block)
+    resp.close()
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -168,7 +201,7 @@ class WebhookSender:
         for attempt in range(1, self.attempts + 1):
             try:
                 async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                    await resp.read()
+                    await _drain_bounded(resp)
                     if resp.status < 300:
                         log.info("request %s: webhook delivered (HTTP %d)", request_id, resp.status)
                         return True
@@ -178,7 +211,7 @@ class WebhookSender:
                     problem = f"HTTP {resp.status}"
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 problem = type(exc).__name__
-                if "may not reach" in str(exc):
+                if any(isinstance(e, NonPublicAddress) for e in _causes(exc)):
                     log.warning("request %s: webhook refused: host resolves to a non-public address", request_id)
                     return False
             if attempt < self.attempts:
