@@ -3,10 +3,14 @@
 Every request for a file goes through `_locate`, which parses the raw URL path (see `paths.py`),
 refuses other nodes and expired requests, and checks private tokens, before anything touches the disk.
 
-The event stream replays the `.txt` file from an offset, then follows the running job: it sleeps on
-the job until the log grows, reads the new bytes with one `pread` and writes them out. A reader holds
-no buffer of its own: a slow reader simply reads later from the file, so it costs the same memory as
-a fast one and can never make the job wait.
+Files are opened with `store.open_under`: no symlink is followed anywhere below the data directory,
+and only regular files are served, from the descriptor that was opened.
+
+The event stream replays the `.txt` file from an offset, then follows the running job. A caught-up
+reader lets the job write new events straight to its socket (`Job.follow_pushed`) until its socket
+holds more than 64 KiB unsent; then, and for replay, its own loop reads the file with `pread` and
+writes with backpressure. So a reader that stops reading costs at most ~64 KiB of buffer (plus what
+the kernel holds) and is dropped after [server] send_timeout_seconds without progress.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,10 @@ from aiohttp import web
 
 from .config import Config
 from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
-from .jobs import Job, JobManager, public_view
-from .paths import RequestPath, parse_request_path
+from .jobs import PUSH_BUFFER_LIMIT, Job, JobManager, public_view
+from .paths import RequestPath, expired, parse_request_path
 from .security import bearer, token_matches
-from .store import event_end, read_json
+from .store import event_end, open_under, read_json_under
 
 log = logging.getLogger("relay.serve")
 
@@ -47,17 +50,35 @@ def _not_found() -> HTTPError:
     return HTTPError(404, "not_found", "no such request here: the URL is wrong, or the request has expired")
 
 
-def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> tuple[dict[str, Any], Any]:
+async def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> tuple[dict[str, Any], Any]:
     """The stored token hashes of a request, and its status document when it had to be read from disk
     (None for a running request, whose hashes are in memory)."""
     job = manager.get(rp.request_id)
     if job is not None and job.rp == rp:
         return job.doc["authorization"], None
+    doc = await _read_status(config, rp)
+    auth = doc.get("authorization")
+    return (auth if isinstance(auth, dict) else {}), doc
+
+
+async def _read_status(config: Config, rp: RequestPath) -> dict[str, Any]:
+    """A request's status document from disk, read and parsed in a worker thread."""
     try:
-        doc = read_json(rp.file(config.data_dir, "json"))
-    except (FileNotFoundError, NotADirectoryError, orjson.JSONDecodeError):
+        doc = await asyncio.to_thread(read_json_under, config.data_dir, rp.rel("json"))
+    except (FileNotFoundError, ValueError):
         raise _not_found() from None
-    return doc.get("authorization") or {}, doc
+    if not isinstance(doc, dict):
+        raise _not_found()
+    return doc
+
+
+def _exists(config: Config, rp: RequestPath, ext: str) -> bool:
+    """True when the request has this file, as a regular file reached without symlinks."""
+    try:
+        os.close(open_under(config.data_dir, rp.rel(ext)))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _check_token(request: web.Request, auth: dict[str, Any], kind: str) -> None:
@@ -77,7 +98,7 @@ def _check_token(request: web.Request, auth: dict[str, Any], kind: str) -> None:
     raise HTTPError(403, "forbidden", "the token does not open this URL")
 
 
-def _locate(request: web.Request) -> tuple[RequestPath, str, Any]:
+async def _locate(request: web.Request) -> tuple[RequestPath, str, Any]:
     """The request a URL names, its kind, and (for a private one read from disk) its status document."""
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
@@ -87,13 +108,11 @@ def _locate(request: web.Request) -> tuple[RequestPath, str, Any]:
     rp, kind = parsed
     if rp.node_id != config.server_node_id:
         raise _not_found()
-    if manager.get(rp.request_id) is None:
-        age_days = (time.time() - rp.created.timestamp()) / 86400
-        if age_days > config.retention_max_age_days:
-            raise _not_found()
+    if manager.get(rp.request_id) is None and expired(rp, config.retention_max_age_days):
+        raise _not_found()
     stored = None
     if rp.private:
-        auth, stored = _stored_auth(manager, config, rp)
+        auth, stored = await _stored_auth(manager, config, rp)
         _check_token(request, auth, kind)
     return rp, kind, stored
 
@@ -101,7 +120,7 @@ def _locate(request: web.Request) -> tuple[RequestPath, str, Any]:
 async def handle_file(request: web.Request) -> web.StreamResponse:
     """Dispatch every `/<node>/r/…` URL."""
     try:
-        rp, kind, stored = _locate(request)
+        rp, kind, stored = await _locate(request)
         if kind == "stop":
             if request.method not in ("GET", "POST"):
                 raise HTTPError(405, "method_not_allowed", "use GET or POST on a stop URL")
@@ -117,26 +136,50 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
 
 async def _plain(request: web.Request, rp: RequestPath, kind: str, stored: Any) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
-    path = rp.file(config.data_dir, kind)
     if kind == "json":
         if rp.private:
             doc = stored  # already read to check the token, unless the request is running
             if doc is None:
-                try:
-                    doc = read_json(path)
-                except (FileNotFoundError, NotADirectoryError):
-                    raise _not_found() from None
+                doc = await _read_status(config, rp)
             doc = public_view(doc)
             return web.Response(body=orjson.dumps(doc), content_type="application/json", headers=NO_STORE)
         content_type = "application/json"
     else:
-        is_stream = rp.file(config.data_dir, "txt").exists()
-        content_type = "text/plain; charset=utf-8" if is_stream else "application/json"
-    if not path.is_file():
-        if kind == "raw" and rp.file(config.data_dir, "json").is_file():
-            raise HTTPError(404, "not_ready", "the raw upstream response is written when the request ends")
-        raise _not_found()
-    return web.FileResponse(path, headers={**NO_STORE, "Content-Type": content_type})
+        content_type = "text/plain; charset=utf-8" if _exists(config, rp, "txt") else "application/json"
+    try:
+        fd = open_under(config.data_dir, rp.rel(kind))
+    except FileNotFoundError:
+        if kind == "raw" and _exists(config, rp, "json"):
+            raise HTTPError(404, "not_ready", "the raw upstream response is written when the request ends") from None
+        raise _not_found() from None
+    try:
+        return await _send_fd(request, fd, content_type)
+    finally:
+        os.close(fd)
+
+
+async def _send_fd(request: web.Request, fd: int, content_type: str) -> web.StreamResponse:
+    """Serve an opened regular file: small ones in one answer, large ones in blocks read off the loop."""
+    size = os.fstat(fd).st_size
+    headers = {**NO_STORE, "Content-Type": content_type}
+    if size <= READ_BLOCK:
+        return web.Response(body=os.pread(fd, size, 0), headers=headers)
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = size
+    await resp.prepare(request)
+    if request.method == "HEAD":
+        return resp
+    offset = 0
+    seconds = request.app[CONFIG].server_send_timeout_seconds
+    while offset < size:
+        block = await asyncio.to_thread(os.pread, fd, min(READ_BLOCK, size - offset), offset)
+        if not block:
+            break
+        async with asyncio.timeout(seconds):
+            await resp.write(block)
+        offset += len(block)
+    await resp.write_eof()
+    return resp
 
 
 async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
@@ -148,7 +191,7 @@ async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
         if job.task is not None:
             await asyncio.shield(job.task)
         return json_response({"status": "success"})
-    if not rp.file(config.data_dir, "json").is_file():
+    if not _exists(config, rp, "json"):
         raise _not_found()
     return json_response({"status": "success"})
 
@@ -169,8 +212,8 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
     if job is not None and (job.rp != rp or job.events is None):
         job = None
     try:
-        fd = os.open(rp.file(config.data_dir, "txt"), os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):
+        fd = open_under(config.data_dir, rp.rel("txt"))
+    except FileNotFoundError:
         raise _not_found() from None
     try:
         size = job.size if job is not None else os.fstat(fd).st_size
@@ -197,8 +240,9 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -
     await resp.prepare(request)
     readers = request.app[READERS]
     readers[0] += 1
+    seconds = request.app[CONFIG].server_send_timeout_seconds
     try:
-        await resp.write(b": connected\n\n")
+        await _send(resp, b": connected\n\n", seconds)
         while True:
             size = job.size if job is not None else os.fstat(fd).st_size
             if offset < size:
@@ -210,23 +254,38 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -
                 if not data:
                     break
                 offset += len(data)
-                await resp.write(data)
+                await _send(resp, data, seconds)
                 continue
             if job is None or job.finished:
                 break
             transport = request.transport
-            if resp.chunked and transport is not None and offset == job.size:
+            if (
+                resp.chunked
+                and transport is not None
+                and offset == job.size
+                and transport.get_write_buffer_size() <= PUSH_BUFFER_LIMIT  # a backed-up reader waits below
+            ):
                 offset = await job.follow_pushed(transport, offset)  # caught up: the job writes to us
             else:
                 await job.wait_for_more(offset)
             if not job.finished and job.size <= offset:
-                await resp.write(b": keep-alive\n\n")
+                await _send(resp, b": keep-alive\n\n", seconds)
         await resp.write_eof()
     except (ConnectionError, RuntimeError):
         pass  # the reader went away; the request itself carries on
+    except TimeoutError:
+        log.info("dropped an event-stream reader that took no bytes for %gs", seconds)
+        if request.transport is not None:
+            request.transport.abort()
     finally:
         readers[0] -= 1
     return resp
+
+
+async def _send(resp: web.StreamResponse, data: bytes, seconds: float) -> None:
+    """Write to a reader, waiting at most `seconds` for its socket to take the bytes."""
+    async with asyncio.timeout(seconds):
+        await resp.write(data)
 
 
 async def preflight(request: web.Request) -> web.Response:

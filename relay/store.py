@@ -214,7 +214,9 @@ class EventLog:
 
 def event_end(fd: int, event_id: str, size: int) -> int | None:
     """Offset just after the event whose id is `event_id`, or None when there is no such event."""
-    if not event_id.isascii() or not event_id.isdigit() or (len(event_id) > 1 and event_id[0] == "0"):
+    if len(event_id) > 19 or not event_id.isascii() or not event_id.isdigit():
+        return None  # ids are file offsets: at most 19 digits (and Python refuses int() of 4,300+)
+    if len(event_id) > 1 and event_id[0] == "0":
         return None
     start = int(event_id)
     if start >= size:
