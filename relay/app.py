@@ -119,14 +119,15 @@ async def _shutdown(app: web.Application) -> None:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """Method, path without the query string (it may hold a stream token), status, size, time."""
+    """Method, path as sent (still percent-encoded, so no control character) without the query string
+    (it may hold a stream token), status, size, time."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         self.logger.info(
             '%s "%s %s" %s %s %.3fs',
             request.remote,
             request.method,
-            request.path,
+            request.rel_url.raw_path,
             response.status,
             response.body_length,
             duration,

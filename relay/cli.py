@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import devupstream, janitor
 from .app import AccessLogger, make_app
+from .server import RelayRunner
 from .config import Config, ConfigError, check_startup, load
 from .http import MANAGER
 from .recovery import running_ids
@@ -40,8 +41,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class EscapeControl(logging.Filter):
+    """Escape control characters in every log message, so that no peer-chosen byte can forge or hide a
+    log line (a CR/LF in a header, an ANSI escape in a model name)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in message):
+            record.msg = escape_control(message)
+            record.args = None
+        return True
+
+
+def escape_control(text: str) -> str:
+    return "".join(c if not (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0) else f"\\x{ord(c):02x}" for c in text)
+
+
 def setup_logging(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EscapeControl())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -109,8 +127,9 @@ async def _serve(config: Config, demo: bool) -> None:
             port,
         )
     app = make_app(config)
-    runner = web.AppRunner(
+    runner = RelayRunner(
         app,
+        config,
         access_log_class=AccessLogger,
         shutdown_timeout=config.server_shutdown_grace_seconds + 5,
     )

@@ -22,6 +22,7 @@ from aiohttp import web
 from relay import devupstream
 from relay.app import AccessLogger, make_app
 from relay.config import Config
+from relay.server import RelayRunner
 
 TEST_KEY = "sk-test-UPSTREAMKEY-9f8e7d6c5b4a"
 
@@ -192,7 +193,7 @@ async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayF
         )
         config = config.with_overrides(**overrides)
         app = make_app(config, resolver)
-        runner = web.AppRunner(app, shutdown_timeout=5, access_log_class=AccessLogger)
+        runner = RelayRunner(app, config, shutdown_timeout=5, access_log_class=AccessLogger)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
