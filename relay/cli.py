@@ -16,10 +16,10 @@ from aiohttp import web
 
 from . import devupstream, janitor
 from .app import AccessLogger, make_app
-from .server import RelayRunner
 from .config import Config, ConfigError, check_startup, load
 from .http import MANAGER
 from .recovery import running_ids
+from .server import RelayRunner
 
 log = logging.getLogger("relay")
 
