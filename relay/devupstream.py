@@ -24,6 +24,18 @@ object in the body (`"dev": {"pace": 0.05}`), which the relay forwards untouched
 | json_instead  | answer a streaming request with a plain `chat.completion` JSON body     |
 | stamp         | add `x_seq` (0, 1, …) and `x_sent` (CLOCK_MONOTONIC) to content chunks  |
 
+Hostile modes, for the relay's own tests of what an upstream may send it:
+
+| option        | effect                                                                  |
+|---------------|-------------------------------------------------------------------------|
+| huge_event    | one content event of this many bytes (sent in 64 KiB writes)            |
+| endless_line  | one `data:` line of this many bytes that never ends                     |
+| deep          | a chunk whose `usage` nests this many arrays (a non-stream answer too)  |
+| deep_logprobs | a chunk whose choice `logprobs` nests this many objects                 |
+| burst         | this many tiny content events in a single write                         |
+| never_finish  | the first chunk, then half an event, then silence                       |
+| fail_bytes    | with `fail`: an error body of this many bytes                           |
+
 `GET /dev/stats` reports `open` (requests being answered right now) and `total`; `POST /dev/reset`
 zeroes them. When started with a required key, any other `Authorization` is answered with 401.
 """
@@ -140,6 +152,8 @@ class DevUpstream:
             await asyncio.sleep(float(opts["header_delay"]))
         if opts.get("hang") == 1 or opts.get("hang") is True:
             await asyncio.sleep(3600)
+        if opts.get("fail") and opts.get("fail_bytes"):
+            return await _huge_error(request, int(opts["fail"]), int(opts["fail_bytes"]))
         if opts.get("fail"):
             return self._error(int(opts["fail"]), f"dev upstream failure {int(opts['fail'])} as requested")
         n = body.get("n") or 1
@@ -175,6 +189,8 @@ class DevUpstream:
                 finish = "tool_calls" if tool else ("length" if truncated else "stop")
                 choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
             doc = {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
+            if opts.get("deep"):
+                doc["usage"] = _nested(int(opts["deep"]))
             if opts.get("delay"):
                 await asyncio.sleep(float(opts["delay"]))
             return web.Response(body=orjson.dumps(doc), content_type="application/json")
@@ -192,6 +208,9 @@ class DevUpstream:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        if any(opts.get(k) for k in HOSTILE):
+            await _hostile(resp, opts, meta)
+            return resp
         pace = float(opts["pace"]) if "pace" in opts else self.default_pace
         if opts.get("delay"):
             await asyncio.sleep(float(opts["delay"]))
@@ -278,6 +297,69 @@ class DevUpstream:
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+HOSTILE = ("huge_event", "endless_line", "deep", "deep_logprobs", "burst", "never_finish")
+
+
+def _nested(depth: int, leaf: Any = 1, key: str | None = None) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = {key: value} if key else [value]
+    return value
+
+
+async def _hostile(resp: web.StreamResponse, opts: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The hostile stream modes (see the module docstring); each ends with a proper finish when it ends."""
+
+    def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
+        return b"data: " + orjson.dumps(
+            {**meta, "object": "chat.completion.chunk", "choices": choices, **(extra or {})}
+        )
+
+    def content(text: str) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": {"content": text}, "finish_reason": None}]
+
+    finish = chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]) + b"\n\ndata: [DONE]\n\n"
+    block = b"x" * 65536
+    if opts.get("huge_event") or opts.get("endless_line"):
+        size = int(opts.get("huge_event") or opts["endless_line"])
+        head = chunk(content("")).rsplit(b'""', 1)
+        await resp.write(head[0] + b'"')
+        for _ in range(size // len(block)):
+            await resp.write(block)
+        if opts.get("endless_line"):
+            return  # the line never ends: the body ends without a line break
+        await resp.write(b'"' + head[1] + b"\n\n" + finish)
+    elif opts.get("deep"):
+        await resp.write(chunk(content("deep")) + b"\n\n" + chunk([], {"usage": _nested(int(opts["deep"]))}))
+        await resp.write(b"\n\n" + finish)
+    elif opts.get("deep_logprobs"):
+        logprobs = _nested(int(opts["deep_logprobs"]), 1, "content")
+        event = [{"index": 0, "delta": {"content": "x"}, "logprobs": logprobs, "finish_reason": None}]
+        await resp.write(chunk(event) + b"\n\n" + finish)
+    elif opts.get("burst"):
+        one = chunk(content("a")) + b"\n\n"
+        await resp.write(one * int(opts["burst"]) + finish)
+    elif opts.get("never_finish"):
+        await resp.write(chunk(content("started")) + b'\n\ndata: {"id": "')
+        await asyncio.sleep(3600)
+
+
+async def _huge_error(request: web.Request, status: int, size: int) -> web.StreamResponse:
+    """An error answer with a body of `size` bytes, sent in 64 KiB writes."""
+    resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+    resp.content_length = size
+    await resp.prepare(request)
+    head = b'{"error": {"message": "huge error body", "type": "dev_error", "pad": "'
+    await resp.write(head)
+    left = size - len(head) - 3
+    block = b"x" * 65536
+    while left > 0:
+        await resp.write(block[:left])
+        left -= len(block)
+    await resp.write(b'"}}')
+    return resp
 
 
 def _tool_args(body: dict[str, Any]) -> str:

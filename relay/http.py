@@ -45,4 +45,7 @@ class HTTPError(Exception):
         self.headers = headers
 
     def response(self) -> web.Response:
-        return error(self.status, self.code, self.message, self.headers)
+        resp = error(self.status, self.code, self.message, self.headers)
+        if self.headers and self.headers.get("Connection") == "close":
+            resp.force_close()  # no lingering read of what the client still sends
+        return resp

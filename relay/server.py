@@ -9,6 +9,8 @@ runner made here changes exactly that, on aiohttp's own server and protocol clas
 - at most `[server] max_connections` open client connections; the next ones are closed at once;
 - a connection must send complete request headers within `[server] header_timeout_seconds` of
   connecting or of its previous answer (aiohttp's keep-alive timer, which covers both);
+- after answering a request whose body was not read (413, 408), what the client still sends is
+  drained for at most a second (aiohttp: 10 s), then the connection is closed;
 - a malformed request gets `400 {"status": "error", "error": {"code": "bad_request", …}}` naming only
   the kind of problem, and one log line with the peer address and that kind.
 """
@@ -28,6 +30,8 @@ from .config import Config
 from .http import error
 
 log = logging.getLogger("relay.server")
+
+LINGER_SECONDS = 1.0  # after an answer to an unread body, drain what the client still sends at most this long
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -89,6 +93,7 @@ class RelayRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, config: Config, **kwargs: Any) -> None:
         kwargs.setdefault("keepalive_timeout", config.server_header_timeout_seconds)
+        kwargs.setdefault("lingering_time", LINGER_SECONDS)
         super().__init__(app, **kwargs)
         self._max_connections = config.server_max_connections
 

@@ -7,6 +7,7 @@ openai SDK) to the dev upstream, exactly as in production.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,6 +23,7 @@ from aiohttp import web
 from relay import devupstream
 from relay.app import AccessLogger, make_app
 from relay.config import Config
+from relay.http import MANAGER
 from relay.server import RelayRunner
 
 TEST_KEY = "sk-test-UPSTREAMKEY-9f8e7d6c5b4a"
@@ -163,6 +165,64 @@ async def event_arrivals(response: aiohttp.ClientResponse) -> list[float]:
             if b"data: " in event:
                 arrivals.append(time.monotonic())
     return arrivals
+
+
+class LoopProbe:
+    """How long the event loop is held while an attack runs: GET /healthz on the relay every 10 ms
+    (the relay runs in this process, so a held loop delays the probe by exactly as long)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.worst = 0.0
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            async with self.relay.session.get(self.relay.url + "/healthz") as r:
+                assert r.status == 200
+                await r.read()
+            self.worst = max(self.worst, time.monotonic() - started)
+            self.count += 1
+            await asyncio.sleep(0.01)
+
+    async def __aenter__(self) -> LoopProbe:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0.05)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        await asyncio.sleep(0.05)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        assert self.count > 0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def held(relay: Relay) -> dict[str, int]:
+    """What a relay holds for its requests: running jobs, claimed slots, markers, the running gauge."""
+    manager = relay.app[MANAGER]
+    markers = relay.data_dir / "running"
+    return {
+        "jobs": manager.running(),
+        "slots": manager._slots,
+        "markers": len(list(markers.glob("*.json"))) if markers.is_dir() else 0,
+        "retries": len(manager.retries),
+    }
+
+
+async def until(check: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
+    """Wait until `check()` holds (polling every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
