@@ -302,11 +302,12 @@ class DevUpstream:
 HOSTILE = ("huge_event", "endless_line", "deep", "deep_logprobs", "burst", "never_finish")
 
 
-def _nested(depth: int, leaf: Any = 1, key: str | None = None) -> Any:
-    value = leaf
-    for _ in range(depth):
-        value = {key: value} if key else [value]
-    return value
+def _nested(depth: int, key: str | None = None) -> orjson.Fragment:
+    """JSON of `depth` nested arrays (or objects with one `key`), as text: orjson refuses to encode
+    more than 254 levels, and a hostile upstream is not bound by that."""
+    if key:
+        return orjson.Fragment(f'{{"{key}":' * depth + "1" + "}" * depth)
+    return orjson.Fragment("[" * depth + "1" + "]" * depth)
 
 
 async def _hostile(resp: web.StreamResponse, opts: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -335,7 +336,7 @@ async def _hostile(resp: web.StreamResponse, opts: dict[str, Any], meta: dict[st
         await resp.write(chunk(content("deep")) + b"\n\n" + chunk([], {"usage": _nested(int(opts["deep"]))}))
         await resp.write(b"\n\n" + finish)
     elif opts.get("deep_logprobs"):
-        logprobs = _nested(int(opts["deep_logprobs"]), 1, "content")
+        logprobs = _nested(int(opts["deep_logprobs"]), "content")
         event = [{"index": 0, "delta": {"content": "x"}, "logprobs": logprobs, "finish_reason": None}]
         await resp.write(chunk(event) + b"\n\n" + finish)
     elif opts.get("burst"):
