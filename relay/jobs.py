@@ -472,12 +472,20 @@ class Job:
                 problems = await self._write_ending(status, error)
             except Exception:
                 log.exception("request %s: cannot write its ending", self.rp.request_id)
+        if not problems:
+            problems = self._done_with_files()
         if problems:
             self.manager.retry_ending(self, status, error)
-        else:
-            self._close_files()
-            remove_marker(self.manager.config.data_dir, self.rp)
         self._close_out(status, error, now, problems)
+
+    def _done_with_files(self) -> list[str]:
+        """Close the log and drop the running marker, once the ending is on disk."""
+        self._close_files()
+        try:
+            remove_marker(self.manager.config.data_dir, self.rp)
+        except OSError as exc:
+            return [f"marker: {exc.strerror}"]
+        return []
 
     def _ending_doc(self, status: str, error: tuple[str, str] | None, now: float) -> None:
         doc = self.doc
@@ -576,8 +584,8 @@ class Job:
                     log.exception("request %s: cannot write its ending", self.rp.request_id)
                     continue
                 if not problems:
-                    self._close_files()
-                    remove_marker(self.manager.config.data_dir, self.rp)
+                    problems = self._done_with_files()
+                if not problems:
                     log.info("request %s: ending written after the disk came back", self.rp.request_id)
                     return
         finally:

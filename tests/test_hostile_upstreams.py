@@ -146,4 +146,3 @@ async def test_a_webhook_receiver_that_answers_without_end_costs_64_KiB(
 async def _metrics(relay: Relay) -> str:
     async with relay.session.get(relay.url + "/metrics") as r:
         return await r.text()
-

@@ -16,9 +16,14 @@ from .conftest import TEST_KEY, Upstream, free_port, msg, parse_sse, text_of
 from .test_cli import ROOT, _wait_healthy
 
 
-def start_relay(port: int, data: Path, upstream: Upstream, *extra: str, grace: float = 1) -> subprocess.Popen[bytes]:
+def start_relay(
+    port: int, data: Path, upstream: Upstream, *extra: str, grace: float = 1, reserve: int = 8 * 1024 * 1024
+) -> subprocess.Popen[bytes]:
     cfg = data.parent / f"relay-{port}.toml"
-    cfg.write_text(f'[server]\nshutdown_grace_seconds = {grace}\n[upstream]\ndefault_model = "echo"\n')
+    cfg.write_text(
+        f'[server]\nshutdown_grace_seconds = {grace}\n[upstream]\ndefault_model = "echo"\n'
+        f"[storage]\nreserve_bytes = {reserve}\n"
+    )
     return subprocess.Popen(
         [sys.executable, "relay.py", "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data),
          "--public-url", f"http://127.0.0.1:{port}", "--upstream-base-url", upstream.url, *extra],
