@@ -105,7 +105,7 @@ class Bench:
         await wait_port(port)
         self.upstream = Proc(proc, port)
 
-    async def start_relay(self, name: str) -> Proc:
+    async def start_relay(self, name: str, extra: str = "") -> Proc:
         assert self.upstream is not None
         port = free_port()
         data = self.workdir / f"data-{name}"
@@ -113,7 +113,7 @@ class Bench:
         cfg.write_text(
             '[server]\nmax_concurrent_jobs = 20000\nlog_level = "warning"\nmax_body_bytes = 1048576\n'
             f'[upstream]\napi_key = "{KEY}"\ndefault_model = "echo"\nmax_connections = 2000\n'
-            "[storage]\nreserve_bytes = 0\n"
+            "[storage]\nreserve_bytes = 0\n" + extra
         )
         proc = subprocess.Popen(
             [PY, "relay.py", "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data),
@@ -334,6 +334,43 @@ http {{
             "first_event": first,
         }
 
+    async def w5(self) -> None:
+        """Durable endings: the same burst of async requests (instant upstream) on a relay that fsyncs each
+        request's ending before dropping its marker, and on one that does not."""
+        count = 300 if self.quick else 1000
+        out: dict[str, Any] = {"count": count}
+        for fsync in (False, True, False, True):  # interleaved, so that machine noise hits both
+            relay = await self.start_relay(f"w5-{fsync}-{len(out)}", f"fsync = {'true' if fsync else 'false'}\n")
+            try:
+                body = {"model": "echo", "messages": [{"role": "user", "content": "ending"}]}
+                url = f"http://127.0.0.1:{relay.port}/v1/async-chatgpt"
+                t0 = time.monotonic()
+                posts = await self.loadgen(
+                    {"kind": "post", "url": url, "body": body, "count": count, "concurrency": 20}
+                )
+                await self.wait_idle(relay)
+                took = time.monotonic() - t0
+            finally:
+                relay.stop()
+            key = "fsync" if fsync else "no_fsync"
+            out[key] = min(out.get(key, took), took)
+            out[key + "_failed"] = out.get(key + "_failed", 0) + posts["failed"]
+        out["ratio"] = out["fsync"] / out["no_fsync"]
+        self.results["W5 durable endings"] = out
+
+    @staticmethod
+    async def wait_idle(relay: Proc, timeout: float = 120) -> None:
+        """Until the relay reports no running request (all endings written)."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                async with s.get(f"http://127.0.0.1:{relay.port}/metrics") as r:
+                    text = await r.text()
+                if "\nrelay_running_jobs 0.0" in text:
+                    return
+                await asyncio.sleep(0.02)
+        raise TimeoutError("the relay still runs requests")
+
     async def idle_memory(self) -> None:
         count = 500 if self.quick else 2000
         relay = await self.start_relay("idle")
@@ -369,6 +406,7 @@ http {{
                 await self.w2(r)
             await self.w3()
             await self.w4()
+            await self.w5()
             await self.idle_memory()
         finally:
             assert self.upstream is not None
@@ -428,6 +466,12 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
         lines += ["", "## W4: intake (instant upstream)", "",
                   f"{r['posts']['ok']} POSTs (20 connections): **{r['posts_per_s']:.0f} POSTs/s**, {r['posts']['failed']} failed. "
                   f"POST → first event at a reader: p50 {r['first_event']['p50_ms']:.1f} ms, p99 {r['first_event']['p99_ms']:.1f} ms."]  # fmt: skip
+    if "W5 durable endings" in results:
+        r = results["W5 durable endings"]
+        lines += ["", "## W5: durable endings (instant upstream, async requests)", "",
+                  f"{r['count']} requests, from the first POST until every ending is written (best of two): "
+                  f"fsync on {r['fsync']:.2f} s, off {r['no_fsync']:.2f} s, **ratio {r['ratio']:.2f}** "
+                  f"({r['fsync_failed'] + r['no_fsync_failed']} failed)."]  # fmt: skip
     if "Idle readers" in results:
         r = results["Idle readers"]
         lines += [

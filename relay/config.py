@@ -123,6 +123,7 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
         _non_negative,
         "space held back for finishing on a full disk",
     ),
+    ("storage", "fsync", bool, True, None, "make each request's ending durable (fsync) before its marker goes"),
     ("upstream", "base_url", str, "https://api.openai.com/v1", _url, "any OpenAI-compatible server"),
     ("upstream", "api_key", str, "", None, "server-side upstream key; else X-OpenAI-API-Key is required"),
     ("upstream", "default_model", str, "gpt-4o-mini", _non_empty, "model used when a request names none"),
@@ -190,6 +191,7 @@ class Config:
     server_log_level: str = "info"
     storage_data_dir: str = "data"
     storage_reserve_bytes: int = 8 * 1024 * 1024
+    storage_fsync: bool = True
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: str = field(default="", repr=False)
     upstream_default_model: str = "gpt-4o-mini"

@@ -507,18 +507,19 @@ class Job:
         `.raw`, then the terminal status, then the log's last events. Returns the pieces that failed."""
         problems: list[str] = []
         endpoints = self.doc["endpoints"]
+        durable = self.manager.config.storage_fsync
         if not self._raw_tried:  # a `.raw` that cannot be written is left out, not retried
             self._raw_tried = True
             if not error or error[0] != "storage_error":  # on a full disk, the status and [DONE] come first
                 try:
-                    await write_bytes_atomic(self.raw_path, bytes(self.raw))
+                    await write_bytes_atomic(self.raw_path, bytes(self.raw), durable)
                     endpoints["response_raw_url"] = self.rp.url(self.manager.config.public_url, "raw")
                 except OSError as exc:
                     log.warning("request %s: cannot write .raw: %s", self.rp.request_id, exc.strerror)
         if not self._status_written:
             data = orjson.dumps(self.doc)  # raises for what cannot be encoded: the caller ends as internal_error
             try:
-                await asyncio.to_thread(self._with_reserve, lambda: write_atomic(self.status_path, data, True))
+                await asyncio.to_thread(self._with_reserve, lambda: write_atomic(self.status_path, data, durable))
                 self._status_written = True
             except OSError as exc:
                 problems.append(f".json: {exc.strerror}")
@@ -534,7 +535,8 @@ class Job:
                 self._with_reserve(lambda: events.append(tail))
                 self._tail_written = True
                 self._push()
-                await asyncio.to_thread(events.sync)
+                if durable:
+                    await asyncio.to_thread(events.sync)
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
         return problems

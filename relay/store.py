@@ -71,14 +71,15 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
         sync_dir(path.parent)
 
 
-async def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a possibly large body off the event loop (aiofiles), durably, then rename it into place."""
+async def write_bytes_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write a possibly large body off the event loop (aiofiles), then rename it into place."""
     tmp = _tmp_name(path)
     try:
         async with aiofiles.open(tmp, "wb") as fh:
             await fh.write(data)
-            await fh.flush()
-            await asyncio.to_thread(os.fsync, fh.fileno())
+            if durable:
+                await fh.flush()
+                await asyncio.to_thread(os.fsync, fh.fileno())
         await aiofiles.os.replace(tmp, path)
     except BaseException:
         _discard(tmp)
