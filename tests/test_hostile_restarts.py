@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .test_restart import _read_until_cut, start_relay
 
 def _request(data: Path, status: dict[str, object] | bytes | None) -> RequestPath:
     """A request's files as a crash could leave them, with its running marker."""
-    rp = RequestPath.new(1, False, 1_790_000_000)
+    rp = RequestPath.new(1, False, int(time.time()) - 60)  # recent: the janitor leaves it alone
     rp = RequestPath(rp.node_id, rp.access, rp.created, str(uuid.uuid4()))
     rp.directory(data).mkdir(parents=True, exist_ok=True)
     if status is not None:
