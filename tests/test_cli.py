@@ -69,6 +69,19 @@ def test_shipped_config_is_valid_and_matches_the_defaults() -> None:
     assert load(ROOT / "config.toml", env={}) == Config()
 
 
+
+def test_shipped_config_and_readme_list_every_setting() -> None:
+    import tomllib
+
+    from relay.config import SCHEMA
+
+    shipped = tomllib.loads((ROOT / "config.toml").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for section, key, *_ in SCHEMA:
+        assert key in shipped.get(section, {}), f"config.toml lacks [{section}] {key}"
+        assert f"`[{section}] {key}`" in readme, f"README lacks [{section}] {key}"
+
+
 async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
