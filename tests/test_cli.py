@@ -69,7 +69,6 @@ def test_shipped_config_is_valid_and_matches_the_defaults() -> None:
     assert load(ROOT / "config.toml", env={}) == Config()
 
 
-
 def test_shipped_config_and_readme_list_every_setting() -> None:
     import tomllib
 
