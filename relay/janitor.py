@@ -48,8 +48,9 @@ def _expired_second_dirs(access_dir: Path, cutoff: datetime) -> Iterator[Path]:
     limits = (cutoff.year, cutoff.month, cutoff.day, cutoff.hour, cutoff.minute, cutoff.second)
 
     def walk(directory: Path, depth: int, prefix_before: bool) -> Iterator[Path]:
-        try:
-            names = sorted(n for n in os.listdir(directory) if n.isdigit())
+        try:  # plain directories only: a symlink is never walked into (it could lead out of the data dir)
+            with os.scandir(directory) as entries:
+                names = sorted(e.name for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             return
         for name in names:
@@ -108,7 +109,7 @@ def sweep(
                 for ext in EXTENSIONS:
                     path = second_dir / (request_id + ext)
                     try:
-                        size = path.stat().st_size
+                        size = path.lstat().st_size  # a symlink is removed itself, never its target
                         path.unlink()
                     except FileNotFoundError:
                         continue

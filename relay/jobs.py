@@ -547,6 +547,9 @@ class Job:
 
     def _close_out(self, status: str, error: tuple[str, str] | None, now: float, problems: list[str]) -> None:
         """Give back what the request held (slot, readers, gauge) and report it; runs exactly once."""
+        self.finished = True  # first what others wait for: readers, the slot, the gauge
+        self._wake()
+        self.manager.forget(self)
         endpoints = self.doc["endpoints"]
         metrics = self.manager.metrics
         metrics.requests.labels(self.doc["request"]["endpoint"], status).inc()
@@ -555,9 +558,6 @@ class Job:
         if self.first_chunk_at and self.processed_at:
             metrics.first_chunk.observe(self.first_chunk_at - self.processed_at)
         metrics.bytes_written.inc(self.size + (len(self.raw) if "response_raw_url" in endpoints else 0))
-        self.finished = True
-        self._wake()
-        self.manager.forget(self)
         if self.webhook_url:
             self.manager.webhooks.send_later(self.webhook_url, public_view(self.doc), self.rp.request_id)
         ttfb = f"{self.first_chunk_at - self.processed_at:.3f}" if self.first_chunk_at and self.processed_at else "-"

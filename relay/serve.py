@@ -189,7 +189,7 @@ async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
     if job is not None and job.rp == rp:
         manager.stop(rp.request_id)
         if job.task is not None:
-            await asyncio.shield(job.task)
+            await asyncio.wait([job.task])  # its ending is on disk (whatever happened inside the job)
         return json_response({"status": "success"})
     if not _exists(config, rp, "json"):
         raise _not_found()

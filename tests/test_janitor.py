@@ -104,3 +104,23 @@ def test_janitor_command_skips_requests_with_a_running_marker(tmp_path: Path) ->
     )  # fmt: skip
     assert "removed 0 expired request(s)" in out.stdout
     assert (tmp_path / "data" / (base + ".json")).exists()
+
+
+def test_sweep_never_follows_a_symlink_out_of_the_data_directory(tmp_path: Path) -> None:
+    """A dated folder that is a symlink is not walked into, and a file symlink is removed, not its target."""
+    data = tmp_path / "data"
+    outside = tmp_path / "outside"
+    (outside / "11" / "12" / "13" / "14" / "15").mkdir(parents=True)
+    victim = outside / "11" / "12" / "13" / "14" / "15" / "0f0f0f0f-0f0f-4f0f-8f0f-0f0f0f0f0f0f.json"
+    victim.write_text("precious")
+    pub = data / "1" / "r" / "pub"
+    pub.mkdir(parents=True)
+    (pub / "2001").symlink_to(outside, target_is_directory=True)
+    target = tmp_path / "target.json"
+    target.write_text("also precious")
+    second = pub / "2002" / "01" / "01" / "00" / "00" / "00"
+    second.mkdir(parents=True)
+    (second / "1e1e1e1e-1e1e-4e1e-8e1e-1e1e1e1e1e1e.json").symlink_to(target)
+    report, _ = janitor.sweep(data, 1, 30, lambda _id: False)
+    assert victim.read_text() == "precious" and target.read_text() == "also precious"
+    assert report.requests == 1 and not (second / "1e1e1e1e-1e1e-4e1e-8e1e-1e1e1e1e1e1e.json").is_symlink()
