@@ -17,7 +17,8 @@ class SSEParser:
 
     Linear in what is fed: each byte is scanned once, an unterminated line is kept in a bytearray that
     grows by appending, and no event may exceed `max_event_bytes` (EventTooLarge), so an upstream that
-    never ends a line costs bounded memory and no rescans. Lines end with LF or CRLF.
+    never ends a line costs bounded memory and no rescans. Lines end with LF, CRLF or a lone CR (a CR at
+    the end of a read waits for the next one, in case it is half a CRLF); a leading BOM is skipped.
     """
 
     def __init__(self, max_event_bytes: int = 16 * 1024 * 1024) -> None:
@@ -25,8 +26,27 @@ class SSEParser:
         self._line = bytearray()  # the unterminated last line
         self._data: list[bytes] = []
         self._size = 0  # bytes of data lines in the current event
+        self._cr = False  # the last read ended with a CR
+        self._started = False
 
     def feed(self, block: bytes) -> list[bytes]:
+        if not self._started and block:
+            if len(block) < 3 and b"\xef\xbb\xbf".startswith(block) and not self._line:
+                self._line += block  # too short to tell: wait for more
+                return []
+            self._started = True
+            if self._line:
+                block, self._line = bytes(self._line) + block, bytearray()
+            if block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+        if self._cr:
+            block = b"\r" + block
+            self._cr = False
+        if block.endswith(b"\r"):
+            block = block[:-1]
+            self._cr = True
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         out: list[bytes] = []
         start = 0
         nl = block.find(b"\n")
@@ -48,8 +68,6 @@ class SSEParser:
         return out
 
     def _line_done(self, line: bytes, out: list[bytes]) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
         if not line:
             if self._data:
                 out.append(b"\n".join(self._data))
@@ -69,6 +87,7 @@ class SSEParser:
     def flush(self) -> list[bytes]:
         """Data of a last event that the upstream did not terminate with a blank line."""
         out: list[bytes] = []
+        self._cr = False
         if self._line:
             line = bytes(self._line)
             self._line.clear()
