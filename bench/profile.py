@@ -69,8 +69,8 @@ async def main(streams: int, seconds: float, out: Path | None) -> str:
         area = (
             "upstream read (httpx2/httpcore2/anyio, openai SDK)"
             if any(k in joined for k in ("httpx2", "httpcore2", "anyio", "openai/"))
-            else "event stream writes to readers (Job._push, relay/serve.py, aiohttp)"
-            if "Job._push" in joined or "serve.py" in joined
+            else "event stream writes to readers (relay/fanout.py, relay/serve.py, aiohttp)"
+            if "fanout.py" in joined or "serve.py" in joined
             else "job: parse, assemble, append (relay/jobs.py, assemble.py, store.py)"
             if any(k in joined for k in ("jobs.py", "assemble.py", "store.py"))
             else "event loop, selectors, idle"

@@ -111,7 +111,7 @@ class Bench:
         data = self.workdir / f"data-{name}"
         cfg = self.workdir / f"relay-{name}.toml"
         cfg.write_text(
-            '[server]\nmax_concurrent_jobs = 20000\nlog_level = "warning"\nmax_body_bytes = 1048576\n'
+            '[server]\nmax_concurrent_jobs = 20000\nmax_connections = 20000\nlog_level = "warning"\nmax_body_bytes = 1048576\n'
             f'[upstream]\napi_key = "{KEY}"\ndefault_model = "echo"\nmax_connections = 2000\n'
             "[storage]\nreserve_bytes = 0\n" + extra
         )

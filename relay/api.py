@@ -19,16 +19,15 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from .assemble import assistant_message
+from . import status
 from .bounds import containers, has_control, printable_ascii, raw_too_deep
 from .config import Config
 from .http import CONFIG, MANAGER, QUOTAS, HTTPError, json_response
-from .jobs import TERMINAL, Job, JobManager
+from .jobs import Job, JobManager
 from .paths import RequestPath, expired, parse_status_url
 from .quotas import QuotaExceeded
 from .security import find_key, hash_token, new_token, relay_key, token_matches
 from .store import FileTooLarge, read_json_under
-from .texts import ASYNC_README, README, STREAM_README
 from .webhooks import WebhookRefused, check_url
 
 log = logging.getLogger("relay.api")
@@ -265,10 +264,10 @@ def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
             if not req.from_bearer_token
             else "`from_bearer_token` does not match `from_status_url`",
         )
-    status = parent.get("status")
-    if status not in TERMINAL:
+    state = parent.get("status")
+    if state not in status.TERMINAL:
         raise HTTPError(409, "parent_running", "the parent request is still running: wait until its status is done")
-    if status == "error":
+    if state == "error":
         raise HTTPError(409, "parent_failed", "the parent request ended in error: chain from a request that is done")
     return parent
 
@@ -332,15 +331,8 @@ def conversation(adm: Admitted, config: Config) -> tuple[list[dict[str, Any]], s
     req, parent = adm.req, adm.parent
     messages, model, access, conversation_id = req.messages, req.model, req.access, req.conversation_id
     if parent is not None:
-        params = parent.get("parameters") or {}
-        history = params.get("messages") or []
-        history = history if isinstance(history, list) else []
-        reply = assistant_message((parent.get("response") or {}).get("body"))
-        _check_count(len(history) + 1 + len(messages), config)
-        messages = history + ([reply] if reply else []) + messages
-        model = model or params.get("model")
-        access = access or (parent.get("authorization") or {}).get("access")
-        conversation_id = conversation_id or parent.get("conversation_id")
+        _check_count(status.history_length(parent) + len(messages), config)
+        messages, model, access, conversation_id = status.chained(parent, messages, model, access, conversation_id)
     return messages, model or config.upstream_default_model, access, conversation_id
 
 
@@ -397,26 +389,16 @@ async def _start(
     if adm.parent is not None:
         endpoints["from_status_url"] = adm.req.from_status_url  # type: ignore[assignment]
     body = {"model": model, "messages": messages, **adm.req.forwarded}
-    doc: dict[str, Any] = {
-        "status": "queued",
-        "created_at": created_at,
-        "conversation_id": conversation_id,
-        "README": README["queued"],
-        "authorization": stored_auth,
-        "endpoints": endpoints,
-        "request": {
-            "endpoint": request.path,
-            "request_at": created_at,
-            "finished_at": 0,
-            "processed_at": 0,
-            "request_time": 0.0,
-            "total_time": 0.0,
-        },
-        "options": {"timeout": adm.req.timeout, "connect_timeout": adm.req.connect_timeout},
-        # serialised once: every status refresh embeds these bytes instead of re-encoding the history
-        "parameters": orjson.Fragment(orjson.dumps(body)),
-        "response": {},
-    }
+    doc = status.queued(
+        created_at=created_at,
+        conversation_id=conversation_id,
+        endpoint=request.path,
+        authorization=stored_auth,
+        endpoints=endpoints,
+        timeout=adm.req.timeout,
+        connect_timeout=adm.req.connect_timeout,
+        parameters=body,
+    )
     job = Job(
         manager,
         rp,
@@ -450,7 +432,7 @@ async def _start(
             "status": "success",
             "created_at": created_at,
             "conversation_id": conversation_id,
-            "README": STREAM_README if stream else ASYNC_README,
+            "README": status.STREAM_README if stream else status.ASYNC_README,
             "authorization": authorization,
             "endpoints": answer_endpoints,
         }

@@ -12,10 +12,12 @@ from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
 from . import api, janitor, recovery, serve
 from .config import Config
+from .fanout import PUSHED
 from .http import CONFIG, MANAGER, METRICS, QUOTAS, READERS
-from .jobs import JobManager, public_view
+from .jobs import JobManager
 from .metrics import Metrics
 from .quotas import Quotas
+from .status import public_view
 from .upstream import Upstream
 from .webhooks import WebhookSender
 
@@ -129,6 +131,6 @@ class AccessLogger(AbstractAccessLogger):
             request.method,
             request.rel_url.raw_path,
             response.status,
-            response.body_length,
+            response.body_length + request.get(PUSHED, 0),  # event-stream bytes pushed below the response
             duration,
         )

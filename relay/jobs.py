@@ -14,7 +14,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -24,8 +24,10 @@ from .config import Config
 from .metrics import Metrics
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
+from .status import TERMINAL, ending_events, public_view, raw_written, response_body
+from .status import finish as finish_doc
+from .status import started as start_doc
 from .store import DONE_DATA, EventLog, Reserve, write_atomic, write_bytes_atomic, write_json_atomic
-from .texts import README, TERMINAL
 from .upstream import Upstream, UpstreamError
 from .webhooks import WebhookSender
 
@@ -36,32 +38,12 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 UPSTREAM_MAX_CONTAINERS = 100_000  # arrays + objects in one upstream event or answer (~50 ms to parse at worst)
-PUSH_BUFFER_LIMIT = 64 * 1024  # a reader with more than this still unsent goes back to its own loop
+class Listener(Protocol):
+    """What follows a job's event log from the HTTP side (see `fanout`)."""
 
+    def appended(self) -> None: ...  # events were appended (`job.events.tail`)
 
-class Subscriber:
-    """A caught-up reader whose new events the job writes straight to its socket (one chunked-encoding
-    frame per append), instead of waking the reader's task for every event. A reader that falls
-    behind, or any wake-up (end, heartbeat), hands the socket back to the reader's own loop."""
-
-    __slots__ = ("transport", "offset", "fut")
-
-    def __init__(self, transport: asyncio.Transport, offset: int, fut: asyncio.Future[None]) -> None:
-        self.transport = transport
-        self.offset = offset
-        self.fut = fut
-
-    def release(self) -> None:
-        if not self.fut.done():
-            self.fut.set_result(None)
-
-
-def public_view(doc: dict[str, Any]) -> dict[str, Any]:
-    """The status document as clients see it: without the stored token hashes."""
-    auth = doc.get("authorization") or {}
-    if set(auth) <= {"access"}:
-        return doc
-    return {**doc, "authorization": {"access": auth.get("access", "private")}}
+    def woken(self) -> None: ...  # the job ended, or a heartbeat: readers should look again
 
 
 class Job:
@@ -105,7 +87,7 @@ class Job:
         self.started_at = time.time()
         self.processed_at: float | None = None
         self._waiters: list[asyncio.Future[None]] = []
-        self._subs: list[Subscriber] = []
+        self._listeners: list[Listener] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_status_write = 0.0
         self._refreshing: asyncio.Future[None] | None = None
@@ -150,10 +132,6 @@ class Job:
         write_atomic(self.status_path, orjson.dumps(self.doc))
         self._last_status_write = time.monotonic()
 
-    def _set_status(self, status: str) -> None:
-        self.doc["status"] = status
-        self.doc["README"] = README[status]
-
     # ----- readers ---------------------------------------------------------------------------------
 
     async def wait_for_more(self, offset: int) -> None:
@@ -168,39 +146,15 @@ class Job:
         self._waiters.append(fut)
         await fut
 
-    async def follow_pushed(self, transport: asyncio.Transport, offset: int) -> int:
-        """Let the job write new events to this reader's socket until it is handed back; returns the
-        reader's offset then. Only for a reader that is caught up (offset == size) on a chunked stream."""
-        if self.finished or self.size != offset:
-            return offset
-        sub = Subscriber(transport, offset, asyncio.get_running_loop().create_future())
-        self._subs.append(sub)
-        try:
-            await sub.fut
-        finally:
-            sub.release()
-        return sub.offset
+    def listen(self, listener: Listener) -> None:
+        """Tell `listener` of every append and every wake-up, until the job ends."""
+        self._listeners.append(listener)
 
-    def _push(self) -> None:
-        """Write the last append to every subscribed reader that is caught up and not backed up."""
-        events = self.events
-        if not self._subs or events is None:
-            return
-        data, start = events.tail, events.tail_start
-        frame = b"%x\r\n" % len(data) + data + b"\r\n"
-        keep = []
-        for sub in self._subs:
-            transport = sub.transport
-            if sub.fut.done() or sub.offset != start or transport.is_closing():
-                sub.release()
-                continue
-            transport.write(frame)
-            sub.offset = start + len(data)
-            if transport.get_write_buffer_size() > PUSH_BUFFER_LIMIT:
-                sub.release()  # a slow reader: its own loop continues, with backpressure
-                continue
-            keep.append(sub)
-        self._subs = keep
+    def _announce(self) -> None:
+        """Events were appended: wake the readers waiting, tell the listeners."""
+        self._wake_waiters()
+        for listener in self._listeners:
+            listener.appended()
 
     def _wake_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -209,11 +163,10 @@ class Job:
                 fut.set_result(None)
 
     def _wake(self) -> None:
-        """Wake every reader: waiting ones, and pushed ones (their socket goes back to their loop)."""
+        """Wake every reader: the waiting ones, and those the listeners hold."""
         self._wake_waiters()
-        subs, self._subs = self._subs, []
-        for sub in subs:
-            sub.release()
+        for listener in self._listeners:
+            listener.woken()
 
     heartbeat = _wake  # readers woken with nothing new write a keep-alive comment
 
@@ -226,7 +179,7 @@ class Job:
             if self.cancel_reason:
                 raise asyncio.CancelledError  # stopped (or shut down) before it began
             self.processed_at = time.time()
-            self._set_status("streaming" if self.stream else "processing")
+            start_doc(self.doc, self.stream, self.processed_at)
             self._write_status()
             async with asyncio.timeout(self.timeout):
                 if self.stream:
@@ -345,8 +298,7 @@ class Job:
                 self.events.append(out)
                 for chunk in chunks:  # only what is on disk counts towards the assembled answer
                     self.assembler.add(chunk)
-                self._push()
-                self._wake_waiters()
+                self._announce()
                 self._schedule_refresh()
 
     def _parse(self, data: bytes, what: str) -> Any:
@@ -405,7 +357,7 @@ class Job:
         if self._refreshing is not None and not self._refreshing.done():
             self._schedule_refresh()  # the previous write is still going: try again a little later
             return
-        self.doc.setdefault("response", {})["body"] = self.assembler.completion(self.body["model"])
+        response_body(self.doc, self.assembler.completion(self.body["model"]))
         try:
             data = orjson.dumps(self.doc)
         except orjson.JSONEncodeError:
@@ -429,7 +381,7 @@ class Job:
         body = self._parse(bytes(self.raw), "an answer")
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
             raise UpstreamError("upstream_invalid_response", "the upstream answer has no `choices`")
-        self.doc["response"]["body"] = body
+        response_body(self.doc, body)
 
     def _keep_upstream_error(self, exc: UpstreamError) -> None:
         if exc.status_code is None and not exc.body:
@@ -488,32 +440,21 @@ class Job:
         return []
 
     def _ending_doc(self, status: str, error: tuple[str, str] | None, now: float) -> None:
-        doc = self.doc
         if self.stream and (self.assembler.chunks or status == "done"):
-            doc.setdefault("response", {})["body"] = self.assembler.completion(self.body["model"])
-        self._set_status(status)
-        if error:
-            doc["error"] = {"code": error[0], "message": error[1]}
-        req = doc["request"]
-        req["finished_at"] = int(now)
-        if self.processed_at is not None:
-            req["processed_at"] = int(self.processed_at)
-            req["request_time"] = round(now - self.processed_at, 3)
-        req["total_time"] = round(now - self.started_at, 3)
-        doc["endpoints"].pop("stop_url", None)
+            response_body(self.doc, self.assembler.completion(self.body["model"]))
+        finish_doc(self.doc, status, error, now=now, since=self.started_at, processed_at=self.processed_at)
 
     async def _write_ending(self, status: str, error: tuple[str, str] | None) -> list[str]:
         """Write what is still missing of the ending, each piece durable (fsync, directory included):
         `.raw`, then the terminal status, then the log's last events. Returns the pieces that failed."""
         problems: list[str] = []
-        endpoints = self.doc["endpoints"]
         durable = self.manager.config.storage_fsync
         if not self._raw_tried:  # a `.raw` that cannot be written is left out, not retried
             self._raw_tried = True
             if not error or error[0] != "storage_error":  # on a full disk, the status and [DONE] come first
                 try:
                     await write_bytes_atomic(self.raw_path, bytes(self.raw), durable)
-                    endpoints["response_raw_url"] = self.rp.url(self.manager.config.public_url, "raw")
+                    raw_written(self.doc, self.rp.url(self.manager.config.public_url, "raw"))
                 except OSError as exc:
                     log.warning("request %s: cannot write .raw: %s", self.rp.request_id, exc.strerror)
         if not self._status_written:
@@ -524,17 +465,12 @@ class Job:
             except OSError as exc:
                 problems.append(f".json: {exc.strerror}")
         if self.events is not None and not self._tail_written:
-            tail: list[tuple[bytes, str | None]] = []
-            if error:
-                tail.append((orjson.dumps({"error": {"code": error[0], "message": error[1]}}), "error"))
-            elif status == "stop":
-                tail.append((orjson.dumps({"status": "stop", "message": "stopped by the stop URL"}), "stop"))
-            tail.append((DONE_DATA, None))
+            tail = ending_events(status, error)
             events = self.events
             try:
                 self._with_reserve(lambda: events.append(tail))
                 self._tail_written = True
-                self._push()
+                self._announce()
                 if durable:
                     await asyncio.to_thread(events.sync)
             except OSError as exc:

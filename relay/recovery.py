@@ -19,14 +19,13 @@ from typing import Any
 
 import orjson
 
+from . import status
 from .assemble import Assembler
 from .paths import RequestPath, parse_request_path
 from .store import DONE_DATA, EventLog, Reserve, read_json, read_json_under, write_all, write_atomic
-from .texts import README, TERMINAL
 
 log = logging.getLogger("relay.recovery")
 
-INTERRUPTED_MESSAGE = "the relay stopped (crash or kill) while this request was running"
 
 
 def marker_dir(data_dir: Path) -> Path:
@@ -174,24 +173,6 @@ def _quarantine(marker: Path, why: str) -> None:
         log.error("cannot quarantine running marker %s (%s): %s", marker.name, why, exc.strerror)
 
 
-def _ending_from_log(events: list[tuple[str | None, bytes]]) -> tuple[str, dict[str, Any] | None] | None:
-    """(status, error) that a log ending with `[DONE]` already states; None when it has no `[DONE]`."""
-    if not events or events[-1][1] != DONE_DATA:
-        return None
-    if len(events) >= 2 and events[-2][0] in ("error", "stop"):
-        name, data = events[-2]
-        if name == "stop":
-            return "stop", None
-        try:
-            err = orjson.loads(data).get("error")
-        except (ValueError, AttributeError):
-            err = None
-        if not isinstance(err, dict):
-            err = {"code": "interrupted", "message": INTERRUPTED_MESSAGE}
-        return "error", err
-    return "done", None
-
-
 def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] | None:
     try:
         doc = read_json_under(data_dir, rp.rel("json"))
@@ -202,9 +183,11 @@ def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] |
     txt = rp.file(data_dir, "txt")
     is_stream = txt.exists()
     size, events = repair_event_log(txt) if is_stream else (0, [])
-    if doc.get("status") in TERMINAL:
+    if doc.get("status") in status.TERMINAL:
         if is_stream:  # the crash came between the terminal status and the log's last event
-            _append_ending(txt, size, events, doc.get("status"), doc.get("error"))
+            err = doc.get("error") if isinstance(doc.get("error"), dict) else {}
+            error = (str(err.get("code")), str(err.get("message"))) if err else None
+            _append_ending(txt, size, events, str(doc["status"]), error)
         return None
     assembler = Assembler()
     for name, data in events:
@@ -215,44 +198,36 @@ def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] |
                 continue
             if isinstance(chunk, dict):
                 assembler.add(chunk)
-    stated = _ending_from_log(events) if is_stream else None
-    status, error = stated if stated else ("error", {"code": "interrupted", "message": INTERRUPTED_MESSAGE})
+    stated = status.stated_ending(events) if is_stream else None
+    state, error = stated if stated else ("error", status.INTERRUPTED)
     raw_path = rp.file(data_dir, "raw")
     if not raw_path.exists():
         write_atomic(raw_path, b"".join(b"data: " + d + b"\n\n" for name, d in events if name is None), True)
     if assembler.chunks:
         model = (doc.get("parameters") or {}).get("model", "")
-        doc.setdefault("response", {})["body"] = assembler.completion(model if isinstance(model, str) else "")
-    doc["status"] = status
-    doc["README"] = README[status]
-    if error:
-        doc["error"] = error
-    req = doc.setdefault("request", {})
-    req["finished_at"] = int(now)
-    req["total_time"] = round(now - float(req.get("request_at") or now), 3)
-    endpoints = doc.setdefault("endpoints", {})
-    endpoints.pop("stop_url", None)
-    endpoints["response_raw_url"] = endpoints.get("status_url", "")[: -len(".json")] + ".raw"
+        status.response_body(doc, assembler.completion(model if isinstance(model, str) else ""))
+    request_at = (doc.get("request") or {}).get("request_at")
+    since = float(request_at) if isinstance(request_at, (int, float)) else now
+    status_url = (doc.get("endpoints") or {}).get("status_url") or ""
+    raw_url = status_url[: -len(".json")] + ".raw" if status_url.endswith(".json") else None
+    status.finish(doc, state, error, now=now, since=since, raw_url=raw_url)
     write_atomic(rp.file(data_dir, "json"), orjson.dumps(doc), True)
     if is_stream and stated is None:
-        _append_ending(txt, size, events, status, error)
+        _append_ending(txt, size, events, state, error)
     return doc
 
 
-def _append_ending(txt: Path, size: int, events: list[tuple[str | None, bytes]], status: Any, error: Any) -> None:
-    """Append the named event of the ending and `[DONE]` to a log that lacks them (never a second one)."""
+def _append_ending(
+    txt: Path, size: int, events: list[tuple[str | None, bytes]], state: str, error: tuple[str, str] | None
+) -> None:
+    """Append the ending's last events to a log that lacks them (never a second `[DONE]`)."""
     if events and events[-1][1] == DONE_DATA:
         return
-    tail: list[tuple[bytes, str | None]] = []
-    if status == "error":
-        err = error if isinstance(error, dict) else {"code": "interrupted", "message": INTERRUPTED_MESSAGE}
-        tail.append((orjson.dumps({"error": err}), "error"))
-    elif status == "stop":
-        tail.append((orjson.dumps({"status": "stop", "message": "stopped by the stop URL"}), "stop"))
-    tail.append((DONE_DATA, None))
+    if state == "error" and error is None:
+        error = status.INTERRUPTED
     log_file = EventLog(txt, size)
     try:
-        log_file.append(tail)
+        log_file.append(status.ending_events(state, error))
         log_file.sync()
     finally:
         log_file.close()

@@ -7,7 +7,7 @@ Files are opened with `store.open_under`: no symlink is followed anywhere below 
 and only regular files are served, from the descriptor that was opened.
 
 The event stream replays the `.txt` file from an offset, then follows the running job. A caught-up
-reader lets the job write new events straight to its socket (`Job.follow_pushed`) until its socket
+reader gets new events written straight to its socket (`fanout.Fanout.follow`) until its socket
 holds more than 64 KiB unsent; then, and for replay, its own loop reads the file with `pread` and
 writes with backpressure. So a reader that stops reading costs at most ~64 KiB of buffer (plus what
 the kernel holds) and is dropped after [server] send_timeout_seconds without progress.
@@ -24,11 +24,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import fanout
 from .config import Config
 from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
-from .jobs import PUSH_BUFFER_LIMIT, Job, JobManager, public_view
+from .jobs import Job, JobManager
 from .paths import RequestPath, expired, parse_request_path
 from .security import bearer, token_matches
+from .status import public_view
 from .store import event_end, open_under, read_json_under
 
 log = logging.getLogger("relay.serve")
@@ -236,7 +238,7 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
 async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
     if request.version >= (1, 1):
-        resp.enable_chunked_encoding()  # explicit, so that the job may push frames (see Job._push)
+        resp.enable_chunked_encoding()  # explicit, so that new events may be pushed as chunks (see fanout)
     await resp.prepare(request)
     readers = request.app[READERS]
     readers[0] += 1
@@ -263,9 +265,10 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -
                 resp.chunked
                 and transport is not None
                 and offset == job.size
-                and transport.get_write_buffer_size() <= PUSH_BUFFER_LIMIT  # a backed-up reader waits below
+                and transport.get_write_buffer_size() <= fanout.PUSH_BUFFER_LIMIT  # a backed-up one waits below
             ):
-                offset = await job.follow_pushed(transport, offset)  # caught up: the job writes to us
+                offset, pushed = await fanout.of(job).follow(transport, offset)  # caught up: events are pushed
+                request[fanout.PUSHED] = request.get(fanout.PUSHED, 0) + pushed
             else:
                 await job.wait_for_more(offset)
             if not job.finished and job.size <= offset:

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from relay.jobs import PUSH_BUFFER_LIMIT
+from relay.fanout import PUSH_BUFFER_LIMIT
 
 from .conftest import TEST_KEY, LoopProbe, Relay, RelayFactory, held, msg, open_fds, parse_sse, read_stream, until
 
