@@ -35,9 +35,12 @@ log = logging.getLogger("relay.jobs")
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+TAIL_HOLD_SECONDS = 2.0
 
 
 UPSTREAM_MAX_CONTAINERS = 100_000  # arrays + objects in one upstream event or answer (~50 ms to parse at worst)
+
+
 class Listener(Protocol):
     """What follows a job's event log from the HTTP side (see `fanout`)."""
 
@@ -96,6 +99,8 @@ class Job:
         self._raw_tried = False
         self._status_written = False
         self._tail_written = False
+        self.status_settled = asyncio.Event()  # the terminal status is on disk (or could not be written)
+        self._tail_hold: asyncio.Future[None] | None = None
 
     # ----- files -----------------------------------------------------------------------------------
 
@@ -424,6 +429,7 @@ class Job:
                 problems = await self._write_ending(status, error)
             except Exception:
                 log.exception("request %s: cannot write its ending", self.rp.request_id)
+        self.status_settled.set()  # whatever happened above: a stop URL waiting on it answers now
         if not problems:
             problems = self._done_with_files()
         if problems:
@@ -464,6 +470,8 @@ class Job:
                 self._status_written = True
             except OSError as exc:
                 problems.append(f".json: {exc.strerror}")
+        self.status_settled.set()
+        await self._held()
         if self.events is not None and not self._tail_written:
             tail = ending_events(status, error)
             events = self.events
@@ -476,6 +484,20 @@ class Job:
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
         return problems
+
+    def hold_tail(self, until: asyncio.Future[None]) -> None:
+        """Keep the stream's last events (`event: stop`, `[DONE]`) back until `until` is done (at most
+        TAIL_HOLD_SECONDS): the stop URL answers its client first, whose script only counts an answer as
+        stopped when the stop's answer arrives while its stream is still open."""
+        self._tail_hold = until
+
+    async def _held(self) -> None:
+        hold, self._tail_hold = self._tail_hold, None
+        if hold is not None and not hold.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(hold), TAIL_HOLD_SECONDS)
+            except TimeoutError:
+                pass
 
     def _close_files(self) -> None:
         if self.events is not None:

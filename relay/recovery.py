@@ -27,7 +27,6 @@ from .store import DONE_DATA, EventLog, Reserve, read_json, read_json_under, wri
 log = logging.getLogger("relay.recovery")
 
 
-
 def marker_dir(data_dir: Path) -> Path:
     return data_dir / "running"
 

@@ -36,6 +36,7 @@ from .store import event_end, open_under, read_json_under
 log = logging.getLogger("relay.serve")
 
 READ_BLOCK = 256 * 1024
+STOP_ANSWER_LEAD = 0.05  # seconds between the stop's answer and the stream's end reaching readers
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache, no-transform",
@@ -189,13 +190,27 @@ async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
     manager: JobManager = request.app[MANAGER]
     job = manager.get(rp.request_id)
     if job is not None and job.rp == rp:
+        # The order clients rely on: the terminal status on disk, then this answer, then the stream's
+        # `event: stop` and `[DONE]` (held back by the job until the answer is written).
+        hold: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        job.hold_tail(hold)
         manager.stop(rp.request_id)
-        if job.task is not None:
-            await asyncio.wait([job.task])  # its ending is on disk (whatever happened inside the job)
-        return json_response({"status": "success"})
+        try:
+            await job.status_settled.wait()
+            resp = json_response({"status": "success"})
+            await resp.prepare(request)
+            await resp.write_eof()
+        finally:
+            asyncio.get_running_loop().call_later(STOP_ANSWER_LEAD, _release, hold)
+        return resp
     if not _exists(config, rp, "json"):
         raise _not_found()
     return json_response({"status": "success"})
+
+
+def _release(hold: asyncio.Future[None]) -> None:
+    if not hold.done():
+        hold.set_result(None)
 
 
 def _resume_id(request: web.Request) -> str | None:

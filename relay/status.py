@@ -192,4 +192,3 @@ def stated_ending(events: list[tuple[str | None, bytes]]) -> tuple[str, tuple[st
         except (ValueError, AttributeError, KeyError, TypeError):
             return "error", INTERRUPTED
     return "done", None
-

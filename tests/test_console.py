@@ -190,3 +190,33 @@ async def test_viewer_shows_events_with_their_ids(browser: Browser, relay: Relay
     await expect(page.locator("#viewer-state")).to_contain_text("could not be opened")
     await expect(page.locator("#viewer-status")).to_contain_text("async one")
     await asyncio.sleep(0)
+
+
+async def test_the_stop_answer_reaches_the_client_while_its_stream_is_still_open(
+    browser: Browser, relay: Relay
+) -> None:
+    """The OffloadGPT author's client marks an answer as stopped only when the stop URL's answer arrives
+    while its EventSource is still open. A browser records the order of what arrives."""
+    doc = await relay.start({"model": "echo:pace=0.05", "messages": [{"role": "user", "content": LONG}]})
+    page = await open_console(browser, relay.url, "stop-order", openai_key=None)
+    order = await page.evaluate(
+        """async ([streamUrl, stopUrl, statusUrl]) => {
+            const order = [];
+            const es = new EventSource(streamUrl);
+            await new Promise((ok) => { es.onmessage = () => ok(); });
+            order.push("first event");
+            const ended = new Promise((ok) => {
+                es.addEventListener("stop", () => order.push("event: stop"));
+                es.onmessage = (e) => { if (e.data === "[DONE]") { order.push("[DONE]"); es.close(); ok(); } };
+            });
+            const answer = await (await fetch(stopUrl, {method: "POST"})).json();
+            order.push(`stop answer ${answer.status}, stream ${es.readyState === 1 ? "open" : "closed"}`);
+            const status = await (await fetch(statusUrl)).json();
+            order.push(`status ${status.status}`);
+            await ended;
+            return order;
+        }""",
+        [doc["endpoints"]["stream_events_url"], doc["endpoints"]["stop_url"], doc["endpoints"]["status_url"]],
+    )
+    assert order == ["first event", "stop answer success, stream open", "status stop", "event: stop", "[DONE]"]
+    assert not page.problems  # type: ignore[attr-defined]

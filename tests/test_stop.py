@@ -7,7 +7,7 @@ import time
 
 import orjson
 
-from .conftest import Relay, RelayFactory, msg, parse_sse, read_stream, text_of
+from .conftest import Relay, RelayFactory, msg, parse_sse, read_stream, text_of, until
 
 
 def connections_to(port: int, exclude_local: set[int]) -> int:
@@ -168,3 +168,25 @@ async def test_stop_racing_the_end_always_leaves_a_whole_request(relay: Relay) -
         assert events[-1].data == "[DONE]"
         assert final["response"]["body"]["choices"][0]["message"]["content"] == text_of(events)
     assert not list((relay.data_dir / "running").glob("*.json"))
+
+
+async def test_stop_answer_comes_after_the_status_is_on_disk_and_before_the_stream_ends(relay: Relay) -> None:
+    doc = await relay.start(msg(" ".join(f"w{i}" for i in range(200)), model="echo:pace=0.02"))
+    status_file = relay.data_dir / doc["endpoints"]["status_url"][len(relay.url) + 1 :]
+    arrivals: list[tuple[float, bytes]] = []
+
+    async def read() -> None:
+        async with relay.session.get(doc["endpoints"]["stream_events_url"]) as r:
+            async for line in r.content:
+                arrivals.append((time.monotonic(), line))
+
+    reader = asyncio.create_task(read())
+    await until(lambda: len(arrivals) > 10, what="the stream started")
+    async with relay.session.post(doc["endpoints"]["stop_url"]) as r:
+        assert (await r.json()) == {"status": "success"}
+        answered = time.monotonic()
+        on_disk = orjson.loads(status_file.read_bytes())["status"]
+    await reader
+    assert on_disk == "stop"  # final on disk when the answer arrived
+    ends = [t for t, line in arrivals if line.startswith((b"event: stop", b"data: [DONE]"))]
+    assert len(ends) == 2 and min(ends) > answered  # and the readers saw the end only after it
