@@ -14,7 +14,6 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -24,7 +23,7 @@ from .bounds import containers, has_control, printable_ascii, raw_too_deep
 from .config import Config
 from .http import CONFIG, MANAGER, QUOTAS, HTTPError, json_response
 from .jobs import Job, JobManager
-from .paths import RequestPath, expired, parse_status_url
+from .paths import RequestPath, expired, is_http_url, parse_status_url
 from .quotas import QuotaExceeded
 from .security import find_key, hash_token, new_token, relay_key, token_matches
 from .store import FileTooLarge, read_json_under
@@ -179,10 +178,8 @@ def validate(payload: Any, config: Config) -> NewRequest:
     ):
         raise _bad("conversation_id", "must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
     webhook_url = _optional_str(payload, "webhook_url", 2048)
-    if webhook_url is not None:
-        parts = urlsplit(webhook_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise _bad("webhook_url", "must be an absolute http(s) URL")
+    if webhook_url is not None and not is_http_url(webhook_url):
+        raise _bad("webhook_url", "must be an absolute http(s) URL")
     forwarded = {k: v for k, v in payload.items() if k not in RELAY_FIELDS and k not in SET_BY_RELAY}
     return NewRequest(
         messages=messages,
@@ -220,7 +217,7 @@ async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
     return bytes(data)
 
 
-def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
+async def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
     """The parent status document of a chained request, after every check of the chaining rules."""
     assert req.from_status_url is not None
     prp = parse_status_url(req.from_status_url, config.public_url)
@@ -241,7 +238,9 @@ def resolve_parent(req: NewRequest, config: Config) -> dict[str, Any]:
     if expired(prp, config.retention_max_age_days):
         raise missing
     try:
-        parent = read_json_under(config.data_dir, prp.rel("json"), config.server_max_conversation_bytes)
+        parent = await asyncio.to_thread(
+            read_json_under, config.data_dir, prp.rel("json"), config.server_max_conversation_bytes
+        )
     except FileNotFoundError:
         raise missing from None
     except FileTooLarge:
@@ -302,7 +301,7 @@ async def admit(request: web.Request, manager: JobManager, config: Config) -> Ad
             "missing_api_key",
             "send the upstream key in the X-OpenAI-API-Key header (this relay has no upstream key configured)",
         )
-    parent = resolve_parent(req, config) if req.from_status_url else None
+    parent = await resolve_parent(req, config) if req.from_status_url else None
     if req.webhook_url:
         try:
             await check_url(req.webhook_url, manager.webhooks.resolver)

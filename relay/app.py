@@ -30,7 +30,7 @@ RESOLVER: web.AppKey[AbstractResolver] = web.AppKey("resolver")
 
 def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Application:
     """The relay. `resolver` replaces the system DNS resolver for webhooks (tests use it)."""
-    app = web.Application(middlewares=[serve.json_errors], client_max_size=config.server_max_body_bytes + 1)
+    app = web.Application(middlewares=[serve.json_errors])  # POST bodies are read (and bounded) by api
     app[CONFIG] = config
     app[READERS] = [0]
     app[METRICS] = Metrics()
@@ -66,9 +66,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[MANAGER] = manager
     metrics.bind(manager.running, lambda: app[READERS][0])
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    for doc, webhook_url in recovery.repair(config.data_dir, config.server_node_id, reserve=manager.reserve):
+    repaired = recovery.repair(config.data_dir, config.server_node_id, config.public_url, reserve=manager.reserve)
+    for rp, doc, webhook_url in repaired:
         if webhook_url:
-            webhooks.send_later(webhook_url, public_view(doc), doc["endpoints"]["status_url"].rsplit("/", 1)[1][:-5])
+            webhooks.send_later(webhook_url, public_view(doc), rp.request_id)
     if not manager.reserve.ensure():  # after the repairs, which may have needed its room
         log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
                     config.storage_reserve_bytes, config.data_dir)  # fmt: skip
@@ -81,8 +82,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    await manager.shutdown(config.server_shutdown_grace_seconds)
-    await webhooks.close()
+    await webhooks.close()  # (the jobs ended in _shutdown, before the server stopped its handlers)
     await upstream.close()
 
 

@@ -16,16 +16,21 @@ from aiohttp import web
 
 from . import devupstream, janitor
 from .app import AccessLogger, make_app
-from .config import Config, ConfigError, check_startup, load
+from .config import Config, ConfigError, check_startup, describe, load
 from .http import MANAGER
 from .recovery import running_ids
 from .server import RelayRunner
+from .upstream import quiet_sdk_loggers
 
 log = logging.getLogger("relay")
 
 
-class CannotListen(Exception):
-    """The relay's address is taken or not allowed."""
+class CannotStart(Exception):
+    """The relay cannot start: its data directory is unusable (exit 2) or its address is taken (exit 1)."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,8 +72,7 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("openai", "httpx", "httpx2", "httpcore", "httpcore2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_sdk_loggers()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,11 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the relay server")
     serve.add_argument("--config", help="config file (default: ./config.toml if it exists)")
-    serve.add_argument("--host", help="override [server] host")
-    serve.add_argument("--port", type=int, help="override [server] port")
-    serve.add_argument("--data-dir", help="override [storage] data_dir")
-    serve.add_argument("--public-url", help="override [server] public_url")
-    serve.add_argument("--upstream-base-url", help="override [upstream] base_url")
+    serve.add_argument("--host", help=describe("server", "host"))
+    serve.add_argument("--port", type=int, help=describe("server", "port"))
+    serve.add_argument("--data-dir", help=describe("storage", "data_dir"))
+    serve.add_argument("--public-url", help=describe("server", "public_url"))
+    serve.add_argument("--upstream-base-url", help=describe("upstream", "base_url"))
     serve.add_argument(
         "--demo",
         action="store_true",
@@ -91,10 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     jan = sub.add_parser("janitor", help="remove expired requests once, print what was removed, and exit")
     jan.add_argument("--config", help="config file (default: ./config.toml if it exists)")
-    jan.add_argument("--data-dir", help="override [storage] data_dir")
+    jan.add_argument("--data-dir", help=describe("storage", "data_dir"))
     dev = sub.add_parser("dev-upstream", help="run the development OpenAI-compatible echo server")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8090)
+    dev.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=8090, help="TCP port to listen on (default: 8090)")
     dev.add_argument("--require-key", help="answer 401 unless this key is sent (default: accept any)")
     return parser
 
@@ -133,13 +137,16 @@ async def _serve(config: Config, demo: bool) -> None:
         access_log_class=AccessLogger,
         shutdown_timeout=config.server_shutdown_grace_seconds + 5,
     )
-    await runner.setup()
+    try:
+        await runner.setup()  # creates the data directory, repairs what a crash left
+    except OSError as exc:
+        raise CannotStart(2, f"cannot use the data directory {config.data_dir}: {exc.strerror}") from None
     site = web.TCPSite(runner, config.server_host, config.server_port, reuse_address=True, backlog=4096)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise CannotListen(f"cannot listen on {config.server_host}:{config.server_port}: {exc.strerror}") from None
+        raise CannotStart(1, f"cannot listen on {config.server_host}:{config.server_port}: {exc.strerror}") from None
     log.info(
         "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s)",
         config.server_host,
@@ -207,13 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1 if report.errors else 0
     try:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"relay: cannot create data directory {config.data_dir}: {exc.strerror}", file=sys.stderr)
-        return 2
-    try:
         asyncio.run(_serve(config, args.demo))
-    except CannotListen as exc:
+    except CannotStart as exc:
         log.error("%s", exc)
-        return 1
+        return exc.exit_code
     return 0

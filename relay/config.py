@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from .paths import is_http_url
 
 
 class ConfigError(Exception):
@@ -24,10 +25,7 @@ class ConfigError(Exception):
 
 
 def _url(value: Any) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an absolute http(s) URL"
-    return None
+    return None if is_http_url(value) else "must be an absolute http(s) URL"
 
 
 def _positive(value: Any) -> str | None:
@@ -145,6 +143,14 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("webhooks", "max_attempts", int, 3, _positive, "delivery attempts on network errors and 5xx"),
     ("webhooks", "backoff_seconds", float, 1.0, _non_negative, "wait before the 2nd attempt, doubled after"),
 ]
+
+
+def describe(section: str, key: str) -> str:
+    """`--help` text of a setting, from the schema: what it is, the key it overrides, its default."""
+    for s, k, _kind, default, _check, text in SCHEMA:
+        if (s, k) == (section, key):
+            return f"{text} (overrides [{section}] {key}; default: {default})"
+    raise KeyError((section, key))
 
 
 @dataclass(frozen=True)

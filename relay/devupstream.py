@@ -206,97 +206,104 @@ class DevUpstream:
         usage: dict[str, Any],
         tool: bool,
     ) -> web.StreamResponse:
+        """A streamed answer: the role chunk, the content (or tool call) chunks, the finish chunks, the
+        usage chunk when asked for, `[DONE]` — unless an option misbehaves on the way."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         if any(opts.get(k) for k in HOSTILE):
             await _hostile(resp, opts, meta)
             return resp
-        pace = float(opts["pace"]) if "pace" in opts else self.default_pace
         if opts.get("delay"):
             await asyncio.sleep(float(opts["delay"]))
-
-        def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
-            doc = {**meta, "object": "chat.completion.chunk", "choices": choices, **(extra or {})}
-            return b"data: " + orjson.dumps(doc) + b"\n\n"
-
-        n = len(pieces)
-        await resp.write(
-            chunk(
-                [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    for i in range(n)
-                ]
-            )
+        out = _Writer(resp, meta)
+        role = {"role": "assistant", "content": ""}
+        await out.chunk(
+            [{"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(len(pieces))]
         )
-        sent = 0
-        started = 0.0
         if tool:
-            args = _tool_args(body)
-            parts = [args[i : i + 8] for i in range(0, len(args), 8)]
-            for i in range(n):
-                call = _tool_call(i)
-                first = {
-                    "index": 0,
-                    "id": call["id"],
-                    "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""},
-                }
-                await resp.write(chunk([{"index": i, "delta": {"tool_calls": [first]}, "finish_reason": None}]))
-                for part in parts:
-                    await resp.write(
-                        chunk(
-                            [
-                                {
-                                    "index": i,
-                                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": part}}]},
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    )
+            await _tool_call_chunks(out, body, len(pieces))
         else:
-            longest = max(len(p[0]) for p in pieces)
-            for step in range(longest):
-                for i, (words, _) in enumerate(pieces):
-                    if step >= len(words):
-                        continue
-                    if opts.get("drop_after") is not None and sent >= int(opts["drop_after"]):
-                        assert request.transport is not None
-                        request.transport.close()
-                        return resp
-                    if opts.get("malformed_after") is not None and sent >= int(opts["malformed_after"]):
-                        await resp.write(b"data: {this is not json\n\n")
-                        await resp.write_eof()
-                        return resp
-                    if opts.get("error_after") is not None and sent >= int(opts["error_after"]):
-                        err = {
-                            "error": {"message": "dev upstream error mid-stream", "type": "server_error", "code": None}
-                        }
-                        await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
-                        await resp.write_eof()
-                        return resp
-                    hang = opts.get("hang")
-                    if hang and hang != 1 and hang is not True and sent >= int(hang) - 1:
-                        await asyncio.sleep(3600)
-                    if pace:  # on a fixed schedule, so that pacing does not drift with load
-                        started = started or time.monotonic()
-                        await asyncio.sleep(max(0.0, started + (sent + 1) * pace - time.monotonic()))
-                    stamp = {"x_seq": sent, "x_sent": time.monotonic()} if opts.get("stamp") else None
-                    delta = {"content": words[step]}
-                    await resp.write(
-                        chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], stamp)
-                    )
-                    sent += 1
+            pace = float(opts["pace"]) if "pace" in opts else self.default_pace
+            if not await _word_chunks(out, request, opts, pieces, pace):
+                return resp  # it misbehaved as asked: the stream is over
         for i, (_, truncated) in enumerate(pieces):
             finish = "tool_calls" if tool else ("length" if truncated else "stop")
-            await resp.write(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}]))
+            await out.chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
         stream_options = body.get("stream_options") or {}
         if isinstance(stream_options, dict) and stream_options.get("include_usage"):
-            await resp.write(chunk([], {"usage": usage}))
+            await out.chunk([], {"usage": usage})
         if not opts.get("no_done"):
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+class _Writer:
+    """Writes `chat.completion.chunk` events of one answer."""
+
+    def __init__(self, resp: web.StreamResponse, meta: dict[str, Any]) -> None:
+        self.resp = resp
+        self.meta = meta
+
+    async def chunk(self, choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+        doc = {**self.meta, "object": "chat.completion.chunk", "choices": choices, **(extra or {})}
+        await self.resp.write(b"data: " + orjson.dumps(doc) + b"\n\n")
+
+
+async def _tool_call_chunks(out: _Writer, body: dict[str, Any], n: int) -> None:
+    """Each choice calls `get_weather`: the call's id and name, then its arguments 8 characters at a time."""
+    args = _tool_args(body)
+    for i in range(n):
+        call = _tool_call(i)
+        first = {"index": 0, "id": call["id"], "type": "function", "function": {**call["function"], "arguments": ""}}
+        await out.chunk([{"index": i, "delta": {"tool_calls": [first]}, "finish_reason": None}])
+        for j in range(0, len(args), 8):
+            part = {"index": 0, "function": {"arguments": args[j : j + 8]}}
+            await out.chunk([{"index": i, "delta": {"tool_calls": [part]}, "finish_reason": None}])
+
+
+async def _word_chunks(
+    out: _Writer, request: web.Request, opts: dict[str, Any], pieces: list[tuple[list[str], bool]], pace: float
+) -> bool:
+    """The words of every choice, interleaved, on a fixed schedule. False when an option ended the stream
+    early (drop_after, malformed_after, error_after)."""
+    sent = 0
+    started = 0.0
+    for step in range(max(len(p[0]) for p in pieces)):
+        for i, (words, _) in enumerate(pieces):
+            if step >= len(words):
+                continue
+            if not await _misbehave(out.resp, request, opts, sent):
+                return False
+            if pace:  # on a fixed schedule, so that pacing does not drift with load
+                started = started or time.monotonic()
+                await asyncio.sleep(max(0.0, started + (sent + 1) * pace - time.monotonic()))
+            stamp = {"x_seq": sent, "x_sent": time.monotonic()} if opts.get("stamp") else None
+            delta = {"content": words[step]}
+            await out.chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], stamp)
+            sent += 1
+    return True
+
+
+async def _misbehave(resp: web.StreamResponse, request: web.Request, opts: dict[str, Any], sent: int) -> bool:
+    """Before content chunk number `sent`: drop, corrupt, fail or hang when asked. False when the stream ended."""
+    if opts.get("drop_after") is not None and sent >= int(opts["drop_after"]):
+        assert request.transport is not None
+        request.transport.close()
+        return False
+    if opts.get("malformed_after") is not None and sent >= int(opts["malformed_after"]):
+        await resp.write(b"data: {this is not json\n\n")
+        await resp.write_eof()
+        return False
+    if opts.get("error_after") is not None and sent >= int(opts["error_after"]):
+        err = {"error": {"message": "dev upstream error mid-stream", "type": "server_error", "code": None}}
+        await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+        await resp.write_eof()
+        return False
+    hang = opts.get("hang")
+    if hang and hang != 1 and hang is not True and sent >= int(hang) - 1:
+        await asyncio.sleep(3600)
+    return True
 
 
 HOSTILE = ("huge_event", "endless_line", "deep", "deep_logprobs", "burst", "never_finish")

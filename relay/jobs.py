@@ -429,7 +429,7 @@ class Job:
                 problems = await self._write_ending(status, error)
             except Exception:
                 log.exception("request %s: cannot write its ending", self.rp.request_id)
-        self.status_settled.set()  # whatever happened above: a stop URL waiting on it answers now
+        self._settled()  # whatever happened above: a stop URL waiting on it answers now
         if not problems:
             problems = self._done_with_files()
         if problems:
@@ -470,7 +470,7 @@ class Job:
                 self._status_written = True
             except OSError as exc:
                 problems.append(f".json: {exc.strerror}")
-        self.status_settled.set()
+        self._settled()
         await self._held()
         if self.events is not None and not self._tail_written:
             tail = ending_events(status, error)
@@ -484,6 +484,13 @@ class Job:
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
         return problems
+
+    def _settled(self) -> None:
+        """The terminal status is on disk (or cannot be written now): the upstream call is over, so the
+        job's slot is free for a new request, and a stop URL waiting on it answers."""
+        if not self.status_settled.is_set():
+            self.status_settled.set()
+            self.manager.release_slot()
 
     def hold_tail(self, until: asyncio.Future[None]) -> None:
         """Keep the stream's last events (`event: stop`, `[DONE]`) back until `until` is done (at most
@@ -611,8 +618,7 @@ class JobManager:
         task.add_done_callback(self.retries.discard)
 
     def forget(self, job: Job) -> None:
-        if self.jobs.pop(job.rp.request_id, None) is not None:
-            self.release_slot()
+        self.jobs.pop(job.rp.request_id, None)  # (its slot was given back when its status was settled)
 
     def stop(self, request_id: str) -> bool:
         """Cancel a running job (any phase). False when it is not running here."""
@@ -623,7 +629,9 @@ class JobManager:
         return True
 
     async def shutdown(self, grace: float) -> None:
-        """Refuse new requests, let running ones finish for `grace` seconds, interrupt the rest."""
+        """Refuse new requests, let running ones finish for `grace` seconds, interrupt the rest. Called by
+        the command line on SIGTERM (while the relay still listens) and by the app as it shuts down; the
+        second call finds nothing left to do."""
         self.accepting = False
         tasks = [j.task for j in self.jobs.values() if j.task is not None]
         if tasks and grace > 0:

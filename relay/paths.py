@@ -61,6 +61,11 @@ class RequestPath:
             return f"{public_url}/{self.base}/stop"
         return f"{public_url}/{self.base}.{kind}"
 
+    @property
+    def marker_name(self) -> str:
+        """The name of the request's running marker: its path with `_` for `/` (see `recovery`)."""
+        return self.base.replace("/", "_") + ".json"
+
     def rel(self, ext: str) -> str:
         """Path of one of the request's files relative to the data directory."""
         return f"{self.base}.{ext}"
@@ -91,6 +96,23 @@ def parse_request_path(raw_path: str) -> tuple[RequestPath, str] | None:
         return None
     rp = RequestPath(node_id=int(m["node"]), access=m["access"], created=created, request_id=m["id"])
     return rp, (m["ext"] or m["stop"])
+
+
+def is_http_url(url: str) -> bool:
+    """True for an absolute http(s) URL with a host (what public_url, base_url and webhook URLs must be)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def parse_marker_name(name: str) -> RequestPath | None:
+    """The request a running marker's file name stands for (see `RequestPath.marker_name`), else None."""
+    if not name.endswith(".json"):
+        return None
+    parsed = parse_request_path("/" + name[: -len(".json")].replace("_", "/") + ".json")
+    return parsed[0] if parsed else None
 
 
 def parse_status_url(url: str, public_url: str) -> RequestPath | None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import calendar
 import collections
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import ApiKey, Config
 from .store import read_json, write_json_atomic
+
+log = logging.getLogger("relay.quotas")
 
 ANONYMOUS = ApiKey(key="anonymous-open-relay", name="anonymous")
 
@@ -58,6 +61,9 @@ class Quotas:
             counts = read_json(self.dir / f"{month}.json")
             self._counts = {str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else {}
         except FileNotFoundError:
+            self._counts = {}
+        except (ValueError, TypeError):
+            log.error("quota file %s is damaged: counting this month from 0", self.dir / f"{month}.json")
             self._counts = {}
         self._month = month
 

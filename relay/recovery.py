@@ -21,7 +21,7 @@ import orjson
 
 from . import status
 from .assemble import Assembler
-from .paths import RequestPath, parse_request_path
+from .paths import RequestPath, parse_marker_name
 from .store import DONE_DATA, EventLog, Reserve, read_json, read_json_under, write_all, write_atomic
 
 log = logging.getLogger("relay.recovery")
@@ -35,12 +35,12 @@ def _marker(data_dir: Path, rp: RequestPath) -> Path:
     # the name alone says which request it is (`1_r_pub_2026_…_<id>.json`), so the file needs no
     # atomic rename: a plain create is ~6 times cheaper on ext4, and a torn webhook URL is all a crash
     # could cost
-    return marker_dir(data_dir) / (rp.base.replace("/", "_") + ".json")
+    return marker_dir(data_dir) / rp.marker_name
 
 
 def running_ids(data_dir: Path) -> set[str]:
     """Ids of the requests that have a marker (running now, or interrupted by a crash)."""
-    return {p.name[: -len(".json")].rsplit("_", 1)[-1] for p in marker_dir(data_dir).glob("*.json")}
+    return {rp.request_id for p in marker_dir(data_dir).glob("*.json") if (rp := parse_marker_name(p.name))}
 
 
 def write_marker(data_dir: Path, rp: RequestPath, webhook_url: str | None) -> None:
@@ -109,9 +109,10 @@ def _check_no_symlinks(data_dir: Path, rp: RequestPath) -> None:
 
 
 def repair(
-    data_dir: Path, node_id: int, now: float | None = None, reserve: Reserve | None = None
-) -> list[tuple[dict[str, Any], str | None]]:
-    """Finish every request a previous run left running. Returns (final status, webhook URL) of each.
+    data_dir: Path, node_id: int, public_url: str, now: float | None = None, reserve: Reserve | None = None
+) -> list[tuple[RequestPath, dict[str, Any], str | None]]:
+    """Finish every request a previous run left running. Returns (request, final status, webhook URL)
+    of each. `public_url` is the base of the `response_raw_url` it adds.
 
     Never raises: a marker that cannot be repaired now (disk full or read-only) stays for the next
     start; one whose files are damaged beyond repair, or not the relay's own, is moved to
@@ -130,11 +131,10 @@ def repair(
     now = time.time() if now is None else now
     repaired = []
     for marker in markers:
-        parsed = parse_request_path("/" + marker.name[: -len(".json")].replace("_", "/") + ".json")
-        if parsed is None or parsed[0].node_id != node_id:
+        rp = parse_marker_name(marker.name)
+        if rp is None or rp.node_id != node_id:
             _quarantine(marker, "its name is not a request of this node")
             continue
-        rp = parsed[0]
         try:
             info = read_json(marker)
             info = info if isinstance(info, dict) else {}
@@ -143,7 +143,7 @@ def repair(
         webhook_url = info.get("webhook_url") if isinstance(info.get("webhook_url"), str) else None
         try:
             _check_no_symlinks(data_dir, rp)
-            doc = _repair_one(data_dir, rp, now)
+            doc = _repair_one(data_dir, rp, public_url, now)
         except OSError as exc:
             log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
             continue
@@ -151,7 +151,7 @@ def repair(
             _quarantine(marker, f"{type(exc).__name__}: {str(exc)[:200]!r}")
             continue
         if doc is not None:
-            repaired.append((doc, webhook_url))
+            repaired.append((rp, doc, webhook_url))
         try:
             marker.unlink(missing_ok=True)
         except OSError as exc:
@@ -172,7 +172,7 @@ def _quarantine(marker: Path, why: str) -> None:
         log.error("cannot quarantine running marker %s (%s): %s", marker.name, why, exc.strerror)
 
 
-def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] | None:
+def _repair_one(data_dir: Path, rp: RequestPath, public_url: str, now: float) -> dict[str, Any] | None:
     try:
         doc = read_json_under(data_dir, rp.rel("json"))
     except FileNotFoundError:
@@ -207,9 +207,7 @@ def _repair_one(data_dir: Path, rp: RequestPath, now: float) -> dict[str, Any] |
         status.response_body(doc, assembler.completion(model if isinstance(model, str) else ""))
     request_at = (doc.get("request") or {}).get("request_at")
     since = float(request_at) if isinstance(request_at, (int, float)) else now
-    status_url = (doc.get("endpoints") or {}).get("status_url") or ""
-    raw_url = status_url[: -len(".json")] + ".raw" if status_url.endswith(".json") else None
-    status.finish(doc, state, error, now=now, since=since, raw_url=raw_url)
+    status.finish(doc, state, error, now=now, since=since, raw_url=rp.url(public_url, "raw"))
     write_atomic(rp.file(data_dir, "json"), orjson.dumps(doc), True)
     if is_stream and stated is None:
         _append_ending(txt, size, events, state, error)

@@ -75,10 +75,16 @@ async def _read_status(config: Config, rp: RequestPath) -> dict[str, Any]:
     return doc
 
 
-def _exists(config: Config, rp: RequestPath, ext: str) -> bool:
+async def _open(config: Config, rp: RequestPath, ext: str) -> int:
+    """A descriptor of the request's file (see `store.open_under`), opened in a worker thread: the
+    walk below the data directory is ten system calls, and the disk may be slow."""
+    return await asyncio.to_thread(open_under, config.data_dir, rp.rel(ext))
+
+
+async def _exists(config: Config, rp: RequestPath, ext: str) -> bool:
     """True when the request has this file, as a regular file reached without symlinks."""
     try:
-        os.close(open_under(config.data_dir, rp.rel(ext)))
+        os.close(await _open(config, rp, ext))
     except FileNotFoundError:
         return False
     return True
@@ -148,11 +154,11 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str, stored: Any) 
             return web.Response(body=orjson.dumps(doc), content_type="application/json", headers=NO_STORE)
         content_type = "application/json"
     else:
-        content_type = "text/plain; charset=utf-8" if _exists(config, rp, "txt") else "application/json"
+        content_type = "text/plain; charset=utf-8" if await _exists(config, rp, "txt") else "application/json"
     try:
-        fd = open_under(config.data_dir, rp.rel(kind))
+        fd = await _open(config, rp, kind)
     except FileNotFoundError:
-        if kind == "raw" and _exists(config, rp, "json"):
+        if kind == "raw" and await _exists(config, rp, "json"):
             raise HTTPError(404, "not_ready", "the raw upstream response is written when the request ends") from None
         raise _not_found() from None
     try:
@@ -203,7 +209,7 @@ async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
         finally:
             asyncio.get_running_loop().call_later(STOP_ANSWER_LEAD, _release, hold)
         return resp
-    if not _exists(config, rp, "json"):
+    if not await _exists(config, rp, "json"):
         raise _not_found()
     return json_response({"status": "success"})
 
@@ -229,7 +235,7 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
     if job is not None and (job.rp != rp or job.events is None):
         job = None
     try:
-        fd = open_under(config.data_dir, rp.rel("txt"))
+        fd = await _open(config, rp, "txt")
     except FileNotFoundError:
         raise _not_found() from None
     try:
@@ -359,11 +365,26 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return await preflight(request)
     try:
         return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods - {"HEAD"}))
+        return error(
+            405,
+            "method_not_allowed",
+            f"{request.path} answers {allowed}, not {request.method}"
+            + (" (send the chat request as a JSON body)" if "POST" in exc.allowed_methods else ""),
+            {"Allow": allowed},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return error(exc.status, code, exc.reason if exc.status != 404 else "no such URL on this relay")
+        if exc.status == 404:
+            return error(
+                404,
+                "not_found",
+                "no such URL on this relay: requests are POST /v1/stream-chatgpt or POST /v1/async-chatgpt, "
+                "and their URLs are the ones in the answer; GET /healthz, /metrics and / (the console) exist too",
+            )
+        return error(exc.status, "http_error", exc.reason)
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -25,9 +25,17 @@ from openai._constants import RAW_RESPONSE_HEADER
 
 log = logging.getLogger("relay.upstream")
 
-# The SDK logs request options (headers included) at debug level: keep it and the transport quiet.
-for _name in ("openai", "httpx", "httpx2", "httpcore", "httpcore2"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+QUIET_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2")
+
+
+def quiet_sdk_loggers() -> None:
+    """The SDK logs request options (headers, so the key) at debug level: keep it and its transport quiet,
+    whatever the relay's own log level."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_sdk_loggers()
 
 
 class UpstreamError(Exception):
@@ -138,18 +146,26 @@ class Upstream:
         fields: dict[str, Any] = {"stream": stream}
         if stream and include_usage:
             fields["stream_options"] = {"include_usage": True}
-        content = orjson.dumps({**body, **fields})
-        headers: dict[str, str] = {
-            "Authorization": f"Bearer {api_key}",
-            "Content-Type": "application/json",
-            "Accept-Encoding": "identity",  # no decompression: every size limit counts the bytes as sent
-            RAW_RESPONSE_HEADER: "stream",  # hand back the response unread, like `with_streaming_response`
-        }
-        if organization:
-            headers["OpenAI-Organization"] = organization
+        headers = _headers(api_key, organization)
         del api_key
         try:
-            http: httpx2.Response = await self.client.post(
+            http = await self._post(orjson.dumps({**body, **fields}), headers, stream, connect_timeout)
+        finally:
+            del headers
+        try:
+            yield UpstreamResponse(
+                status_code=http.status_code,
+                headers=dict(http.headers.items()),
+                content_type=http.headers.get("content-type", ""),
+                chunks=_read(http),
+            )
+        finally:
+            await http.aclose()
+
+    async def _post(self, content: bytes, headers: dict[str, str], stream: bool, connect_timeout: float) -> Any:
+        """Send the request through the SDK (base URL, auth, transport); its failures as UpstreamError."""
+        try:
+            return await self.client.post(
                 "/chat/completions",
                 cast_to=httpx2.Response,  # the transport's response itself, body not read yet
                 content=content,
@@ -167,27 +183,29 @@ class Upstream:
             ) from None
         except openai.APITimeoutError as exc:
             if _refused(exc):  # the aiohttp transport reports a refused connection as a connect timeout
-                raise UpstreamError(
-                    "upstream_unreachable", f"could not connect to the upstream at {self.base_url} ({_cause(exc)})"
-                ) from None
+                raise self._unreachable(exc) from None
             raise UpstreamError(
                 "timeout", f"could not connect to the upstream at {self.base_url} within {connect_timeout:g} s"
             ) from None
         except openai.APIConnectionError as exc:
-            raise UpstreamError(
-                "upstream_unreachable", f"could not connect to the upstream at {self.base_url} ({_cause(exc)})"
-            ) from None
-        finally:
-            del headers
-        try:
-            yield UpstreamResponse(
-                status_code=http.status_code,
-                headers=dict(http.headers.items()),
-                content_type=http.headers.get("content-type", ""),
-                chunks=_read(http),
-            )
-        finally:
-            await http.aclose()
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> UpstreamError:
+        return UpstreamError(
+            "upstream_unreachable", f"could not connect to the upstream at {self.base_url} ({_cause(exc)})"
+        )
+
+
+def _headers(api_key: str, organization: str | None) -> dict[str, str]:
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "Accept-Encoding": "identity",  # no decompression: every size limit counts the bytes as sent
+        RAW_RESPONSE_HEADER: "stream",  # hand back the response unread, like `with_streaming_response`
+    }
+    if organization:
+        headers["OpenAI-Organization"] = organization
+    return headers
 
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error answer that are kept (the SDK reads it whole)

@@ -24,6 +24,8 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
+from .paths import is_http_url
+
 log = logging.getLogger("relay.webhooks")
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the v4 address is the last 32 bits
@@ -94,9 +96,9 @@ class GuardedResolver(AbstractResolver):
 
 async def check_url(url: str, resolver: GuardedResolver) -> None:
     """Refuse (WebhookRefused) a webhook URL that is malformed or points at a non-public address."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not is_http_url(url):
         raise WebhookRefused("must be an absolute http(s) URL")
+    parts = urlsplit(url)
     if parts.username or parts.password:
         raise WebhookRefused("must not contain credentials")
     try:

@@ -7,8 +7,11 @@ openai SDK) to the dev upstream, exactly as in production.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -97,6 +100,15 @@ class Relay:
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"still {doc['status']} after {timeout}s")
             await asyncio.sleep(0.05)
+
+
+def unknown_request(ext: str = "json") -> str:
+    """The URL path of a request that does not exist, dated now (a fixed date would, a month later, be
+    refused as expired instead of as unknown)."""
+    from relay.paths import RequestPath
+
+    rp = RequestPath.new(1, False, int(time.time()))
+    return "/" + (rp.base + "/stop" if ext == "stop" else rp.rel(ext))
 
 
 def msg(text: str, model: str = "echo", **extra: Any) -> dict[str, Any]:
@@ -291,6 +303,81 @@ def blackhole() -> Iterator[tuple[int, set[int]]]:
 @pytest.fixture
 async def relay(make_relay: RelayFactory) -> Relay:
     return await make_relay()
+
+
+# ----- shared by several test modules ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def all_files(root: Path) -> list[Path]:
+    """Files a request leaves: everything under the data dir but the preallocated disk reserve."""
+    return [p for p in root.rglob("*") if p.is_file() and p.name != "reserve.bin"] if root.exists() else []
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            assert proc.poll() is None, "relay exited early"
+            try:
+                async with s.get(url + "/healthz") as r:
+                    if r.status == 200 and (await r.json()) == {"status": "ok"}:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "relay did not become healthy"
+            await asyncio.sleep(0.1)
+
+
+def start_relay(
+    port: int, data: Path, upstream: Upstream, *extra: str, grace: float = 1, reserve: int = 8 * 1024 * 1024
+) -> subprocess.Popen[bytes]:
+    cfg = data.parent / f"relay-{port}.toml"
+    cfg.write_text(
+        f'[server]\nshutdown_grace_seconds = {grace}\n[upstream]\ndefault_model = "echo"\n'
+        f"[storage]\nreserve_bytes = {reserve}\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "relay.py", "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data),
+         "--public-url", f"http://127.0.0.1:{port}", "--upstream-base-url", upstream.url, *extra],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def read_until_cut(s: aiohttp.ClientSession, url: str) -> None:
+    try:
+        async with s.get(url) as r:
+            async for _ in r.content.iter_any():
+                pass
+    except aiohttp.ClientError:
+        pass
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a filler file until the filesystem is full."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    block = b"\0" * 4096
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
 
 
 # ----- no silent skips: a test that needs a tool must run, so a skip fails the session ---------------

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from pathlib import Path
 
 import orjson
 import pytest
 
 from relay.config import ApiKey, Config, ConfigError, check_startup
 
-from .conftest import TEST_KEY, Relay, RelayFactory, msg, parse_sse, read_stream, text_of
+from .conftest import TEST_KEY, Relay, RelayFactory, all_files, msg, parse_sse, read_stream, text_of
 
 URL_RE = r"/1/r/pub/(\d{4})/(\d\d)/(\d\d)/(\d\d)/(\d\d)/(\d\d)/([0-9a-f-]{36})"
-
-
-def all_files(root: Path) -> list[Path]:
-    """Files a request leaves: everything under the data dir but the preallocated disk reserve."""
-    return [p for p in root.rglob("*") if p.is_file() and p.name != "reserve.bin"] if root.exists() else []
 
 
 async def test_stream_answer_has_contract_shape(relay: Relay) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import Relay, RelayFactory, msg
+from .conftest import Relay, RelayFactory, msg, unknown_request
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -98,7 +98,7 @@ async def test_bad_parent_urls(make_relay: RelayFactory) -> None:
         relay.url + "/etc/passwd": 400,
         "file:///etc/passwd": 400,
         "not a url": 400,
-        relay.url + "/1/r/pub/2026/11/27/10/05/09/3f2b7c1e-8d4a-4b6e-9f0a-1c2d3e4f5a6b.json": 404,
+        relay.url + unknown_request(): 404,
         good.replace("/pub/", "/prv/"): 404,
     }
     for url, expected in cases.items():

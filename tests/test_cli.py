@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import TEST_KEY, Upstream, free_port, msg, parse_sse, text_of
+from .conftest import TEST_KEY, Upstream, free_port, msg, parse_sse, text_of, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,21 +82,6 @@ def test_shipped_config_and_readme_list_every_setting() -> None:
         assert f"`[{section}] {key}`" in readme, f"README lacks [{section}] {key}"
 
 
-async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while True:
-            assert proc.poll() is None, "relay exited early"
-            try:
-                async with s.get(url + "/healthz") as r:
-                    if r.status == 200 and (await r.json()) == {"status": "ok"}:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "relay did not become healthy"
-            await asyncio.sleep(0.1)
-
-
 async def test_serve_process_end_to_end_with_flags_logs_and_sigterm(tmp_path: Path, upstream: Upstream) -> None:
     port = free_port()
     cfg = tmp_path / "relay.toml"
@@ -110,7 +96,7 @@ async def test_serve_process_end_to_end_with_flags_logs_and_sigterm(tmp_path: Pa
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OPENAI_LOG": "debug"},
     )  # fmt: skip
     try:
-        await _wait_healthy(url, proc)
+        await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             headers = {"X-OpenAI-API-Key": TEST_KEY}
             async with s.post(url + "/v1/stream-chatgpt", json=msg("hello process"), headers=headers) as r:
@@ -158,7 +144,7 @@ async def test_demo_mode_answers_with_the_echo_upstream(tmp_path: Path) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
-        await _wait_healthy(url, proc)
+        await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             # a newcomer's curl: no keys at all, default model
             async with s.post(
@@ -186,3 +172,43 @@ def test_json_logs(tmp_path: Path) -> None:
     line = JsonFormatter().format(record)
     doc = orjson.loads(line)
     assert doc["msg"] == "request abc status=done" and doc["level"] == "info" and doc["logger"] == "relay.jobs"
+
+
+def _codes_in_code() -> set[str]:
+    """Every error code the relay can answer or end a request with, read from its source."""
+    codes: set[str] = set()
+    for path in (ROOT / "relay").glob("*.py"):
+        if path.name == "devupstream.py":
+            continue
+        text = path.read_text()
+        codes |= set(re.findall(r'HTTPError\(\s*\d{3},\s*"([a-z_]+)"', text))
+        codes |= set(re.findall(r'(?<![A-Za-z_])error\(\s*[^,()]+,\s*"([a-z_]+)"', text))
+        codes |= set(re.findall(r'UpstreamError\(\s*"([a-z_]+)"', text))
+        codes |= set(re.findall(r'\(?\s*"error",\s*\(\s*"([a-z_]+)"', text))
+        codes |= set(re.findall(r'^INTERRUPTED = \("([a-z_]+)"', text, re.M))
+    return codes
+
+
+def test_the_documented_error_codes_are_exactly_the_ones_the_relay_uses() -> None:
+    codes = _codes_in_code()
+    assert {"body_too_complex", "upstream_event_too_large", "internal_error", "interrupted", "timeout"} <= codes
+    documented = _codes_in_tables((ROOT / "docs" / "api.md").read_text())
+    missing = codes - documented
+    assert not missing, f"error codes used by the relay but not in the docs/api.md tables: {sorted(missing)}"
+    stale = documented - codes
+    assert not stale, f"error codes in the docs/api.md error tables that the relay never uses: {sorted(stale)}"
+
+
+def _codes_in_tables(doc: str) -> set[str]:
+    """Backticked codes in the error tables: rows whose first cell is an HTTP status or a code, second
+    column included ("| 400 | `invalid_json`, `invalid_field` | …" and "| `timeout` | …")."""
+    found: set[str] = set()
+    for line in doc.splitlines():
+        if not line.startswith("| "):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0].isdigit():
+            found |= set(re.findall(r"`([a-z][a-z_]*)`", cells[1]))
+        elif re.fullmatch(r"`[a-z][a-z_]*`", cells[0]):
+            found.add(cells[0].strip("`"))
+    return found

@@ -11,8 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from .conftest import TEST_KEY, Upstream, free_port
-from .test_cli import ROOT
+from .conftest import ROOT, TEST_KEY, Upstream, free_port
 
 
 def client(upstream: Upstream, key: str = TEST_KEY) -> openai.AsyncOpenAI:

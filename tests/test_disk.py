@@ -3,43 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
-from .conftest import RelayFactory, msg, parse_sse, read_stream, text_of
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a filler file until the filesystem is full."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    block = b"\0" * 4096
-    try:
-        while True:
-            os.write(fd, block)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
+from .conftest import RelayFactory, fill, msg, parse_sse, read_stream, text_of
 
 
 async def test_full_disk_refuses_then_recovers(

@@ -18,10 +18,21 @@ import pytest
 
 from relay.paths import RequestPath
 
-from .conftest import TEST_KEY, RelayFactory, Upstream, free_port, held, msg, parse_sse, read_stream, until
-from .test_cli import _wait_healthy
-from .test_disk import fill, small_disk  # noqa: F401  (fixture)
-from .test_restart import _read_until_cut, start_relay
+from .conftest import (
+    TEST_KEY,
+    RelayFactory,
+    Upstream,
+    fill,
+    free_port,
+    held,
+    msg,
+    parse_sse,
+    read_stream,
+    read_until_cut,
+    start_relay,
+    until,
+    wait_healthy,
+)
 
 
 def _request(data: Path, status: dict[str, object] | bytes | None) -> RequestPath:
@@ -75,12 +86,12 @@ async def test_crash_then_restart_on_a_full_disk(tmp_path: Path, upstream: Upstr
     url = f"http://127.0.0.1:{port}"
     proc = start_relay(port, data, upstream, reserve=256 * 1024)
     try:
-        await _wait_healthy(url, proc)
+        await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             body = msg(" ".join(f"w{i}" for i in range(400)), model="echo:pace=0.01")
             async with s.post(url + "/v1/stream-chatgpt", json=body, headers={"X-OpenAI-API-Key": TEST_KEY}) as r:
                 doc = await r.json()
-            reader = asyncio.create_task(_read_until_cut(s, doc["endpoints"]["stream_events_url"]))
+            reader = asyncio.create_task(read_until_cut(s, doc["endpoints"]["stream_events_url"]))
             await asyncio.sleep(1.0)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
@@ -91,7 +102,7 @@ async def test_crash_then_restart_on_a_full_disk(tmp_path: Path, upstream: Upstr
     filler = fill(small_disk)  # the reserve file is still there: the repair may use its room
     proc = start_relay(port, data, upstream, reserve=256 * 1024)
     try:
-        await _wait_healthy(url, proc)  # it starts (it used to exit 1 with "cannot listen")
+        await wait_healthy(url, proc)  # it starts (it used to exit 1 with "cannot listen")
         async with aiohttp.ClientSession() as s:
             async with s.get(doc["endpoints"]["status_url"]) as r:
                 status = orjson.loads(await r.read())

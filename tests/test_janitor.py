@@ -11,8 +11,7 @@ from pathlib import Path
 
 from relay import janitor
 
-from .conftest import Relay, RelayFactory, msg, parse_sse, text_of
-from .test_cli import ROOT
+from .conftest import ROOT, Relay, RelayFactory, msg, parse_sse, text_of
 
 DAY = 86400
 

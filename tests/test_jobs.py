@@ -11,8 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from .conftest import TEST_KEY, Relay, RelayFactory, msg, parse_sse, read_stream, text_of
-from .test_api import all_files
+from .conftest import TEST_KEY, Relay, RelayFactory, all_files, msg, parse_sse, read_stream, text_of
 
 
 def rel_file(relay: Relay, url: str) -> Path:

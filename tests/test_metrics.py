@@ -11,8 +11,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from .conftest import TEST_KEY, Relay, Upstream, free_port, msg, read_stream
-from .test_cli import ROOT, _wait_healthy
+from .conftest import ROOT, TEST_KEY, Relay, Upstream, free_port, msg, read_stream, wait_healthy
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
@@ -71,7 +70,7 @@ async def test_json_log_lines_from_a_real_process(tmp_path: Path, upstream: Upst
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        await _wait_healthy(url, proc)
+        await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             body = msg("very private words", access="private")
             async with s.post(url + "/v1/stream-chatgpt", json=body, headers={"X-OpenAI-API-Key": TEST_KEY}) as r:

@@ -13,7 +13,18 @@ import orjson
 import pytest
 from yarl import URL
 
-from .conftest import TEST_KEY, Relay, RelayFactory, event_arrivals, free_port, msg, parse_sse, read_stream, text_of
+from .conftest import (
+    TEST_KEY,
+    Relay,
+    RelayFactory,
+    event_arrivals,
+    free_port,
+    msg,
+    parse_sse,
+    read_stream,
+    text_of,
+    unknown_request,
+)
 from .nginx import Nginx
 
 
@@ -81,7 +92,7 @@ async def test_public_files_are_served_by_nginx_with_the_right_headers(
     slow = await relay.start(msg("x", model="echo:delay=30"))
     async with s.get(slow["endpoints"]["status_url"][:-5] + ".raw") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_ready"
-    async with s.get(nginx.url + "/1/r/pub/2026/11/27/10/05/09/3f2b7c1e-8d4a-4b6e-9f0a-1c2d3e4f5a6b.json") as r:
+    async with s.get(nginx.url + unknown_request()) as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
     async with s.post(slow["endpoints"]["stop_url"]) as r:
         assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"

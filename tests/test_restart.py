@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import orjson
 
-from .conftest import TEST_KEY, Upstream, free_port, msg, parse_sse, text_of
-from .test_cli import ROOT, _wait_healthy
-
-
-def start_relay(
-    port: int, data: Path, upstream: Upstream, *extra: str, grace: float = 1, reserve: int = 8 * 1024 * 1024
-) -> subprocess.Popen[bytes]:
-    cfg = data.parent / f"relay-{port}.toml"
-    cfg.write_text(
-        f'[server]\nshutdown_grace_seconds = {grace}\n[upstream]\ndefault_model = "echo"\n'
-        f"[storage]\nreserve_bytes = {reserve}\n"
-    )
-    return subprocess.Popen(
-        [sys.executable, "relay.py", "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data),
-         "--public-url", f"http://127.0.0.1:{port}", "--upstream-base-url", upstream.url, *extra],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+from .conftest import TEST_KEY, Upstream, free_port, msg, parse_sse, read_until_cut, start_relay, text_of, wait_healthy
 
 
 async def test_kill_9_during_20_streams_then_restart(tmp_path: Path, upstream: Upstream) -> None:
@@ -37,14 +19,14 @@ async def test_kill_9_during_20_streams_then_restart(tmp_path: Path, upstream: U
     url = f"http://127.0.0.1:{port}"
     proc = start_relay(port, data, upstream)
     try:
-        await _wait_healthy(url, proc)
+        await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             docs = []
             for i in range(20):
                 body = msg(" ".join(f"s{i}w{j}" for j in range(200)), model="echo:pace=0.02")
                 async with s.post(url + "/v1/stream-chatgpt", json=body, headers={"X-OpenAI-API-Key": TEST_KEY}) as r:
                     docs.append(await r.json())
-            readers = [asyncio.create_task(_read_until_cut(s, d["endpoints"]["stream_events_url"])) for d in docs]
+            readers = [asyncio.create_task(read_until_cut(s, d["endpoints"]["stream_events_url"])) for d in docs]
             await asyncio.sleep(1.0)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
@@ -56,7 +38,7 @@ async def test_kill_9_during_20_streams_then_restart(tmp_path: Path, upstream: U
 
     proc = start_relay(port, data, upstream)
     try:
-        await _wait_healthy(url, proc)
+        await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             for d in docs:
                 async with s.get(d["endpoints"]["status_url"]) as r:
@@ -92,15 +74,6 @@ async def test_kill_9_during_20_streams_then_restart(tmp_path: Path, upstream: U
         proc.wait(timeout=20)
 
 
-async def _read_until_cut(s: aiohttp.ClientSession, url: str) -> None:
-    try:
-        async with s.get(url) as r:
-            async for _ in r.content.iter_any():
-                pass
-    except aiohttp.ClientError:
-        pass
-
-
 async def test_sigterm_refuses_new_requests_and_lets_running_ones_finish(tmp_path: Path, upstream: Upstream) -> None:
     port = free_port()
     data = tmp_path / "data"
@@ -108,7 +81,7 @@ async def test_sigterm_refuses_new_requests_and_lets_running_ones_finish(tmp_pat
     proc = start_relay(port, data, upstream, grace=3)
     headers = {"X-OpenAI-API-Key": TEST_KEY}
     try:
-        await _wait_healthy(url, proc)
+        await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             async with s.post(url + "/v1/stream-chatgpt", json=msg("a b c d e f g h i j", model="echo:pace=0.15"),
                               headers=headers) as r:  # fmt: skip

@@ -7,7 +7,7 @@ import time
 
 import orjson
 
-from .conftest import Relay, RelayFactory, msg, parse_sse, read_stream, text_of, until
+from .conftest import Relay, RelayFactory, msg, parse_sse, read_stream, text_of, unknown_request, until
 
 
 def connections_to(port: int, exclude_local: set[int]) -> int:
@@ -119,7 +119,7 @@ async def test_stop_after_done_changes_nothing(relay: Relay) -> None:
 
 
 async def test_stop_unknown_is_404(relay: Relay) -> None:
-    url = relay.url + "/1/r/pub/2026/11/27/10/05/09/3f2b7c1e-8d4a-4b6e-9f0a-1c2d3e4f5a6b/stop"
+    url = relay.url + unknown_request("stop")
     async with relay.session.post(url) as r:
         assert r.status == 404 and (await r.json())["status"] == "error"
 

@@ -17,8 +17,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from relay.webhooks import address_allowed
 
-from .conftest import Relay, RelayFactory, msg
-from .test_api import all_files
+from .conftest import Relay, RelayFactory, all_files, msg
 
 SECRET = "webhook-secret-for-tests"
 
