@@ -199,9 +199,13 @@ async def test_timeouts_are_recorded(relay: Relay) -> None:
 
 async def test_unknown_route_and_method_are_json(relay: Relay) -> None:
     async with relay.session.get(relay.url + "/nope") as r:
-        assert r.status == 404 and (await r.json())["status"] == "error"
+        doc = await r.json()
+        assert r.status == 404 and doc["status"] == "error"
+        assert "POST /v1/stream-chatgpt" in doc["error"]["message"]  # it says where the API is
     async with relay.session.get(relay.url + "/v1/stream-chatgpt") as r:
-        assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+        doc = await r.json()
+        assert r.status == 405 and doc["error"]["code"] == "method_not_allowed"
+        assert r.headers["Allow"] == "POST" and "POST" in doc["error"]["message"]
 
 
 async def test_cors_on_post_and_preflight(relay: Relay) -> None:

@@ -212,3 +212,14 @@ def _codes_in_tables(doc: str) -> set[str]:
         elif re.fullmatch(r"`[a-z][a-z_]*`", cells[0]):
             found.add(cells[0].strip("`"))
     return found
+
+
+def test_the_config_schema_is_the_one_source_of_defaults() -> None:
+    """SCHEMA's defaults are Config's defaults (and so the --help texts and the shipped config.toml)."""
+    from relay.config import SCHEMA, Config
+
+    defaults = Config()
+    for section, key, _kind, default, _check, text in SCHEMA:
+        value = getattr(defaults, f"{section}_{key}")
+        assert value == (tuple(default) if isinstance(default, list) else default), (section, key)
+        assert text, (section, key)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 
 import aiohttp
 import orjson
+import pytest
 from yarl import URL
 
-from .conftest import Event, Relay, RelayFactory, event_arrivals, msg, parse_sse, read_stream, text_of
+from .conftest import Event, Relay, RelayFactory, event_arrivals, msg, parse_sse, read_stream, text_of, until
 
 
 async def test_status_and_raw_are_served_with_the_right_headers(relay: Relay) -> None:
@@ -217,3 +219,19 @@ async def test_head_on_a_stream_sends_headers_only(relay: Relay) -> None:
         assert await r.read() == b""
     _, _, body = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
     assert text_of(parse_sse(body)) == "a b c"
+
+
+async def test_the_access_log_counts_the_bytes_pushed_to_a_live_reader(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Live events are written below aiohttp's response (see relay/fanout.py); the access line still
+    reports every byte the reader got."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    doc = await relay.start(msg(" ".join(f"w{i}" for i in range(40)), model="echo:pace=0.02"))
+    status, _, body = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
+    assert status == 200 and parse_sse(body)[-1].data == "[DONE]"
+    path = doc["endpoints"]["stream_events_url"][len(relay.url) :]
+    await until(lambda: any(path in r.getMessage() for r in caplog.records), what="the access line")
+    line = next(r.getMessage() for r in caplog.records if path in r.getMessage())
+    logged = int(line.split('" 200 ')[1].split()[0])
+    assert logged >= len(body.encode()), (logged, len(body.encode()))  # chunk framing adds a little
