@@ -205,10 +205,12 @@ def _codes_in_tables(doc: str) -> set[str]:
     found: set[str] = set()
     column = None
     for line in doc.splitlines():
-        if not line.startswith("| "):
+        if not line.startswith("|"):
             column = None
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if set(cells[0]) <= {"-", ":"}:
+            continue  # the separator row
         if cells[:2] == ["status", "code"]:
             column = 1
         elif cells[:2] == ["code", "cause"]:
