@@ -40,6 +40,7 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
     app.router.add_post("/v1/stream-chatgpt", api.stream_chatgpt)
     app.router.add_post("/v1/async-chatgpt", api.async_chatgpt)
     app.router.add_get("/healthz", serve.healthz)
+    app.router.add_get("/v1/info", serve.info)
     app.router.add_get("/", serve.console)
     app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
     app.router.add_route("*", r"/{node:\d+}/r/{tail:.*}", serve.handle_file)

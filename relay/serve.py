@@ -358,6 +358,21 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def info(request: web.Request) -> web.Response:
+    """What a client must send: whether a relay key is needed and whether the relay has an upstream key
+    (else each request brings its own). Nothing secret; the console uses it to open its Settings."""
+    config: Config = request.app[CONFIG]
+    return json_response(
+        {
+            "relay_key_required": bool(config.auth_api_keys),
+            "upstream_key_configured": bool(config.upstream_api_key),
+            "default_model": config.upstream_default_model,
+            "node_id": config.server_node_id,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """CORS preflights; aiohttp's own 404/405 and unexpected failures answer with the JSON error body."""

@@ -13,6 +13,22 @@ for (const id of KEYS) {
   el.addEventListener("input", () => sessionStorage.setItem("relay." + id, el.value));
 }
 $("private").checked = sessionStorage.getItem("relay.private") === "1";
+
+// Settings open by themselves only when the relay needs something typed in (GET /v1/info says what).
+const relayInfo = { relay_key_required: false, upstream_key_configured: true };
+fetch("/v1/info").then((r) => (r.ok ? r.json() : null)).then((info) => {
+  if (!info) return;
+  Object.assign(relayInfo, info);
+  const missing = (info.relay_key_required && !$("relay-key").value) || (!info.upstream_key_configured && !$("openai-key").value);
+  $("settings").open = missing || $("settings").open;
+  if (info.default_model) $("model").placeholder = "relay default: " + info.default_model;
+}).catch(() => { $("settings").open = true; });
+
+function pointAtSetting(id, message) {
+  $("settings").open = true;
+  $(id).focus();
+  return message;
+}
 $("private").addEventListener("change", () => sessionStorage.setItem("relay.private", $("private").checked ? "1" : "0"));
 
 // ----- tabs -------------------------------------------------------------------------------------
@@ -111,7 +127,12 @@ async function send(text) {
     return;
   }
   if (!res.ok) {
-    const [code, message] = await readError(res);
+    let [code, message] = await readError(res);
+    if (res.status === 401) {
+      message = pointAtSetting("relay-key", "This relay needs an access key: type it under Settings → Relay access key, then send again.");
+    } else if (code === "missing_api_key") {
+      message = pointAtSetting("openai-key", "This relay has no OpenAI key of its own: type yours under Settings → OpenAI key, then send again.");
+    }
     $("conversation").append(errorBox(code, message));
     setBusy(false);
     setStatus("Refused with HTTP " + res.status + ".");
@@ -119,6 +140,7 @@ async function send(text) {
   }
   const answer = await res.json();
   chat.last = answer;
+  $("private-marker").hidden = (answer.authorization || {}).access !== "private";
   renderSnippets(answer);
   const ep = answer.endpoints;
   const auth = answer.authorization || {};
@@ -143,6 +165,7 @@ function follow(streamUrl, ep, bearer) {
       return;
     }
     turn.events += 1;
+    setStatus("Streaming… (" + turn.events + (turn.events === 1 ? " event" : " events") + " so far)");
     try {
       textNode.textContent += choiceText(JSON.parse(e.data));
     } catch (_) { /* a chunk that is not JSON: nothing to show */ }
@@ -186,7 +209,8 @@ async function finishTurn(turn) {
     if (status.status === "stop") turn.bubble.classList.add("stopped");
     if (status.status === "error") {
       const err = status.error || turn.serverError || { code: "error", message: "the request failed" };
-      turn.bubble.after(errorBox(err.code, err.message));
+      turn.bubble.classList.add("failed");
+      turn.bubble.append(errorBox(err.code, err.message)); // in the answer's own bubble, text so far above it
     } else {
       chat.parent = { statusUrl: turn.ep.status_url, bearer: turn.bearer };
     }
@@ -205,7 +229,11 @@ $("composer").addEventListener("submit", (e) => {
 });
 
 $("prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("composer").requestSubmit();
+  // Enter sends, like every chat; Shift+Enter is a new line (and an IME composition is left alone)
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $("composer").requestSubmit();
+  }
 });
 
 $("stop").addEventListener("click", async () => {
@@ -230,12 +258,13 @@ $("new-conversation").addEventListener("click", () => {
   chat.current = null;
   chat.parent = null;
   $("conversation").replaceChildren();
+  $("private-marker").hidden = true;
   setBusy(false);
   setStatus("New conversation.");
 });
 
 // ----- viewer -----------------------------------------------------------------------------------
-const viewer = { es: null };
+const viewer = { es: null, asyncUrl: null };
 
 function viewerUrls(input, token) {
   const url = new URL(input, location.href);
@@ -269,9 +298,55 @@ async function showViewerStatus(statusUrl, token) {
 function closeViewer() {
   if (viewer.es) viewer.es.close();
   viewer.es = null;
+  viewer.asyncUrl = null;
 }
 
-$("viewer-form").addEventListener("submit", (e) => {
+function drawTiming(times) {
+  // One bar per gap between two events as they arrived here: a person sees pauses at a glance.
+  const gaps = times.slice(1).map((t, i) => t - times[i]);
+  const canvas = $("viewer-chart");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  $("viewer-timing").hidden = gaps.length === 0;
+  if (!gaps.length) return;
+  const longest = Math.max(...gaps, 1);
+  const width = canvas.width / gaps.length;
+  ctx.fillStyle = "#2f6fed";
+  gaps.forEach((gap, i) => {
+    const h = Math.max(1, (gap / longest) * (canvas.height - 4));
+    ctx.fillRect(i * width, canvas.height - h, Math.max(1, width - 1), h);
+  });
+  const sorted = [...gaps].sort((a, b) => a - b);
+  const median = sorted[Math.floor(sorted.length / 2)];
+  canvas.dataset.bars = String(gaps.length);
+  $("viewer-chart-caption").textContent =
+    `Time between events as they arrived: ${gaps.length} gaps, median ${median.toFixed(0)} ms, longest ${longest.toFixed(0)} ms.`;
+}
+
+async function fetchStatus(statusUrl, token) {
+  try {
+    const res = await fetch(statusUrl, { headers: bearerHeaders(token) });
+    return res.ok ? await res.json() : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+async function watchAsync(statusUrl, token, status) {
+  // An async request has no event stream: its status document is the whole story, polled until it ends.
+  $("viewer-state").textContent = "An async request (no event stream): its status document, updated until it ends.";
+  while (status) {
+    $("viewer-status").textContent = JSON.stringify(status, null, 2);
+    if (["done", "error", "stop"].includes(status.status) || viewer.asyncUrl !== statusUrl) break;
+    await new Promise((ok) => setTimeout(ok, 1000));
+    status = await fetchStatus(statusUrl, token);
+  }
+  if (status && viewer.asyncUrl === statusUrl) {
+    $("viewer-state").textContent = "An async request (no event stream): finished with status " + status.status + ".";
+  }
+}
+
+$("viewer-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   closeViewer();
   const token = $("viewer-token").value.trim();
@@ -285,16 +360,33 @@ $("viewer-form").addEventListener("submit", (e) => {
   $("viewer-events").querySelector("tbody").replaceChildren();
   $("viewer-text").textContent = "";
   $("viewer-status").textContent = "";
+  drawTiming([]);
+  const status = await fetchStatus(urls.status, token);
+  if (status && !(status.endpoints || {}).stream_events_url) {
+    viewer.asyncUrl = urls.status;
+    watchAsync(urls.status, token, status);
+    return;
+  }
   $("viewer-state").textContent = "Connecting to " + urls.stream.split("?")[0] + " …";
   const es = new EventSource(urls.stream);
   viewer.es = es;
   let count = 0;
+  const times = [];
+  let drawing = false;
+  const redraw = () => {
+    if (drawing) return;
+    drawing = true;
+    requestAnimationFrame(() => { drawing = false; drawTiming(times); });
+  };
   es.onopen = () => { $("viewer-state").textContent = "Connected; live events below."; };
   es.onmessage = (ev) => {
     addEventRow(ev.lastEventId, "message", ev.data);
+    times.push(performance.now());
+    redraw();
     if (ev.data === "[DONE]") {
       closeViewer();
       $("viewer-state").textContent = "Finished: " + count + " events, then [DONE].";
+      $("viewer-raw-summary").textContent = "Raw events (" + (count + 1) + ", with their ids)";
       showViewerStatus(urls.status, token);
       return;
     }
@@ -305,7 +397,7 @@ $("viewer-form").addEventListener("submit", (e) => {
     es.addEventListener(name, (ev) => {
       if (ev.data) { addEventRow(ev.lastEventId, name, ev.data); return; }
       if (name === "error" && es.readyState === EventSource.CLOSED) {
-        $("viewer-state").textContent = "The stream could not be opened (wrong URL, an async request, or a private one without its token). Its status:";
+        $("viewer-state").textContent = "The stream could not be opened (a wrong URL, or a private request without its token). Its status:";
         closeViewer();
         showViewerStatus(urls.status, token);
       } else if (name === "error") {

@@ -112,10 +112,12 @@ async def test_send_stream_chain_and_stop(browser: Browser, relay: Relay) -> Non
 async def test_private_conversation_with_keys_in_session_storage(browser: Browser, make_relay: RelayFactory) -> None:
     relay = await make_relay(auth_api_keys=["console-relay-key"])
     page = await open_console(browser, relay.url, "private", openai_key=None)
-    # without the relay key: a readable error
+    # the relay needs a key: Settings are open; without the key, the error points at the field
+    await expect(page.locator("#settings")).to_have_attribute("open", "")
     await say(page, "refused")
     await expect(page.locator(".error")).to_contain_text("unauthorized")
-    await expect(page.locator(".error")).to_contain_text("X-RapidAPI-Key")
+    await expect(page.locator(".error")).to_contain_text("Settings → Relay access key")
+    await expect(page.locator("#relay-key")).to_be_focused()
     await shot(page, "1-error")
     await page.click("#new-conversation")
     await page.fill("#relay-key", "console-relay-key")
@@ -123,6 +125,7 @@ async def test_private_conversation_with_keys_in_session_storage(browser: Browse
     await page.check("#private")
     bubble = await say(page, "a private hello")
     await expect(bubble.locator(".meta")).to_contain_text("done")
+    await expect(page.locator("#private-marker")).to_be_visible()  # a private conversation says so
     assert await bubble.locator(".text").text_content() == "a private hello"
     status_url = await bubble.get_attribute("data-status-url")
     assert status_url and "/1/r/prv/" in status_url
@@ -177,6 +180,11 @@ async def test_viewer_shows_events_with_their_ids(browser: Browser, relay: Relay
     rows = page.locator("#viewer-events tbody tr")
     count = await rows.count()
     assert count >= 5
+    # a chart of the time between events, rather than a wall of JSON to read
+    await expect(page.locator("#viewer-timing")).to_be_visible()
+    assert int(await page.locator("#viewer-chart").get_attribute("data-bars") or 0) >= 4
+    await expect(page.locator("#viewer-chart-caption")).to_contain_text("median")
+    await page.click("#viewer-raw-summary")  # the raw events with their ids, one click away
     first_id = await rows.nth(0).locator("td").nth(0).text_content()
     assert first_id == "0"
     assert await rows.nth(count - 1).locator("td").nth(2).text_content() == "[DONE]"
@@ -187,8 +195,10 @@ async def test_viewer_shows_events_with_their_ids(browser: Browser, relay: Relay
     await relay.wait_status(a["endpoints"]["status_url"])
     await page.fill("#viewer-url", a["endpoints"]["status_url"])
     await page.click("#viewer-open")
-    await expect(page.locator("#viewer-state")).to_contain_text("could not be opened")
+    await expect(page.locator("#viewer-state")).to_contain_text("An async request")
+    await expect(page.locator("#viewer-state")).to_contain_text("finished with status done")
     await expect(page.locator("#viewer-status")).to_contain_text("async one")
+    await expect(page.locator("#viewer-state")).not_to_contain_text("could not")
     await asyncio.sleep(0)
 
 
@@ -220,3 +230,65 @@ async def test_the_stop_answer_reaches_the_client_while_its_stream_is_still_open
     )
     assert order == ["first event", "stop answer success, stream open", "status stop", "event: stop", "[DONE]"]
     assert not page.problems  # type: ignore[attr-defined]
+
+
+async def test_enter_sends_shift_enter_breaks_the_line_and_the_status_line_counts(
+    browser: Browser, relay: Relay
+) -> None:
+    page = await open_console(browser, relay.url, "enter")
+    await page.fill("#model", "echo:pace=0.05")
+    await page.click("#prompt")
+    await page.keyboard.type("first line")
+    await page.keyboard.press("Shift+Enter")
+    await page.keyboard.type(LONG)
+    assert "first line\n" in await page.input_value("#prompt")  # Shift+Enter: a new line, nothing sent
+    assert await page.locator("#conversation .bubble").count() == 0
+    await page.keyboard.press("Enter")
+    bubble = page.locator("#conversation .bubble.assistant").first
+    await expect(page.locator("#status-line")).to_contain_text(
+        re.compile(r"Streaming… \((1[0-9]|[2-9][0-9]) events so far\)")
+    )
+    await expect(bubble.locator(".meta")).to_contain_text("done")
+    assert (await bubble.locator(".text").text_content() or "").startswith("first line\n")
+    assert not page.problems  # type: ignore[attr-defined]
+
+
+async def test_an_upstream_error_is_shown_in_the_answer_bubble(browser: Browser, relay: Relay) -> None:
+    page = await open_console(browser, relay.url, "upstream-error")
+    bubble = await say(page, "this will fail", "echo:fail=500")
+    await expect(bubble).to_have_class(re.compile(r"\bfailed\b"))
+    await expect(bubble.locator(".error")).to_contain_text("upstream_error")
+    assert await page.locator("#conversation > .error").count() == 0  # no second, separate box
+    await shot(page, "1-in-bubble")
+
+
+async def test_settings_stay_closed_when_the_relay_needs_nothing(browser: Browser, make_relay: RelayFactory) -> None:
+    relay = await make_relay(upstream_api_key=TEST_KEY)
+    async with relay.session.get(relay.url + "/v1/info") as r:
+        assert (await r.json()) == {
+            "relay_key_required": False,
+            "upstream_key_configured": True,
+            "default_model": "echo",
+            "node_id": 1,
+        }
+    page = await open_console(browser, relay.url, "settings-closed", openai_key=None)
+    await expect(page.locator("#model")).to_have_attribute("placeholder", "relay default: echo")
+    await expect(page.locator("#settings")).not_to_have_attribute("open", "")
+    await page.fill("#prompt", "no settings needed")
+    await page.press("#prompt", "Enter")
+    bubble = page.locator("#conversation .bubble.assistant").first
+    await expect(bubble.locator(".meta")).to_contain_text("done")
+
+
+@pytest.mark.parametrize("width", [320, 390])
+async def test_narrow_screens_do_not_overflow(browser: Browser, relay: Relay, width: int) -> None:
+    page = await browser.new_page(viewport={"width": width, "height": 700})
+    await page.goto(relay.url + "/")
+    for tab in ("#tab-chat", "#tab-viewer", "#tab-snippets"):
+        await page.click(tab)
+        overflow = await page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, (tab, overflow)
+    await page.click("#tab-chat")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"narrow-{width}.png"), full_page=True)
+    await page.close()
