@@ -81,7 +81,8 @@ def _error_text(body: bytes) -> str:
     return ""
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first (transport errors come wrapped several times)."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in chain:
@@ -92,14 +93,14 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def _refused(exc: BaseException) -> bool:
     """True when the root of `exc` is a failed connect that was not a timeout (refused, no route, DNS)."""
-    chain = _chain(exc)[1:]  # what the SDK's own timeout error wraps
+    chain = exception_chain(exc)[1:]  # what the SDK's own timeout error wraps
     connector = any(isinstance(e, aiohttp.ClientConnectorError) for e in chain)
     return connector and not any(isinstance(e, (aiohttp.ServerTimeoutError, TimeoutError)) for e in chain)
 
 
 def _cause(exc: BaseException) -> str:
     """The innermost error as `Name: text` (transport errors carry no key, only addresses and errno)."""
-    cause = _chain(exc)[-1]
+    cause = exception_chain(exc)[-1]
     text = str(cause).strip()
     name = type(cause).__name__
     return f"{name}: {text}" if text else name

@@ -25,6 +25,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
 from .paths import is_http_url
+from .upstream import exception_chain
 
 log = logging.getLogger("relay.webhooks")
 
@@ -121,15 +122,6 @@ async def check_url(url: str, resolver: GuardedResolver) -> None:
         raise WebhookRefused(f"host {host[:100]!r} does not resolve") from None
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
-
-
 async def _drain_bounded(resp: aiohttp.ClientResponse) -> None:
     """Read at most RESPONSE_LIMIT bytes of a receiver's answer; a longer one is cut off (the
     connection is closed, not reused). Only the status matters to the relay."""
@@ -213,7 +205,7 @@ class WebhookSender:
                     problem = f"HTTP {resp.status}"
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 problem = type(exc).__name__
-                if any(isinstance(e, NonPublicAddress) for e in _causes(exc)):
+                if any(isinstance(e, NonPublicAddress) for e in exception_chain(exc)):
                     log.warning("request %s: webhook refused: host resolves to a non-public address", request_id)
                     return False
             if attempt < self.attempts:
