@@ -360,6 +360,34 @@ async def create(request: web.Request, stream: bool) -> web.Response:
             manager.release_slot()
 
 
+def permalinks(rp: RequestPath, base: str, stream: bool) -> dict[str, str]:
+    """The request's URLs: status, event stream (streamed requests), stop."""
+    endpoints = {"status_url": rp.url(base, "json")}
+    if stream:
+        endpoints["stream_events_url"] = rp.url(base, "txt")
+    endpoints["stop_url"] = rp.url(base, "stop")
+    return endpoints
+
+
+def tokens(
+    private: bool, stream: bool, endpoints: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """The `authorization` of the answer (tokens in clear), the one stored (their hashes only), and the
+    answer's endpoints (a private request's bearer token repeated there, for older clients)."""
+    authorization: dict[str, Any] = {"access": "private" if private else "public"}
+    stored = dict(authorization)
+    answer_endpoints = dict(endpoints)
+    if private:
+        bearer_token, stream_token = new_token(), new_token()
+        authorization["bearer_token"] = bearer_token
+        stored["bearer_token_sha256"] = hash_token(bearer_token)
+        if stream:
+            authorization["stream_url_arg"] = f"stream_token={stream_token}"
+            stored["stream_token_sha256"] = hash_token(stream_token)
+        answer_endpoints["bearer_token"] = bearer_token
+    return authorization, stored, answer_endpoints
+
+
 async def _start(
     request: web.Request, manager: JobManager, config: Config, adm: Admitted, stream: bool
 ) -> tuple[Job, web.Response]:
@@ -369,22 +397,8 @@ async def _start(
     created_at = int(time.time())
     rp = RequestPath.new(config.server_node_id, private, created_at)
     conversation_id = conversation_id or rp.request_id
-    base = config.public_url
-    endpoints = {"status_url": rp.url(base, "json")}
-    if stream:
-        endpoints["stream_events_url"] = rp.url(base, "txt")
-    endpoints["stop_url"] = rp.url(base, "stop")
-    authorization: dict[str, Any] = {"access": "private" if private else "public"}
-    stored_auth = dict(authorization)
-    answer_endpoints = dict(endpoints)
-    if private:
-        bearer_token, stream_token = new_token(), new_token()
-        authorization["bearer_token"] = bearer_token
-        stored_auth["bearer_token_sha256"] = hash_token(bearer_token)
-        if stream:
-            authorization["stream_url_arg"] = f"stream_token={stream_token}"
-            stored_auth["stream_token_sha256"] = hash_token(stream_token)
-        answer_endpoints["bearer_token"] = bearer_token
+    endpoints = permalinks(rp, config.public_url, stream)
+    authorization, stored_auth, answer_endpoints = tokens(private, stream, endpoints)
     if adm.parent is not None:
         endpoints["from_status_url"] = adm.req.from_status_url  # type: ignore[assignment]
     body = {"model": model, "messages": messages, **adm.req.forwarded}

@@ -1,7 +1,9 @@
 """Reading and checking `config.toml` into a frozen dataclass.
 
-The schema is one table (`SCHEMA`): section, key, type, default, check and help text, so every error
-names the key and the file. The environment is read here and nowhere else: `RELAY_UPSTREAM_API_KEY`
+The schema is one table (`SCHEMA`): section, key, type, default, check and help text. It is the one
+source of each setting: errors name the key and the file, `--help` shows its text and default
+(`describe`), and the tests hold `Config`'s defaults, the shipped `config.toml` and the table in
+docs/deploy.md to it. The environment is read here and nowhere else: `RELAY_UPSTREAM_API_KEY`
 overrides `upstream.api_key`, so that a real key can live in a systemd `EnvironmentFile` instead of a
 world-readable config file.
 """
