@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from typing import Any
 
@@ -88,6 +89,26 @@ class GuardedServer(web.Server):
             )
 
 
+SPARE_DESCRIPTORS = 512  # for files, the upstream pool and webhooks, beside the client connections
+
+
+def connection_cap(configured: int) -> int:
+    """`[server] max_connections`, lowered when the process may not open that many descriptors (the
+    cap must bite before the descriptors run out, or every accept fails and asyncio floods the log)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or configured + SPARE_DESCRIPTORS <= soft:
+        return configured
+    cap = max(16, soft - SPARE_DESCRIPTORS)
+    log.warning(
+        "[server] max_connections = %d needs more open files than the limit of %d (ulimit -n; "
+        "LimitNOFILE under systemd): using %d",
+        configured,
+        soft,
+        cap,
+    )
+    return cap
+
+
 class RelayRunner(web.AppRunner):
     """An AppRunner whose server is a GuardedServer."""
 
@@ -95,7 +116,7 @@ class RelayRunner(web.AppRunner):
         kwargs.setdefault("keepalive_timeout", config.server_header_timeout_seconds)
         kwargs.setdefault("lingering_time", LINGER_SECONDS)
         super().__init__(app, **kwargs)
-        self._max_connections = config.server_max_connections
+        self._max_connections = connection_cap(config.server_max_connections)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -321,3 +321,17 @@ async def test_symlinks_in_the_data_directory_are_never_followed(relay: Relay) -
 def _bearer(doc: dict[str, Any]) -> dict[str, str]:
     token = doc["authorization"].get("bearer_token")
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def test_the_connection_cap_stays_below_the_descriptor_limit() -> None:
+    import resource
+
+    from relay.server import SPARE_DESCRIPTORS, connection_cap
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert connection_cap(4096) == 1024 - SPARE_DESCRIPTORS
+        assert connection_cap(100) == 100
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
