@@ -218,3 +218,39 @@ def _codes_in_tables(doc: str) -> set[str]:
         elif column is not None:
             found |= set(re.findall(r"`([a-z][a-z_]*)`", cells[column]))
     return found
+
+
+async def test_the_readme_try_it_line_streams_live_against_the_demo(tmp_path: Path) -> None:
+    """The README's first command after `make start`, run as written (only the port changed): it must
+    show a live stream, event by event over more than a second, ending with [DONE]."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Try it", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:8080/v1/stream-chatgpt" in block and "| xargs curl -N" in block
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_UPSTREAM_API_KEY"}
+    proc = subprocess.Popen(
+        [sys.executable, "relay.py", "serve", "--demo", "--port", str(port), "--public-url", url,
+         "--data-dir", str(tmp_path / "d")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        await wait_healthy(url, proc)
+        shell = await asyncio.create_subprocess_exec(
+            "bash", "-c", block.replace("127.0.0.1:8080", f"127.0.0.1:{port}"), stdout=subprocess.PIPE
+        )
+        assert shell.stdout is not None
+        arrivals: list[float] = []
+        output = b""
+        async for line in shell.stdout:
+            output += line
+            if line.startswith(b"data: "):
+                arrivals.append(time.monotonic())
+        assert await shell.wait() == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    events = parse_sse(output.decode())
+    assert events[-1].data == "[DONE]" and len(events) > 30
+    assert "The relay answers at once" in text_of(events)
+    assert arrivals[-1] - arrivals[0] > 1.0  # live: the words arrived over time, not as one replay
