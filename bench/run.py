@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 KEY = "sk-bench-not-a-real-key"
 TICK = os.sysconf("SC_CLK_TCK")
+NCHAN = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")  # the fan-out baseline (Debian's libnginx-mod-nchan)
 
 
 def free_port() -> int:
@@ -127,7 +128,7 @@ class Bench:
         port = free_port()
         d = self.workdir / f"nginx-{name}"
         (d / "logs").mkdir(parents=True, exist_ok=True)
-        modules = "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;" if "nchan" in http_block else ""
+        modules = f"load_module {NCHAN};" if "nchan" in http_block else ""
         (d / "nginx.conf").write_text(
             f"""{modules}
 user root;
@@ -168,7 +169,13 @@ http {{
         proc = await asyncio.create_subprocess_exec(
             PY, str(ROOT / "bench" / "loadgen.py"), stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
-        out, _ = await proc.communicate((json.dumps(job) + "\n").encode())
+        try:
+            out, _ = await proc.communicate((json.dumps(job) + "\n").encode())
+        except BaseException:  # a workload failed or was cancelled: never leave a load generator behind
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
         return json.loads(out.decode().strip().splitlines()[-1])
 
     async def post(self, relay: Proc, body: dict[str, Any], endpoint: str = "/v1/stream-chatgpt") -> dict[str, Any]:
@@ -398,6 +405,8 @@ http {{
         self.results["Idle readers"] = {"count": count, "kb_per_reader": (after - before) / count}
 
     async def run(self) -> None:
+        if not NCHAN.exists():
+            raise SystemExit(f"{NCHAN} is missing: run `make bench` (it installs libnginx-mod-nchan) or install it")
         await self.start_upstream()
         try:
             for c in (100,) if self.quick else (100, 500):
