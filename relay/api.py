@@ -86,15 +86,10 @@ def _optional_str(payload: dict[str, Any], field: str, max_len: int = 4096) -> s
 
 def parse_messages(value: Any, config: Config) -> list[dict[str, Any]]:
     if isinstance(value, str):
-        raw = value.encode()
-        if containers(raw) > config.server_max_json_containers:
-            raise _too_complex(config)
         try:
-            value = orjson.loads(raw)
+            value = _load_bounded(value.encode(), config)
         except orjson.JSONDecodeError:
             raise _bad("messages", "is a string but not a JSON array of messages") from None
-        if raw_too_deep(raw, value, config.server_max_json_depth):
-            raise _too_deep(config)
     if not isinstance(value, list) or not value:
         raise _bad("messages", "must be a non-empty array of message objects (or a string holding one)")
     _check_count(len(value), config)
@@ -134,17 +129,23 @@ def _check_count(count: int, config: Config) -> None:
         )
 
 
-def parse_body(raw: bytes, config: Config) -> Any:
-    """The JSON of a POST body, after the checks that keep parsing it cheap (see `bounds`)."""
+def _load_bounded(raw: bytes, config: Config) -> Any:
+    """JSON from a client, within the bounds that keep parsing it cheap (see `bounds`): HTTPError
+    `body_too_complex` over them, orjson.JSONDecodeError when it is not JSON."""
     if containers(raw) > config.server_max_json_containers:
         raise _too_complex(config)
+    value = orjson.loads(raw)
+    if raw_too_deep(raw, value, config.server_max_json_depth):
+        raise _too_deep(config)
+    return value
+
+
+def parse_body(raw: bytes, config: Config) -> Any:
+    """The JSON of a POST body."""
     try:
-        payload = orjson.loads(raw)
+        return _load_bounded(raw, config)
     except orjson.JSONDecodeError as exc:
         raise HTTPError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
-    if raw_too_deep(raw, payload, config.server_max_json_depth):
-        raise _too_deep(config)
-    return payload
 
 
 def header_value(request: web.Request, name: str) -> str | None:
@@ -277,6 +278,7 @@ class Admitted:
 
     req: NewRequest
     api_key: str
+    organization: str | None
     parent: dict[str, Any] | None
 
 
@@ -294,7 +296,7 @@ async def admit(request: web.Request, manager: JobManager, config: Config) -> Ad
     raw = await read_body(request, config.server_max_body_bytes, config.server_body_timeout_seconds)
     req = validate(parse_body(raw, config), config)
     api_key = header_value(request, "X-OpenAI-API-Key") or config.upstream_api_key
-    header_value(request, "X-OpenAI-Organization")
+    organization = header_value(request, "X-OpenAI-Organization")
     if not api_key:
         raise HTTPError(
             400,
@@ -313,16 +315,17 @@ async def admit(request: web.Request, manager: JobManager, config: Config) -> Ad
         raise HTTPError(429, "quota_exceeded", exc.message, {"Retry-After": str(exc.retry_after)}) from None
     except OSError as exc:
         log.error("cannot record quota usage: %s", exc.strerror)
-        raise STORAGE_UNAVAILABLE from None
-    return Admitted(req, api_key, parent)
+        raise _storage_unavailable() from None
+    return Admitted(req, api_key, organization, parent)
 
 
-STORAGE_UNAVAILABLE = HTTPError(
-    507,
-    "storage_unavailable",
-    "the relay cannot write to its data directory right now; retry later",
-    {"Retry-After": "30"},
-)
+def _storage_unavailable() -> HTTPError:
+    return HTTPError(
+        507,
+        "storage_unavailable",
+        "the relay cannot write to its data directory right now; retry later",
+        {"Retry-After": "30"},
+    )
 
 
 def conversation(adm: Admitted, config: Config) -> tuple[list[dict[str, Any]], str, str | None, str | None]:
@@ -348,7 +351,7 @@ async def create(request: web.Request, stream: bool) -> web.Response:
                 503, "busy", "the relay is at its limit of running requests; retry shortly", {"Retry-After": "1"}
             )
         adm = await admit(request, manager, config)
-        job, answer = await _start(request, manager, config, adm, stream)
+        answer = await _start(request, manager, config, adm, stream)
         slot = False  # the job holds it now
         return answer
     except HTTPError as exc:
@@ -390,7 +393,7 @@ def tokens(
 
 async def _start(
     request: web.Request, manager: JobManager, config: Config, adm: Admitted, stream: bool
-) -> tuple[Job, web.Response]:
+) -> web.Response:
     """Create the request's files and its job; the answer with the permalinks."""
     messages, model, access, conversation_id = conversation(adm, config)
     private = access == "private"
@@ -419,7 +422,7 @@ async def _start(
         doc=doc,
         body=body,
         api_key=adm.api_key,
-        organization=header_value(request, "X-OpenAI-Organization"),
+        organization=adm.organization,
         timeout=adm.req.timeout,
         connect_timeout=adm.req.connect_timeout,
         webhook_url=adm.req.webhook_url,
@@ -430,7 +433,7 @@ async def _start(
         await asyncio.to_thread(job.create_files)  # ~0.5 ms of file system work, off the event loop
     except OSError as exc:
         log.error("refusing a new request: cannot write to the data directory: %s", exc.strerror)
-        raise STORAGE_UNAVAILABLE from None
+        raise _storage_unavailable() from None
     manager.start(job)
     log.info(
         "request %s accepted endpoint=%s model=%s access=%s%s",
@@ -440,7 +443,7 @@ async def _start(
         authorization["access"],
         " chained" if adm.parent is not None else "",
     )
-    answer = json_response(
+    return json_response(
         {
             "status": "success",
             "created_at": created_at,
@@ -450,7 +453,6 @@ async def _start(
             "endpoints": answer_endpoints,
         }
     )
-    return job, answer
 
 
 async def stream_chatgpt(request: web.Request) -> web.Response:

@@ -107,8 +107,8 @@ class Job:
     def create_files(self) -> None:
         """Write the queued status (and the empty event log). Called before the POST answers."""
         data_dir = self.manager.config.data_dir
-        write_marker(data_dir, self.rp, self.webhook_url)
         try:
+            write_marker(data_dir, self.rp, self.webhook_url)  # a half-written marker is removed below too
             self.rp.directory(data_dir).mkdir(parents=True, exist_ok=True)
             if self.stream:
                 self.events = EventLog(self.rp.file(data_dir, "txt"))

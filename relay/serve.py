@@ -184,8 +184,7 @@ async def _send_fd(request: web.Request, fd: int, content_type: str) -> web.Stre
         block = await asyncio.to_thread(os.pread, fd, min(READ_BLOCK, size - offset), offset)
         if not block:
             break
-        async with asyncio.timeout(seconds):
-            await resp.write(block)
+        await _send(resp, block, seconds)
         offset += len(block)
     await resp.write_eof()
     return resp

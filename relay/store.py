@@ -145,13 +145,15 @@ def read_under(root: Path, rel: str, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and size > max_bytes:
             raise FileTooLarge(size)
         chunks = []
+        read = 0
         while True:
             block = os.read(fd, max(size, 65536))
             if not block:
                 break
             chunks.append(block)
-            if max_bytes is not None and sum(map(len, chunks)) > max_bytes:
-                raise FileTooLarge(size)
+            read += len(block)
+            if max_bytes is not None and read > max_bytes:
+                raise FileTooLarge(read)
         return b"".join(chunks)
     finally:
         os.close(fd)

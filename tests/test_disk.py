@@ -73,3 +73,20 @@ async def test_read_only_data_dir(make_relay: RelayFactory, small_disk: Path) ->
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     status, _, _ = await relay.post(msg("rw again"))
     assert status == 200
+
+
+async def test_a_refused_request_leaves_no_running_marker_on_a_full_disk(
+    make_relay: RelayFactory, small_disk: Path
+) -> None:
+    """On a full tmpfs the marker file can be created but not written: the refusal must remove it too."""
+    relay = await make_relay(data_dir=small_disk / "data", storage_reserve_bytes=0)
+    status, _, doc = await relay.post(msg("before"))
+    assert status == 200
+    await relay.wait_status(doc["endpoints"]["status_url"])
+    filler = fill(small_disk)
+    try:
+        status, _, err = await relay.post(msg("while full"))
+        assert status == 507 and err["error"]["code"] == "storage_unavailable"
+        assert list((small_disk / "data" / "running").glob("*.json")) == []
+    finally:
+        filler.unlink()
