@@ -134,15 +134,21 @@ async def test_serve_process_end_to_end_with_flags_logs_and_sigterm(tmp_path: Pa
             assert b"UPSTREAMKEY" not in p.read_bytes()
 
 
-async def test_demo_mode_answers_with_the_echo_upstream(tmp_path: Path) -> None:
+def start_demo(data: Path, output: int = subprocess.PIPE) -> tuple[subprocess.Popen[bytes], int, str]:
+    """`serve --demo` as `make start` runs it (no upstream key anywhere), on a free port."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RELAY_UPSTREAM_API_KEY"}
     proc = subprocess.Popen(
         [sys.executable, "relay.py", "serve", "--demo", "--port", str(port), "--public-url", url,
-         "--data-dir", str(tmp_path / "d")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+         "--data-dir", str(data)],
+        cwd=ROOT, stdout=output, stderr=output, env=env,
     )  # fmt: skip
+    return proc, port, url
+
+
+async def test_demo_mode_answers_with_the_echo_upstream(tmp_path: Path) -> None:
+    proc, _port, url = start_demo(tmp_path / "d")
     try:
         await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
@@ -226,14 +232,7 @@ async def test_the_readme_try_it_line_streams_live_against_the_demo(tmp_path: Pa
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Try it", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     assert "http://127.0.0.1:8080/v1/stream-chatgpt" in block and "| xargs curl -N" in block
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "RELAY_UPSTREAM_API_KEY"}
-    proc = subprocess.Popen(
-        [sys.executable, "relay.py", "serve", "--demo", "--port", str(port), "--public-url", url,
-         "--data-dir", str(tmp_path / "d")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+    proc, port, url = start_demo(tmp_path / "d", subprocess.DEVNULL)
     try:
         await wait_healthy(url, proc)
         shell = await asyncio.create_subprocess_exec(
