@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: start test lint bench bench-quick clean
+.PHONY: start test lint bench bench-quick nodes clean
 
 start: $(VENV)/.runtime
 	$(PY) relay.py serve --demo
@@ -14,13 +14,24 @@ test: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev .venv-peer/.installed
 	deploy/install-system-packages.sh --bench
 	$(PY) bench/run.py --out docs/benchmarks.md --json docs/benchmarks.json
 
-bench-quick: $(VENV)/.dev
+bench-quick: $(VENV)/.dev .venv-peer/.installed
 	deploy/install-system-packages.sh --bench
 	$(PY) bench/run.py --quick
+
+# the peer the benchmarks compare with (LiteLLM's proxy), in a venv of its own
+.venv-peer/.installed: bench/requirements-peer.txt bench/constraints-peer.txt
+	$(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/pip install --quiet --disable-pip-version-check -r bench/requirements-peer.txt -c bench/constraints-peer.txt
+	touch $@
+
+# one relay process per core (nodes 1…N on ports 8081…), for nginx's relay_all upstream in front
+N ?= $(shell nproc)
+nodes: $(VENV)/.runtime
+	$(PY) relay.py nodes --count $(N)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -38,4 +49,4 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-peer .pytest_cache .ruff_cache

@@ -225,23 +225,28 @@ async def job_post(job: dict[str, Any]) -> dict[str, Any]:
     url = urlsplit(job["url"])
     body = json.dumps(job["body"]).encode()
     req = request_bytes("POST", job["url"], body, job.get("headers"))
-    count = {"ok": 0, "failed": 0}
+    count: dict[str, Any] = {"ok": 0, "failed": 0}
     remaining = [job["count"]]
+    latencies: list[float] = []
 
     async def worker() -> None:
         reader, writer = await asyncio.open_connection(url.hostname, url.port)
         while remaining[0] > 0:
             remaining[0] -= 1
+            sent = time.monotonic()
             writer.write(req)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
             await reader.readexactly(length)
+            latencies.append(time.monotonic() - sent)
             count["ok" if head.startswith(b"HTTP/1.1 200") else "failed"] += 1
         writer.close()
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
     count["duration"] = time.monotonic() - t0
+    count["p50_ms"] = percentile(latencies, 0.5) * 1000
+    count["p99_ms"] = percentile(latencies, 0.99) * 1000
     return count
 
 

@@ -20,7 +20,7 @@ import run  # noqa: E402
 
 
 async def main(streams: int, seconds: float, out: Path | None) -> str:
-    with tempfile.TemporaryDirectory(prefix="relay-profile-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="relay-profile-", dir=run.WORKDIR) as tmp:
         bench = run.Bench(Path(tmp), quick=True)
         await bench.start_upstream()
         relay = await bench.start_relay("profile")

@@ -33,6 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 KEY = "sk-bench-not-a-real-key"
 TICK = os.sysconf("SC_CLK_TCK")
+# Data directories go on /var/tmp, not /tmp: on the machine these figures come from, creating a file
+# under /tmp costs ~0.3-0.8 ms of CPU (a crowded ext4 block group) against ~0.03 ms elsewhere on the same
+# disk, which would bill the relay for the benchmark host's /tmp rather than for its own work.
+WORKDIR = os.environ.get("RELAY_BENCH_WORKDIR", "/var/tmp")
+PEER_VENV = ROOT / ".venv-peer"  # the LiteLLM proxy, in a venv of its own (bench/requirements-peer.txt)
+PEER_KEY = "sk-bench-peer-master-key"
 NCHAN = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")  # the fan-out baseline (Debian's libnginx-mod-nchan)
 
 
@@ -49,6 +55,27 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = fh.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / TICK
     return total
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server that forks workers counts whole)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        kids = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
+        todo += [int(k) for k in kids]
+    return out
+
+
+def figures(res: dict[str, Any], base: dict[str, Any], cpu: float, delay: float, rss_kb: int) -> dict[str, Any]:
+    """One W1 run against its direct baseline."""
+    relayed = res["events"]
+    return {
+        "res": res, "cpu_s": cpu, "cpu_us_per_chunk": cpu / max(relayed, 1) * 1e6,
+        "chunks_per_s": relayed / max(res["duration"] - delay, 1e-9), "peak_rss_mb": rss_kb / 1024,
+        "added_p99_ms": res["p99_ms"] - base["p99_ms"], "added_p50_ms": res["p50_ms"] - base["p50_ms"],
+    }  # fmt: skip
 
 
 def memory_kb(pid: int, field: str) -> int:
@@ -106,26 +133,46 @@ class Bench:
         await wait_port(port)
         self.upstream = Proc(proc, port)
 
-    async def start_relay(self, name: str, extra: str = "") -> Proc:
+    async def start_relay(
+        self, name: str, extra: str = "", loop: str = "auto", node: int = 1, public_url: str | None = None
+    ) -> Proc:
         assert self.upstream is not None
         port = free_port()
         data = self.workdir / f"data-{name}"
         cfg = self.workdir / f"relay-{name}.toml"
         cfg.write_text(
             '[server]\nmax_concurrent_jobs = 20000\nmax_connections = 20000\nlog_level = "warning"\nmax_body_bytes = 1048576\n'
+            f'event_loop = "{loop}"\nnode_id = {node}\n'
             f'[upstream]\napi_key = "{KEY}"\ndefault_model = "echo"\nmax_connections = 2000\n'
             "[storage]\nreserve_bytes = 0\n" + extra
         )
         proc = subprocess.Popen(
             [PY, "relay.py", "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data),
-             "--public-url", f"http://127.0.0.1:{port}", "--upstream-base-url", f"http://127.0.0.1:{self.upstream.port}/v1"],
+             "--public-url", public_url or f"http://127.0.0.1:{port}", "--upstream-base-url", f"http://127.0.0.1:{self.upstream.port}/v1"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         await wait_port(port)
         return Proc(proc, port)
 
-    def start_nginx(self, name: str, http_block: str) -> tuple[Proc, list[int]]:
+    async def start_peer(self) -> tuple[Proc, list[int]]:
+        """The LiteLLM proxy (one process, its defaults) in front of the same dev upstream."""
+        assert self.upstream is not None
         port = free_port()
+        cfg = self.workdir / "litellm.yaml"
+        cfg.write_text(
+            "model_list:\n  - model_name: echo\n    litellm_params:\n      model: openai/echo\n"
+            f"      api_base: http://127.0.0.1:{self.upstream.port}/v1\n      api_key: {KEY}\n"
+        )
+        env = {**os.environ, "LITELLM_MASTER_KEY": PEER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+               "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}  # fmt: skip
+        proc = subprocess.Popen([str(PEER_VENV / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=self.workdir, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        await wait_port(port, timeout=120)
+        return Proc(proc, port), tree(proc.pid)
+
+    def start_nginx(self, name: str, http_block: str, port: int = 0, upstreams: str = "") -> tuple[Proc, list[int]]:
+        port = port or free_port()
         d = self.workdir / f"nginx-{name}"
         (d / "logs").mkdir(parents=True, exist_ok=True)
         modules = f"load_module {NCHAN};" if "nchan" in http_block else ""
@@ -142,6 +189,7 @@ http {{
     access_log off;
     client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
     uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    {upstreams}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         {http_block}
@@ -190,6 +238,7 @@ http {{
         assert self.upstream is not None
         chunks, pace = 200, 0.02
         delay = 1.0 + c / 250
+        opts = {"chunks": chunks, "pace": pace, "delay": delay, "stamp": True}
         model = f"echo:chunks={chunks},pace={pace},delay={delay},stamp"
         messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
         # baseline: the same readers, straight from the dev upstream
@@ -197,22 +246,37 @@ http {{
                    "body": {"model": model, "messages": messages, "stream": True},
                    "headers": {"Authorization": f"Bearer {KEY}"}} for _ in range(c)]  # fmt: skip
         base = await self.loadgen({"kind": "stream", "targets": direct, "expected": chunks})
-        relay = await self.start_relay(f"w1-{c}")
-        try:
-            cpu0 = cpu_seconds([relay.pid])
-            docs = await asyncio.gather(*(self.post(relay, {"model": model, "messages": messages}) for _ in range(c)))
-            targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
-            res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
-            cpu = cpu_seconds([relay.pid]) - cpu0
-            rss = memory_kb(relay.pid, "VmHWM")
-        finally:
-            relay.stop()
-        relayed = res["events"]
-        self.results[f"W1 C={c}"] = {
-            "relay": res, "direct": base, "relay_cpu_s": cpu, "cpu_us_per_chunk": cpu / max(relayed, 1) * 1e6,
-            "chunks_per_s": relayed / max(res["duration"] - delay, 1e-9), "peak_rss_mb": rss / 1024,
-            "added_p99_ms": res["p99_ms"] - base["p99_ms"], "added_p50_ms": res["p50_ms"] - base["p50_ms"],
-        }  # fmt: skip
+        entry: dict[str, Any] = {"direct": base}
+        for loop in ("uvloop", "asyncio"):
+            relay = await self.start_relay(f"w1-{c}-{loop}", loop=loop)
+            try:
+                cpu0 = cpu_seconds([relay.pid])
+                docs = await asyncio.gather(
+                    *(self.post(relay, {"model": model, "messages": messages}) for _ in range(c))
+                )
+                targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
+                res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
+                cpu = cpu_seconds([relay.pid]) - cpu0
+                rss = memory_kb(relay.pid, "VmHWM")
+            finally:
+                relay.stop()
+            entry[loop] = figures(res, base, cpu, delay, rss)
+        if c == 100:  # the peer: LiteLLM's proxy, streaming the same upstream to the same readers
+            peer, pids = await self.start_peer()
+            try:
+                body = {"model": "echo", "dev": opts, "messages": messages, "stream": True}
+                targets = [{"url": f"http://127.0.0.1:{peer.port}/v1/chat/completions", "body": body,
+                            "headers": {"Authorization": f"Bearer {PEER_KEY}"}} for _ in range(c)]  # fmt: skip
+                cpu0 = cpu_seconds(pids)
+                res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
+                cpu = cpu_seconds(pids) - cpu0
+                rss = sum(memory_kb(pid, "VmHWM") for pid in pids)
+            finally:
+                peer.stop()
+            entry["peer"] = figures(res, base, cpu, delay, rss)
+        # the relay's own figures (on its default event loop, uvloop) under the names earlier runs used
+        entry.update({k: v for k, v in entry["uvloop"].items() if k != "res"}, relay=entry["uvloop"]["res"])
+        self.results[f"W1 C={c}"] = entry
 
     async def w2_relay(self, r: int, chunks: int) -> dict[str, Any]:
         relay = await self.start_relay(f"w2-{r}")
@@ -329,7 +393,10 @@ http {{
         try:
             body = {"model": "echo", "messages": [{"role": "user", "content": "intake"}]}
             url = f"http://127.0.0.1:{relay.port}/v1/stream-chatgpt"
+            cpu0 = cpu_seconds([relay.pid])
             posts = await self.loadgen({"kind": "post", "url": url, "body": body, "count": count, "concurrency": 20})
+            await self.wait_idle(relay)  # every request accepted has also ended: its whole cost is counted
+            cpu = cpu_seconds([relay.pid]) - cpu0
             first = await self.loadgen(
                 {"kind": "first_event", "url": url, "body": body, "count": 50 if self.quick else 200}
             )
@@ -338,6 +405,7 @@ http {{
         self.results["W4 intake"] = {
             "posts": posts,
             "posts_per_s": posts["ok"] / posts["duration"],
+            "cpu_us_per_request": cpu / max(posts["ok"], 1) * 1e6,
             "first_event": first,
         }
 
@@ -364,6 +432,60 @@ http {{
             out[key + "_failed"] = out.get(key + "_failed", 0) + posts["failed"]
         out["ratio"] = out["fsync"] / out["no_fsync"]
         self.results["W5 durable endings"] = out
+
+    async def w6(self) -> None:
+        """One relay node against two, each behind the same nginx, at saturation (W1 with C streams)."""
+        c = 400 if self.quick else 1000
+        chunks, pace = 100, 0.02
+        delay = 2.0 + c / 250
+        model = f"echo:chunks={chunks},pace={pace},delay={delay},stamp"
+        messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
+        out: dict[str, Any] = {"streams": c, "chunks": chunks}
+        for n in (1, 2):
+            port = free_port()
+            relays = [await self.start_relay(f"w6-{n}-{i}", node=i, public_url=f"http://127.0.0.1:{port}")
+                      for i in range(1, n + 1)]  # fmt: skip
+            nodes = "".join(
+                f"upstream relay_node{i} {{ server 127.0.0.1:{r.port}; keepalive 256; }}\n    "
+                for i, r in enumerate(relays, 1)
+            )
+            every = " ".join(f"server 127.0.0.1:{r.port};" for r in relays)
+            proxy = (
+                'proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; proxy_read_timeout 600s;'
+            )
+            nginx, workers = self.start_nginx(f"nodes-{n}", f"""
+        location ~ "^/(?<relay_node>[0-9]+)/" {{ proxy_pass http://relay_node$relay_node; {proxy} }}
+        location /v1/ {{ proxy_pass http://relay_all; {proxy} }}
+        """, port=port, upstreams=nodes + f"upstream relay_all {{ {every} keepalive 256; }}")  # fmt: skip
+            try:
+                pids = [r.pid for r in relays]
+                cpu0 = cpu_seconds(pids)
+                url = f"http://127.0.0.1:{port}/v1/stream-chatgpt"
+                async with aiohttp.ClientSession() as s:
+                    docs = []
+                    for i in range(0, c, 100):
+                        docs += await asyncio.gather(*(self._post_url(s, url, {"model": model, "messages": messages})
+                                                       for _ in range(min(100, c - i))))  # fmt: skip
+                targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
+                res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
+                cpu = cpu_seconds(pids) - cpu0
+            finally:
+                nginx.stop()
+                for r in relays:
+                    r.stop()
+            out[f"{n}_node"] = {
+                "res": res, "chunks_per_s": res["events"] / max(res["duration"] - delay, 1e-9),
+                "cpu_us_per_chunk": cpu / max(res["events"], 1) * 1e6,
+                "nodes_used": sorted({d["endpoints"]["stream_events_url"].split("/")[3] for d in docs}),
+            }  # fmt: skip
+        out["ratio"] = out["2_node"]["chunks_per_s"] / out["1_node"]["chunks_per_s"]
+        self.results["W6 nodes"] = out
+
+    @staticmethod
+    async def _post_url(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with s.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
 
     @staticmethod
     async def wait_idle(relay: Proc, timeout: float = 120) -> None:
@@ -404,19 +526,30 @@ http {{
             relay.stop()
         self.results["Idle readers"] = {"count": count, "kb_per_reader": (after - before) / count}
 
-    async def run(self) -> None:
+    async def run(self, only: set[str] | None = None) -> None:
         if not NCHAN.exists():
             raise SystemExit(f"{NCHAN} is missing: run `make bench` (it installs libnginx-mod-nchan) or install it")
+        if not (PEER_VENV / "bin" / "litellm").exists():
+            raise SystemExit(f"the peer (LiteLLM) is missing from {PEER_VENV}: run `make bench` (it installs it there)")
+        want = lambda name: not only or name in only  # noqa: E731
         await self.start_upstream()
         try:
-            for c in (100,) if self.quick else (100, 500):
-                await self.w1(c)
-            for r in (100, 1000) if self.quick else (100, 1000, 5000):
-                await self.w2(r)
-            await self.w3()
-            await self.w4()
-            await self.w5()
-            await self.idle_memory()
+            if want("w1"):
+                for c in (100,) if self.quick else (100, 500):
+                    await self.w1(c)
+            if want("w2"):
+                for r in (100, 1000) if self.quick else (100, 1000, 5000):
+                    await self.w2(r)
+            if want("w3"):
+                await self.w3()
+            if want("w4"):
+                await self.w4()
+            if want("w5"):
+                await self.w5()
+            if want("idle"):
+                await self.idle_memory()
+            if want("w6"):
+                await self.w6()
         finally:
             assert self.upstream is not None
             self.upstream.stop()
@@ -442,17 +575,25 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
         f"Machine: {machine()}. Run on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.",
         f"Command: `{command}` (everything on loopback; the machine is shared and noisy: compare ratios).", "",
         "## W1: many streams (200 chunks at 20 ms each, one reader per stream)", "",
-        "| C | relay p50 / p99 delay (ms) | direct p50 / p99 (ms) | added p99 (ms) | lost / reordered | chunks/s | relay CPU µs/chunk | relay peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "Added delay is measured against the same readers reading the dev upstream directly, in the same run. "
+        "The relay writes every event to disk and its status every second; the peer (LiteLLM's proxy, one process, "
+        "its defaults) streams through without keeping anything.", "",
+        "| C | server | p50 / p99 delay (ms) | direct p50 / p99 (ms) | added p99 (ms) | lost / reordered | chunks/s | CPU µs/chunk | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+    names = {"uvloop": "relay (uvloop)", "asyncio": "relay (asyncio loop)", "peer": "LiteLLM proxy (peer)"}
     for key, r in results.items():
         if key.startswith("W1"):
-            lines.append(
-                f"| {key.split('=')[1]} | {f(r['relay']['p50_ms'])} / {f(r['relay']['p99_ms'])} | "
-                f"{f(r['direct']['p50_ms'])} / {f(r['direct']['p99_ms'])} | {f(r['added_p99_ms'])} | "
-                f"{r['relay']['lost']} / {r['relay']['reordered']} | {r['chunks_per_s']:.0f} | "
-                f"{f(r['cpu_us_per_chunk'])} | {f(r['peak_rss_mb'])} |"
-            )
+            for variant, name in names.items():
+                if variant not in r:
+                    continue
+                v, res = r[variant], r[variant]["res"]
+                lines.append(
+                    f"| {key.split('=')[1]} | {name} | {f(res['p50_ms'])} / {f(res['p99_ms'])} | "
+                    f"{f(r['direct']['p50_ms'])} / {f(r['direct']['p99_ms'])} | {f(v['added_p99_ms'])} | "
+                    f"{res['lost']} / {res['reordered']} | {v['chunks_per_s']:.0f} | "
+                    f"{f(v['cpu_us_per_chunk'])} | {f(v['peak_rss_mb'])} |"
+                )
     lines += ["", "## W2: fan-out (one live request at 10 chunks/s, R readers)", "",
               "| R | relay p50 / p99 delay (ms) | nchan p50 / p99 (ms) | lost / reordered (relay, nchan) | relay CPU µs/event | per extra reader µs/event | nchan CPU µs/event | relay peak RSS (MB) |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -473,14 +614,29 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
     if "W4 intake" in results:
         r = results["W4 intake"]
         lines += ["", "## W4: intake (instant upstream)", "",
-                  f"{r['posts']['ok']} POSTs (20 connections): **{r['posts_per_s']:.0f} POSTs/s**, {r['posts']['failed']} failed. "
-                  f"POST → first event at a reader: p50 {r['first_event']['p50_ms']:.1f} ms, p99 {r['first_event']['p99_ms']:.1f} ms."]  # fmt: skip
+                  f"{r['posts']['ok']} POSTs (20 connections): **{r['posts_per_s']:.0f} POSTs/s**, {r['posts']['failed']} failed, "
+                  f"POST answered in p50 {r['posts']['p50_ms']:.1f} ms, p99 {r['posts']['p99_ms']:.1f} ms; relay CPU "
+                  f"{r['cpu_us_per_request']:.0f} µs per request (intake, upstream call, files, ending). "
+                  f"POST → first event at a reader (one at a time, new connections): p50 {r['first_event']['p50_ms']:.1f} ms, "
+                  f"p99 {r['first_event']['p99_ms']:.1f} ms."]  # fmt: skip
     if "W5 durable endings" in results:
         r = results["W5 durable endings"]
         lines += ["", "## W5: durable endings (instant upstream, async requests)", "",
                   f"{r['count']} requests, from the first POST until every ending is written (best of two): "
                   f"fsync on {r['fsync']:.2f} s, off {r['no_fsync']:.2f} s, **ratio {r['ratio']:.2f}** "
                   f"({r['fsync_failed'] + r['no_fsync_failed']} failed)."]  # fmt: skip
+    if "W6 nodes" in results:
+        r = results["W6 nodes"]
+        lines += ["", f"## W6: one node or two, behind nginx ({r['streams']} streams of {r['chunks']} chunks at 20 ms, saturating)", "",
+                  "| nodes | chunks/s | p50 / p99 delay (ms) | lost / reordered | relay CPU µs/chunk (all nodes) | nodes that took streams |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for n in (1, 2):
+            v = r[f"{n}_node"]
+            lines.append(
+                f"| {n} | {v['chunks_per_s']:.0f} | {f(v['res']['p50_ms'])} / {f(v['res']['p99_ms'])} | "
+                f"{v['res']['lost']} / {v['res']['reordered']} | {f(v['cpu_us_per_chunk'])} | {', '.join(v['nodes_used'])} |"
+            )
+        lines += ["", f"Two nodes against one: **{r['ratio']:.2f} ×** the chunks per second."]
     if "Idle readers" in results:
         r = results["Idle readers"]
         lines += [
@@ -497,12 +653,26 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--out", default=None, help="write the Markdown report here (e.g. docs/benchmarks.md)")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON")
+    parser.add_argument(
+        "--workdir",
+        default=WORKDIR,
+        help=f"where the relays' data directories go (default {WORKDIR}: a disk like a VPS's /var/lib)",
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated workloads to run (w1,w2,w3,w4,w5,idle); all by default"
+    )
     args = parser.parse_args()
+    only = {w.strip().lower() for w in args.only.split(",") if w.strip()}
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="relay-bench-", dir=args.workdir) as tmp:
         bench = Bench(Path(tmp), args.quick)
-        asyncio.run(bench.run())
-    command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
+        asyncio.run(bench.run(only))
+    command = (
+        "python bench/run.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if only else "")
+        + (f" --out {args.out}" if args.out else "")
+    )
     text = report(bench.results, command, time.monotonic() - t0)
     print(text)
     if args.out:

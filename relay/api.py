@@ -7,7 +7,6 @@ moment the client reads it. Any refusal happens before a file is created or the 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import math
 import re
@@ -428,9 +427,7 @@ async def _start(
         webhook_url=adm.req.webhook_url,
     )
     try:
-        if not manager.reserve.ensure():
-            raise OSError(errno.ENOSPC, "no space left to keep the reserve")
-        await asyncio.to_thread(job.create_files)  # ~0.5 ms of file system work, off the event loop
+        await manager.on_intake(job.create_files)  # the request's one thread hop (~0.2 ms of file work)
     except OSError as exc:
         log.error("refusing a new request: cannot write to the data directory: %s", exc.strerror)
         raise _storage_unavailable() from None

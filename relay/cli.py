@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +91,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help=describe("storage", "data_dir"))
     serve.add_argument("--public-url", help=describe("server", "public_url"))
     serve.add_argument("--upstream-base-url", help=describe("upstream", "base_url"))
+    serve.add_argument("--node-id", type=int, help=describe("server", "node_id"))
+    serve.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), help=describe("server", "event_loop"))
     serve.add_argument(
         "--demo",
         action="store_true",
         help="when no upstream key is configured, run the built-in echo upstream beside the relay and use it",
     )
+    nodes = sub.add_parser(
+        "nodes",
+        help="run N relay nodes (one per core): node i on port BASE+i-1 with data in DATA_DIR/node<i>",
+    )
+    nodes.add_argument("--count", type=int, default=os.cpu_count() or 1, help="how many nodes (default: one per core)")
+    nodes.add_argument("--base-port", type=int, default=8081, help="port of node 1 (default: 8081)")
+    nodes.add_argument("--config", help="config file shared by every node (default: ./config.toml if it exists)")
+    nodes.add_argument("--host", help=describe("server", "host"))
+    nodes.add_argument("--data-dir", help="parent of the nodes' data directories (default: [storage] data_dir)")
+    nodes.add_argument("--public-url", help="base of every generated URL: the proxy in front of the nodes")
+    nodes.add_argument("--upstream-base-url", help=describe("upstream", "base_url"))
+    nodes.add_argument("--demo", action="store_true", help="as for serve: each node with its own echo upstream")
     jan = sub.add_parser("janitor", help="remove expired requests once, print what was removed, and exit")
     jan.add_argument("--config", help="config file (default: ./config.toml if it exists)")
     jan.add_argument("--data-dir", help=describe("storage", "data_dir"))
@@ -114,6 +131,8 @@ def load_config(args: argparse.Namespace) -> Config:
         storage_data_dir=args.data_dir,
         server_public_url=getattr(args, "public_url", None),
         upstream_base_url=getattr(args, "upstream_base_url", None),
+        server_node_id=getattr(args, "node_id", None),
+        server_event_loop=getattr(args, "event_loop", None),
     )
     check_startup(config, path or "defaults")
     return config
@@ -148,13 +167,14 @@ async def _serve(config: Config, demo: bool) -> None:
         await runner.cleanup()
         raise CannotStart(1, f"cannot listen on {config.server_host}:{config.server_port}: {exc.strerror}") from None
     log.info(
-        "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s)",
+        "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s, %s event loop)",
         config.server_host,
         config.server_port,
         config.public_url,
         config.server_node_id,
         config.data_dir.resolve(),
         config.upstream_base_url,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -182,12 +202,94 @@ async def _dev_upstream(host: str, port: int, key: str | None) -> None:
     await runner.cleanup()
 
 
+def nginx_upstream(host: str, ports: list[int]) -> str:
+    """The nginx upstream blocks for nodes 1…N on `ports` (see deploy/nginx/relay-multinode.conf)."""
+    blocks = [f"upstream relay_node{i} {{ server {host}:{port}; keepalive 64; }}" for i, port in enumerate(ports, 1)]
+    servers = " ".join(f"server {host}:{port};" for port in ports)
+    return "\n".join([*blocks, f"upstream relay_all {{ {servers} keepalive 64; }}"])
+
+
+def run_nodes(args: argparse.Namespace) -> int:
+    """Start `--count` relay processes as nodes 1…N, stop them all on SIGINT/SIGTERM or when one exits."""
+    config = load_config(args)  # the shared config must be valid before anything starts
+    if not 1 <= args.count <= 64 or not 1 <= args.base_port <= 65535 - args.count:
+        print("relay: --count must be 1…64 and the ports must fit below 65536", file=sys.stderr)
+        return 2
+    parent = Path(args.data_dir) if args.data_dir else config.data_dir
+    ports = [args.base_port + i for i in range(args.count)]
+    passed = []
+    for flag in ("config", "host", "public_url", "upstream_base_url"):
+        value = getattr(args, flag)
+        if value is not None:
+            passed += ["--" + flag.replace("_", "-"), str(value)]
+    if args.demo:
+        passed.append("--demo")
+    script = Path(__file__).resolve().parent.parent / "relay.py"
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                "serve",
+                "--node-id",
+                str(node),
+                "--port",
+                str(port),
+                "--data-dir",
+                str(parent / f"node{node}"),
+                *passed,
+            ]
+        )  # fmt: skip
+        for node, port in enumerate(ports, 1)
+    ]
+    print(f"started {len(children)} node(s); nginx in front of them:\n{nginx_upstream(config.server_host, ports)}")
+    sys.stdout.flush()
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while any(child.poll() is None for child in children):
+        for child in children:
+            if child.poll() is not None and child.returncode != 0 and not stopping:
+                code = code or child.returncode
+                stop(signal.SIGTERM, None)  # one node failed: stop the others rather than run short-handed
+        time.sleep(0.2)
+    return code or max((child.returncode for child in children), default=0)
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for `[server] event_loop`: uvloop when asked for or ("auto") when installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise CannotStart(2, '[server] event_loop = "uvloop", but uvloop is not installed') from None
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "nodes":
+        try:
+            return run_nodes(args)
+        except ConfigError as exc:
+            print(f"relay: config error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "dev-upstream":
         setup_logging("text", "info")
         asyncio.run(_dev_upstream(args.host, args.port, args.require_key))
@@ -214,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1 if report.errors else 0
     try:
-        asyncio.run(_serve(config, args.demo))
+        with asyncio.Runner(loop_factory=loop_factory(config.server_event_loop)) as runner:
+            runner.run(_serve(config, args.demo))
     except CannotStart as exc:
         log.error("%s", exc)
         return exc.exit_code

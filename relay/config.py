@@ -88,6 +88,10 @@ def _log_format(value: Any) -> str | None:
     return None if value in ("text", "json") else 'must be "text" or "json"'
 
 
+def _event_loop(value: Any) -> str | None:
+    return None if value in ("auto", "uvloop", "asyncio") else 'must be "auto", "uvloop" or "asyncio"'
+
+
 def _log_level(value: Any) -> str | None:
     ok = ("debug", "info", "warning", "error")
     return None if value.lower() in ok else "must be one of " + ", ".join(ok)
@@ -114,6 +118,7 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("server", "heartbeat_seconds", float, 15.0, _positive, "keep-alive comment interval on event streams"),
     ("server", "log_format", str, "text", _log_format, 'log lines as "text" or "json" (one object per line)'),
     ("server", "log_level", str, "info", _log_level, "debug, info, warning or error"),
+    ("server", "event_loop", str, "auto", _event_loop, '"uvloop" when installed ("auto"), or "uvloop"/"asyncio"'),
     ("storage", "data_dir", str, "data", _non_empty, "directory that holds every request's files"),
     (
         "storage",
@@ -197,6 +202,7 @@ class Config:
     server_heartbeat_seconds: float = 15.0
     server_log_format: str = "text"
     server_log_level: str = "info"
+    server_event_loop: str = "auto"
     storage_data_dir: str = "data"
     storage_reserve_bytes: int = 8 * 1024 * 1024
     storage_fsync: bool = True

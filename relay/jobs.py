@@ -14,8 +14,10 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
+import aiofiles.os
 import orjson
 
 from .assemble import Assembler, EventTooLarge, SSEParser
@@ -24,16 +26,18 @@ from .config import Config
 from .metrics import Metrics
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
+from .refresh import START_WITHIN, StatusWriter
 from .status import TERMINAL, ending_events, public_view, raw_written, response_body
 from .status import finish as finish_doc
 from .status import started as start_doc
-from .store import DONE_DATA, EventLog, Reserve, write_atomic, write_bytes_atomic, write_json_atomic
+from .store import DONE_DATA, EventLog, Reserve, write_atomic, write_json_atomic
 from .upstream import Upstream, UpstreamError
 from .webhooks import WebhookSender
 
 log = logging.getLogger("relay.jobs")
 
 
+T = TypeVar("T")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 TAIL_HOLD_SECONDS = 2.0
 
@@ -91,9 +95,6 @@ class Job:
         self.processed_at: float | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._listeners: list[Listener] = []
-        self._flush_handle: asyncio.TimerHandle | None = None
-        self._last_status_write = 0.0
-        self._refreshing: asyncio.Future[None] | None = None
         self._saw_done = False
         self._finishing = False
         self._raw_tried = False
@@ -107,6 +108,8 @@ class Job:
     def create_files(self) -> None:
         """Write the queued status (and the empty event log). Called before the POST answers."""
         data_dir = self.manager.config.data_dir
+        if not self.manager.reserve.ensure():
+            raise OSError(errno.ENOSPC, "no space left to keep the reserve")
         try:
             write_marker(data_dir, self.rp, self.webhook_url)  # a half-written marker is removed below too
             self.rp.directory(data_dir).mkdir(parents=True, exist_ok=True)
@@ -126,7 +129,6 @@ class Job:
             except OSError:
                 pass
             raise
-        self._last_status_write = time.monotonic()
 
     @property
     def size(self) -> int:
@@ -181,9 +183,7 @@ class Job:
                 raise asyncio.CancelledError  # stopped (or shut down) before it began
             self.processed_at = time.time()
             start_doc(self.doc, self.stream, self.processed_at)
-            data = orjson.dumps(self.doc)
-            await asyncio.to_thread(write_atomic, self.status_path, data)  # ~0.3 ms on ext4: off the loop
-            self._last_status_write = time.monotonic()
+            self.manager.statuses.changed(self, within=START_WITHIN)  # on disk in a batched pass, ~20 ms
             async with asyncio.timeout(self.timeout):
                 if self.stream:
                     await self._run_stream()
@@ -302,7 +302,7 @@ class Job:
                 for chunk in chunks:  # only what is on disk counts towards the assembled answer
                     self.assembler.add(chunk)
                 self._announce()
-                self._schedule_refresh()
+                self.manager.statuses.changed(self)
 
     def _parse(self, data: bytes, what: str) -> Any:
         """Upstream JSON, within the bounds that keep parsing and re-serialising it cheap."""
@@ -346,34 +346,16 @@ class Job:
                     rewrite = True
         return (orjson.dumps(chunk) if rewrite else data), chunk
 
-    def _schedule_refresh(self) -> None:
-        if self._flush_handle is not None:
-            return
-        delay = max(0.0, 1.0 - (time.monotonic() - self._last_status_write))
-        self._flush_handle = asyncio.get_running_loop().call_later(delay, self._refresh)
+    def status_snapshot(self) -> bytes | None:
+        """The status as it stands, encoded for the refresh pass (see `refresh`); with the text so far."""
+        if self.finished or self._finishing or self.doc["status"] in TERMINAL:
+            return None
+        if self.stream and self.assembler.chunks:
+            response_body(self.doc, self.assembler.completion(self.body["model"]))
+        return orjson.dumps(self.doc)
 
-    def _refresh(self) -> None:
-        """Rewrite the streaming status with the text so far, in a worker thread (off the event loop)."""
-        self._flush_handle = None
-        if self.finished or self.doc["status"] in TERMINAL:
-            return
-        if self._refreshing is not None and not self._refreshing.done():
-            self._schedule_refresh()  # the previous write is still going: try again a little later
-            return
-        response_body(self.doc, self.assembler.completion(self.body["model"]))
-        try:
-            data = orjson.dumps(self.doc)
-        except orjson.JSONEncodeError:
-            log.exception("request %s: cannot encode the status", self.rp.request_id)
-            return
-        self._last_status_write = time.monotonic()
-        self._refreshing = asyncio.ensure_future(asyncio.to_thread(write_atomic, self.status_path, data))
-        self._refreshing.add_done_callback(self._refreshed)
-
-    def _refreshed(self, fut: asyncio.Future[None]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if isinstance(exc, OSError):
-            log.warning("request %s: could not refresh status: %s", self.rp.request_id, exc.strerror)
+    def describe(self) -> str:
+        return f"request {self.rp.request_id}"
 
     async def _run_async(self) -> None:
         async with self.manager.upstream.open(self.body, **self._call_args()) as resp:
@@ -408,11 +390,7 @@ class Job:
         `internal_error`; writes that fail are retried in the background until the disk takes them
         (the running marker stays until then, so a restart repairs what a crash interrupts)."""
         self._finishing = True  # from here on, a stop or a shutdown no longer cancels the task
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        if self._refreshing is not None:
-            await asyncio.wait([self._refreshing])  # the terminal status must be the last write
+        await self.manager.statuses.leave(self)  # the terminal status must be the last write
         now = time.time()
         problems = ["not written"]
         try:
@@ -429,13 +407,22 @@ class Job:
                 log.exception("request %s: cannot write its ending", self.rp.request_id)
         self._settled()  # whatever happened above: a stop URL waiting on it answers now
         if not problems:
-            problems = self._done_with_files()
+            problems = await self._done_with_files()
         if problems:
             self.manager.retry_ending(self, status, error)
         self._close_out(status, error, now, problems)
 
-    def _done_with_files(self) -> list[str]:
-        """Close the log and drop the running marker, once the ending is on disk."""
+    async def _done_with_files(self) -> list[str]:
+        return await self.manager.on_storage(self._release_files, self.manager.config.storage_fsync)
+
+    def _release_files(self, durable: bool) -> list[str]:
+        """In a worker thread, once the ending is written: make the log durable, close it, and drop the
+        running marker (from then on a restart leaves the request alone)."""
+        if self.events is not None and durable:
+            try:
+                self.events.sync()
+            except OSError as exc:
+                return [f".txt: {exc.strerror}"]
         self._close_files()
         try:
             remove_marker(self.manager.config.data_dir, self.rp)
@@ -449,25 +436,16 @@ class Job:
         finish_doc(self.doc, status, error, now=now, since=self.started_at, processed_at=self.processed_at)
 
     async def _write_ending(self, status: str, error: tuple[str, str] | None) -> list[str]:
-        """Write what is still missing of the ending, each piece durable (fsync, directory included):
-        `.raw`, then the terminal status, then the log's last events. Returns the pieces that failed."""
+        """Write what is still missing of the ending: `.raw` and the terminal status (one worker-thread
+        hop, each durable when `[storage] fsync` is on), then the log's last events. Returns the pieces
+        that failed; the log is made durable with the marker's removal (`_release_files`)."""
         problems: list[str] = []
-        durable = self.manager.config.storage_fsync
-        if not self._raw_tried:  # a `.raw` that cannot be written is left out, not retried
-            self._raw_tried = True
-            if not error or error[0] != "storage_error":  # on a full disk, the status and [DONE] come first
-                try:
-                    await write_bytes_atomic(self.raw_path, bytes(self.raw), durable)
-                    raw_written(self.doc, self.rp.url(self.manager.config.public_url, "raw"))
-                except OSError as exc:
-                    log.warning("request %s: cannot write .raw: %s", self.rp.request_id, exc.strerror)
         if not self._status_written:
-            data = orjson.dumps(self.doc)  # raises for what cannot be encoded: the caller ends as internal_error
-            try:
-                await asyncio.to_thread(self._with_reserve, lambda: write_atomic(self.status_path, data, durable))
-                self._status_written = True
-            except OSError as exc:
-                problems.append(f".json: {exc.strerror}")
+            write_raw = not self._raw_tried and (not error or error[0] != "storage_error")  # a full disk: status first
+            self._raw_tried = True  # a `.raw` that cannot be written is left out, not retried
+            problem = await self.manager.on_storage(self._ending_files, write_raw, self.manager.config.storage_fsync)
+            if problem:
+                problems.append(problem)
         self._settled()
         await self._held()
         if self.events is not None and not self._tail_written:
@@ -477,11 +455,26 @@ class Job:
                 self._with_reserve(lambda: events.append(tail))
                 self._tail_written = True
                 self._announce()
-                if durable:
-                    await asyncio.to_thread(events.sync)
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
         return problems
+
+    def _ending_files(self, write_raw: bool, durable: bool) -> str | None:
+        """In a worker thread: `.raw` (when asked), then the terminal status. Returns a problem, or None.
+        Raises (orjson) for a status that cannot be encoded: the caller then ends as internal_error."""
+        if write_raw:
+            try:
+                write_atomic(self.raw_path, bytes(self.raw), durable, sync_parent=False)  # the status syncs the folder
+                raw_written(self.doc, self.rp.url(self.manager.config.public_url, "raw"))
+            except OSError as exc:
+                log.warning("request %s: cannot write .raw: %s", self.rp.request_id, exc.strerror)
+        data = orjson.dumps(self.doc)
+        try:
+            self._with_reserve(lambda: write_atomic(self.status_path, data, durable))
+        except OSError as exc:
+            return f".json: {exc.strerror}"
+        self._status_written = True
+        return None
 
     def _settled(self) -> None:
         """The terminal status is on disk (or cannot be written now): the upstream call is over, so the
@@ -549,7 +542,7 @@ class Job:
                     log.exception("request %s: cannot write its ending", self.rp.request_id)
                     continue
                 if not problems:
-                    problems = self._done_with_files()
+                    problems = await self._done_with_files()
                 if not problems:
                     log.info("request %s: ending written after the disk came back", self.rp.request_id)
                     return
@@ -588,6 +581,19 @@ class JobManager:
         self.retries: set[asyncio.Task[None]] = set()  # endings waiting for the disk
         self.accepting = True
         self.reserve = Reserve(config.data_dir / "reserve.bin", config.storage_reserve_bytes)
+        # File work off the event loop, in two pools: new requests' files never queue behind endings
+        # (fsync) and status refreshes, so a POST's single thread hop stays short under load.
+        self.intake = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-intake")
+        self.storage = ThreadPoolExecutor(max_workers=4, thread_name_prefix="relay-storage")
+        self.statuses = StatusWriter(self.storage)
+
+    async def on_intake(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the intake pool (the files of a new request)."""
+        return await aiofiles.os.wrap(fn)(*args, executor=self.intake)
+
+    async def on_storage(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the storage pool (endings, refreshes)."""
+        return await aiofiles.os.wrap(fn)(*args, executor=self.storage)
 
     def running(self) -> int:
         return len(self.jobs)
@@ -647,3 +653,6 @@ class JobManager:
         if retries:
             log.warning("shutting down: %d ending(s) not yet on disk; the next start repairs them", len(retries))
             await asyncio.wait(retries)
+        self.statuses.close()
+        self.intake.shutdown(wait=False)
+        self.storage.shutdown(wait=False)

@@ -29,10 +29,14 @@ def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subp
 def test_help_lists_every_command() -> None:
     out = run("--help")
     assert out.returncode == 0
-    assert "serve" in out.stdout and "dev-upstream" in out.stdout
+    assert "serve" in out.stdout and "dev-upstream" in out.stdout and "nodes" in out.stdout
     serve = run("serve", "--help").stdout
-    for flag in ("--config", "--host", "--port", "--data-dir", "--public-url", "--upstream-base-url", "--demo"):
+    for flag in ("--config", "--host", "--port", "--data-dir", "--public-url", "--upstream-base-url", "--demo",
+                 "--node-id", "--event-loop"):  # fmt: skip
         assert flag in serve
+    nodes = run("nodes", "--help").stdout
+    for flag in ("--count", "--base-port", "--config", "--data-dir", "--public-url", "--upstream-base-url", "--demo"):
+        assert flag in nodes
 
 
 @pytest.mark.parametrize(

@@ -135,7 +135,9 @@ async def test_read_only_mid_stream_then_writable_again(
     relay = await make_relay(data_dir=data, storage_reserve_bytes=64 * 1024)
     doc = await relay.start(msg(" ".join(f"w{i}" for i in range(40)), model="echo:pace=0.05"))
     status_file = data / doc["endpoints"]["status_url"][len(relay.url) + 1 :]
-    await asyncio.sleep(0.5)
+    await until(
+        lambda: orjson.loads(status_file.read_bytes())["status"] == "streaming", timeout=5, what="streaming on disk"
+    )
     subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
     subprocess.run(["mount", "-o", "remount,ro,bind", str(data)], check=True)
     try:

@@ -1,0 +1,167 @@
+"""Speed features that change behaviour: batched status refreshes, the event loop choice, the upstream body
+read straight from aiohttp, and several nodes started by one command (`relay.py nodes`)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import httpx2
+import orjson
+import pytest
+
+from relay.http import MANAGER
+from relay.upstream import Upstream as UpstreamClient
+from relay.upstream import _aiohttp_body, _headers
+
+from .conftest import ROOT, TEST_KEY, RelayFactory, Upstream, free_port, msg, read_stream, until, wait_healthy
+
+
+async def test_status_refreshes_of_many_streams_share_one_pass_a_second(make_relay: RelayFactory) -> None:
+    """30 streams for ~2.5 s: every status file shows `streaming` soon after its start and its text grows
+    while it runs, but the refreshes are written in a handful of passes, not one per request per second."""
+    relay = await make_relay()
+    manager = relay.app[MANAGER]
+    words = " ".join(f"w{i}" for i in range(25))
+    docs = await asyncio.gather(*(relay.start(msg(words, model="echo:pace=0.1")) for _ in range(30)))
+    files = [relay.data_dir / d["endpoints"]["status_url"][len(relay.url) + 1 :] for d in docs]
+
+    def states() -> list[str]:
+        return [orjson.loads(f.read_bytes())["status"] for f in files]
+
+    await until(lambda: states() == ["streaming"] * 30, timeout=2, what="every status says streaming")
+    passes_before = manager.statuses.passes
+    await asyncio.sleep(1.3)
+    texts = [orjson.loads(f.read_bytes())["response"]["body"]["choices"][0]["message"]["content"] for f in files]
+    assert all(t.startswith("w0 w1") for t in texts), texts  # refreshed within a second, all of them
+    await until(lambda: manager.running() == 0, timeout=10, what="all streams ended")
+    assert states() == ["done"] * 30
+    refreshes = manager.statuses.passes - passes_before
+    assert 1 <= refreshes <= 6  # ~1 a second for all 30 requests (30+ writes a second if done one by one)
+
+
+async def test_upstream_body_is_read_straight_from_aiohttp(upstream: Upstream) -> None:
+    """The SDK's aiohttp transport is underneath, and the relay reads the body from it directly (an SDK
+    upgrade that changes its internals must fail here, not silently put the slower path back)."""
+    client = UpstreamClient(upstream.url)
+    try:
+        body = orjson.dumps({"model": "echo", "stream": True, "messages": [{"role": "user", "content": "a b"}]})
+        http = await client._post(body, _headers(TEST_KEY, None), True, 5)
+        try:
+            direct = _aiohttp_body(http)
+            assert isinstance(direct, aiohttp.StreamReader)
+            raw = b"".join([block async for block in direct.iter_any()])
+        finally:
+            await http.aclose()
+        assert raw.startswith(b"data: ") and raw.rstrip().endswith(b"data: [DONE]")
+        assert _aiohttp_body(httpx2.Response(200, content=b"{}")) is None  # another transport: httpx2's path
+    finally:
+        await client.close()
+
+
+def serve(tmp_path: Path, upstream: Upstream, loop: str, block_uvloop: bool = False) -> subprocess.Popen[str]:
+    port = free_port()
+    code = "import sys\n"
+    if block_uvloop:
+        code += "sys.modules['uvloop'] = None  # as if it were not installed\n"
+    code += "from relay.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--upstream-base-url", upstream.url, "--public-url", f"http://127.0.0.1:{port}", "--event-loop", loop],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loop,block,expect",
+    [("auto", False, "uvloop"), ("asyncio", False, "asyncio"), ("auto", True, "asyncio"), ("uvloop", False, "uvloop")],
+)
+async def test_event_loop_choice(tmp_path: Path, upstream: Upstream, loop: str, block: bool, expect: str) -> None:
+    proc = serve(tmp_path, upstream, loop, block)
+    try:
+        port = int(proc.args[proc.args.index("--port") + 1])  # type: ignore[union-attr]
+        await wait_healthy(f"http://127.0.0.1:{port}", proc)  # type: ignore[arg-type]
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                f"http://127.0.0.1:{port}/v1/stream-chatgpt",
+                json=msg("on any loop"),
+                headers={"X-OpenAI-API-Key": TEST_KEY},
+            ) as r:
+                doc = await r.json()
+            _, _, text = await read_stream(s, doc["endpoints"]["stream_events_url"])
+        assert "data: [DONE]" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert f"{expect} event loop" in err
+
+
+def test_uvloop_asked_for_but_missing_is_a_clear_exit_2(tmp_path: Path, upstream: Upstream) -> None:
+    proc = serve(tmp_path, upstream, "uvloop", block_uvloop=True)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert 'event_loop = "uvloop", but uvloop is not installed' in err
+
+
+async def test_nodes_command_runs_one_relay_per_node(tmp_path: Path, upstream: Upstream) -> None:
+    """`relay.py nodes --count 2`: nodes 1 and 2 on consecutive ports, each with its own data directory and
+    node id in its URLs; the nginx upstream block is printed; SIGTERM stops both, exit 0."""
+    base = free_port()
+    while True:  # two consecutive free ports
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            break
+        except OSError:
+            base = free_port()
+    data = tmp_path / "nodes"
+    proc = subprocess.Popen(
+        [sys.executable, "relay.py", "nodes", "--count", "2", "--base-port", str(base), "--data-dir", str(data),
+         "--upstream-base-url", upstream.url, "--public-url", "http://relay.example.test"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for port in (base, base + 1):
+            await wait_healthy(f"http://127.0.0.1:{port}", proc)  # type: ignore[arg-type]
+        async with aiohttp.ClientSession() as s:
+            for node, port in ((1, base), (2, base + 1)):
+                async with s.post(
+                    f"http://127.0.0.1:{port}/v1/async-chatgpt",
+                    json=msg(f"node {node}"),
+                    headers={"X-OpenAI-API-Key": TEST_KEY},
+                ) as r:
+                    assert r.status == 200
+                    doc = await r.json()
+                status_url = doc["endpoints"]["status_url"]
+                assert status_url.startswith(f"http://relay.example.test/{node}/r/")
+                path = data / f"node{node}" / status_url.split("/", 3)[3]
+                await until(lambda p=path: orjson.loads(p.read_bytes())["status"] == "done", what=f"node {node} done")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"upstream relay_all {{ server 127.0.0.1:{base}; server 127.0.0.1:{base + 1}; keepalive 64; }}" in out
+    assert f"upstream relay_node2 {{ server 127.0.0.1:{base + 1}; keepalive 64; }}" in out
+    assert sorted(p.name for p in data.iterdir()) == ["node1", "node2"]
+
+
+def test_nodes_command_stops_all_when_one_cannot_start(tmp_path: Path, upstream: Upstream) -> None:
+    """Node 2's port is taken: it exits 1, node 1 is stopped too, and `nodes` exits with that code."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port2 = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "relay.py", "nodes", "--count", "2", "--base-port", str(port2 - 1), "--data-dir",
+             str(tmp_path / "n"), "--upstream-base-url", upstream.url],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot listen" in proc.stderr
