@@ -261,6 +261,18 @@ http {{
             finally:
                 relay.stop()
             entry[loop] = figures(res, base, cpu, delay, rss)
+        # reference: a bare aiohttp pass-through (bench/passthrough.py), the least a Python proxy can do per chunk
+        port = free_port()
+        bare = subprocess.Popen([PY, str(ROOT / "bench" / "passthrough.py"), direct[0]["url"], str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            await wait_port(port)
+            targets = [{**t, "url": f"http://127.0.0.1:{port}/s"} for t in direct]
+            cpu0 = cpu_seconds([bare.pid])
+            res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
+            entry["bare"] = figures(res, base, cpu_seconds([bare.pid]) - cpu0, delay, memory_kb(bare.pid, "VmHWM"))
+        finally:
+            Proc(bare, port).stop()
         if c == 100:  # the peer: LiteLLM's proxy, streaming the same upstream to the same readers
             peer, pids = await self.start_peer()
             try:
@@ -577,11 +589,14 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
         "## W1: many streams (200 chunks at 20 ms each, one reader per stream)", "",
         "Added delay is measured against the same readers reading the dev upstream directly, in the same run. "
         "The relay writes every event to disk and its status every second; the peer (LiteLLM's proxy, one process, "
-        "its defaults) streams through without keeping anything.", "",
+        "its defaults) streams through without keeping anything; the bare pass-through (`bench/passthrough.py`: "
+        "aiohttp on uvloop copying the upstream's bytes to the reader, nothing else) is the floor of a Python proxy "
+        "on this machine.", "",
         "| C | server | p50 / p99 delay (ms) | direct p50 / p99 (ms) | added p99 (ms) | lost / reordered | chunks/s | CPU µs/chunk | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    names = {"uvloop": "relay (uvloop)", "asyncio": "relay (asyncio loop)", "peer": "LiteLLM proxy (peer)"}
+    names = {"uvloop": "relay (uvloop)", "asyncio": "relay (asyncio loop)", "peer": "LiteLLM proxy (peer)",
+             "bare": "bare pass-through (reference)"}  # fmt: skip
     for key, r in results.items():
         if key.startswith("W1"):
             for variant, name in names.items():

@@ -583,8 +583,8 @@ class JobManager:
         self.reserve = Reserve(config.data_dir / "reserve.bin", config.storage_reserve_bytes)
         # File work off the event loop, in two pools: new requests' files never queue behind endings
         # (fsync) and status refreshes, so a POST's single thread hop stays short under load.
-        self.intake = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-intake")
-        self.storage = ThreadPoolExecutor(max_workers=4, thread_name_prefix="relay-storage")
+        self.intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-intake")
+        self.storage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-storage")
         self.statuses = StatusWriter(self.storage)
 
     async def on_intake(self, fn: Callable[..., T], *args: Any) -> T:

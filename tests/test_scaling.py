@@ -1,5 +1,5 @@
-"""Speed features that change behaviour: batched status refreshes, the event loop choice, the upstream body
-read straight from aiohttp, and several nodes started by one command (`relay.py nodes`)."""
+"""Speed features that change behaviour: batched status refreshes, the event loop choice, the upstream call
+made with aiohttp from the SDK's URL and headers, and several nodes started by one command (`relay.py nodes`)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import httpx2
+import openai
 import orjson
 import pytest
 
 from relay.http import MANAGER
-from relay.upstream import Upstream as UpstreamClient
-from relay.upstream import _aiohttp_body, _headers
 
 from .conftest import ROOT, TEST_KEY, RelayFactory, Upstream, free_port, msg, read_stream, until, wait_healthy
 
@@ -45,23 +43,23 @@ async def test_status_refreshes_of_many_streams_share_one_pass_a_second(make_rel
     assert 1 <= refreshes <= 6  # ~1 a second for all 30 requests (30+ writes a second if done one by one)
 
 
-async def test_upstream_body_is_read_straight_from_aiohttp(upstream: Upstream) -> None:
-    """The SDK's aiohttp transport is underneath, and the relay reads the body from it directly (an SDK
-    upgrade that changes its internals must fail here, not silently put the slower path back)."""
-    client = UpstreamClient(upstream.url)
-    try:
-        body = orjson.dumps({"model": "echo", "stream": True, "messages": [{"role": "user", "content": "a b"}]})
-        http = await client._post(body, _headers(TEST_KEY, None), True, 5)
-        try:
-            direct = _aiohttp_body(http)
-            assert isinstance(direct, aiohttp.StreamReader)
-            raw = b"".join([block async for block in direct.iter_any()])
-        finally:
-            await http.aclose()
-        assert raw.startswith(b"data: ") and raw.rstrip().endswith(b"data: [DONE]")
-        assert _aiohttp_body(httpx2.Response(200, content=b"{}")) is None  # another transport: httpx2's path
-    finally:
-        await client.close()
+async def test_upstream_call_carries_the_sdks_url_and_headers(make_relay: RelayFactory) -> None:
+    """The upstream call is one aiohttp request, built from what the `openai` SDK says an OpenAI call is:
+    its URL under the base URL and its identification headers, plus the key and the organization."""
+    relay = await make_relay()
+    assert relay.upstream is not None
+    doc = await relay.start(msg("hello"), headers={"X-OpenAI-Organization": "org-42"})
+    _, _, text = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
+    assert "data: [DONE]" in text
+    seen = relay.upstream.state.last_headers
+    sdk = openai.AsyncOpenAI(api_key="unused", base_url=relay.upstream.url)
+    for name, value in sdk.default_headers.items():
+        if isinstance(value, str) and name != "Content-Type":
+            assert seen.get(name) == value, name
+    assert seen.get("Content-Type") == "application/json"
+    assert seen.get("OpenAI-Organization") == "org-42"
+    assert seen.get("Accept-Encoding") == "identity"
+    assert relay.upstream.state.total >= 1
 
 
 def serve(tmp_path: Path, upstream: Upstream, loop: str, block_uvloop: bool = False) -> subprocess.Popen[str]:

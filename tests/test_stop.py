@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 
@@ -27,6 +28,14 @@ async def stop(relay: Relay, url: str, method: str = "POST") -> dict:
     async with relay.session.request(method, url) as r:
         assert r.status == 200
         return await r.json()
+
+
+async def until_status(relay: Relay, doc: dict[str, Any], status: str, timeout: float = 2) -> None:
+    """Until the status document says `status` (a new state reaches the disk in a batched pass)."""
+    deadline = time.monotonic() + timeout
+    while (await relay.get_json(doc["endpoints"]["status_url"]))[1]["status"] != status:
+        assert time.monotonic() < deadline, f"the status did not become {status}"
+        await asyncio.sleep(0.01)
 
 
 async def wait_open(relay: Relay, count: int, timeout: float = 5) -> None:
@@ -88,8 +97,7 @@ async def test_stop_while_connecting(make_relay: RelayFactory, blackhole: tuple[
     doc = await relay.start(msg("x", connect_timeout=10))
     await asyncio.sleep(0.5)
     assert connections_to(port, fillers_ports) == 1  # the relay is connecting right now
-    _, running = await relay.get_json(doc["endpoints"]["status_url"])
-    assert running["status"] == "streaming"
+    await until_status(relay, doc, "streaming")
     t0 = time.monotonic()
     await stop(relay, doc["endpoints"]["stop_url"])
     assert time.monotonic() - t0 < 1
@@ -102,8 +110,7 @@ async def test_stop_while_connecting(make_relay: RelayFactory, blackhole: tuple[
 async def test_stop_async_request(relay: Relay) -> None:
     doc = await relay.start(msg("x", model="echo:delay=30"), endpoint="/v1/async-chatgpt")
     await wait_open(relay, 1)
-    _, running = await relay.get_json(doc["endpoints"]["status_url"])
-    assert running["status"] == "processing"
+    await until_status(relay, doc, "processing")  # written in the next batched pass (~20 ms)
     await stop(relay, doc["endpoints"]["stop_url"], "GET")
     _, final = await relay.get_json(doc["endpoints"]["status_url"])
     assert final["status"] == "stop"
