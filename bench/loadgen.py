@@ -99,6 +99,9 @@ class SSEClient(asyncio.Protocol):
         del body[: end + 2]
         now = time.monotonic()
         stats = self.stats
+        if "first" not in stats:
+            stats["first"] = now
+        stats["last"] = now
         for seq_b, sent_b in SEQ_RE.findall(block):
             seq = int(seq_b)
             stats["delays"].append(now - float(sent_b))
@@ -174,6 +177,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(stats: dict[str, Any]) -> dict[str, Any]:
     delays = stats.pop("delays")
+    stats["active_s"] = stats.pop("last", 0.0) - stats.pop("first", 0.0)  # first event to last, all readers
     stats["samples"] = len(delays)
     stats["p50_ms"] = percentile(delays, 0.50) * 1000
     stats["p99_ms"] = percentile(delays, 0.99) * 1000
@@ -304,6 +308,7 @@ JOBS = {
 def main() -> None:
     job = json.loads(sys.stdin.readline())
     result = asyncio.run(JOBS[job["kind"]](job))
+    result["loadgen_cpu_s"] = time.process_time()  # what reading cost the load generator itself
     print(json.dumps(result), flush=True)
 
 

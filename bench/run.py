@@ -446,7 +446,8 @@ http {{
         self.results["W5 durable endings"] = out
 
     async def w6(self) -> None:
-        """One relay node against two, each behind the same nginx, at saturation (W1 with C streams)."""
+        """One relay node against two, each behind the same nginx, at saturation (W1 with C streams): chunks
+        per second counted from the first chunk any reader received to the last."""
         c = 400 if self.quick else 1000
         chunks, pace = 100, 0.02
         delay = 2.0 + c / 250
@@ -471,7 +472,10 @@ http {{
         """, port=port, upstreams=nodes + f"upstream relay_all {{ {every} keepalive 256; }}")  # fmt: skip
             try:
                 pids = [r.pid for r in relays]
+                assert self.upstream is not None
+                others0 = cpu_seconds([self.upstream.pid]), cpu_seconds(workers)
                 cpu0 = cpu_seconds(pids)
+                t0 = time.monotonic()
                 url = f"http://127.0.0.1:{port}/v1/stream-chatgpt"
                 async with aiohttp.ClientSession() as s:
                     docs = []
@@ -481,14 +485,18 @@ http {{
                 targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
                 res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
                 cpu = cpu_seconds(pids) - cpu0
+                wall = time.monotonic() - t0
+                shares = {"relays": cpu, "dev upstream": cpu_seconds([self.upstream.pid]) - others0[0],
+                          "nginx": cpu_seconds(workers) - others0[1], "load generator": res["loadgen_cpu_s"]}  # fmt: skip
             finally:
                 nginx.stop()
                 for r in relays:
                     r.stop()
             out[f"{n}_node"] = {
-                "res": res, "chunks_per_s": res["events"] / max(res["duration"] - delay, 1e-9),
+                "res": res, "chunks_per_s": res["samples"] / max(res["active_s"], 1e-9),
                 "cpu_us_per_chunk": cpu / max(res["events"], 1) * 1e6,
                 "nodes_used": sorted({d["endpoints"]["stream_events_url"].split("/")[3] for d in docs}),
+                "cores_used": {k: v / wall for k, v in shares.items()},
             }  # fmt: skip
         out["ratio"] = out["2_node"]["chunks_per_s"] / out["1_node"]["chunks_per_s"]
         self.results["W6 nodes"] = out
@@ -651,7 +659,15 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
                 f"| {n} | {v['chunks_per_s']:.0f} | {f(v['res']['p50_ms'])} / {f(v['res']['p99_ms'])} | "
                 f"{v['res']['lost']} / {v['res']['reordered']} | {f(v['cpu_us_per_chunk'])} | {', '.join(v['nodes_used'])} |"
             )
-        lines += ["", f"Two nodes against one: **{r['ratio']:.2f} ×** the chunks per second."]
+        lines += [
+            "",
+            f"Two nodes against one: **{r['ratio']:.2f} ×** the chunks per second. Cores each part of the "
+            "run kept busy (of the machine's " + str(os.cpu_count()) + "):",
+        ]
+        for n in (1, 2):
+            used = r[f"{n}_node"]["cores_used"]
+            lines.append(f"- {n} node(s): " + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
+                         + f"; total {sum(used.values()):.2f}")  # fmt: skip
     if "Idle readers" in results:
         r = results["Idle readers"]
         lines += [

@@ -584,7 +584,7 @@ class JobManager:
         # File work off the event loop, in two pools: new requests' files never queue behind endings
         # (fsync) and status refreshes, so a POST's single thread hop stays short under load.
         self.intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-intake")
-        self.storage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-storage")
+        self.storage = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-storage")
         self.statuses = StatusWriter(self.storage)
 
     async def on_intake(self, fn: Callable[..., T], *args: Any) -> T:

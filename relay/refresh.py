@@ -62,6 +62,8 @@ class StatusWriter:
         """`item`'s status changed: write it in a pass at most `within` seconds from now (default: the
         interval). A new state (queued → streaming) asks for a short `within`; new text waits its turn."""
         self._changed[item] = None
+        if within is None and self._timer is not None:
+            return  # the usual case, once per chunk: a pass is due within the interval already
         loop = asyncio.get_running_loop()
         due = loop.time() + (self.interval if within is None else within)
         if self._timer is not None and self._timer.when() <= due:
