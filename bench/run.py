@@ -39,6 +39,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 WORKDIR = os.environ.get("RELAY_BENCH_WORKDIR", "/var/tmp")
 PEER_VENV = ROOT / ".venv-peer"  # the LiteLLM proxy, in a venv of its own (bench/requirements-peer.txt)
 PEER_KEY = "sk-bench-peer-master-key"
+ADMIN_KEY = "bench-admin-key-0123456789"
 NCHAN = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")  # the fan-out baseline (Debian's libnginx-mod-nchan)
 
 
@@ -123,6 +124,7 @@ class Bench:
         self.quick = quick
         self.upstream: Proc | None = None
         self.results: dict[str, Any] = {}
+        self.polls = 0
 
     # ----- processes ---------------------------------------------------------------------------
 
@@ -247,8 +249,13 @@ http {{
                    "headers": {"Authorization": f"Bearer {KEY}"}} for _ in range(c)]  # fmt: skip
         base = await self.loadgen({"kind": "stream", "targets": direct, "expected": chunks})
         entry: dict[str, Any] = {"direct": base}
-        for loop in ("uvloop", "asyncio"):
-            relay = await self.start_relay(f"w1-{c}-{loop}", loop=loop)
+        variants = [("uvloop", "uvloop", False), ("asyncio", "asyncio", False)]
+        if c == 100:  # the same run with the console's operator page open, polling the admin API every second
+            variants.append(("polled", "uvloop", True))
+        for name, loop, polled in variants:
+            extra = f'[auth]\nadmin_keys = ["{ADMIN_KEY}"]\n' if polled else ""
+            relay = await self.start_relay(f"w1-{c}-{name}", extra=extra, loop=loop)
+            poller = asyncio.create_task(self.poll_operator(relay)) if polled else None
             try:
                 cpu0 = cpu_seconds([relay.pid])
                 docs = await asyncio.gather(
@@ -259,8 +266,12 @@ http {{
                 cpu = cpu_seconds([relay.pid]) - cpu0
                 rss = memory_kb(relay.pid, "VmHWM")
             finally:
+                if poller is not None:
+                    poller.cancel()
                 relay.stop()
-            entry[loop] = figures(res, base, cpu, delay, rss)
+            entry[name] = figures(res, base, cpu, delay, rss)
+            if poller is not None:
+                entry[name]["polls"] = self.polls
         # reference: a bare aiohttp pass-through (bench/passthrough.py), the least a Python proxy can do per chunk
         port = free_port()
         bare = subprocess.Popen([PY, str(ROOT / "bench" / "passthrough.py"), direct[0]["url"], str(port)],
@@ -289,6 +300,19 @@ http {{
         # the relay's own figures (on its default event loop, uvloop) under the names earlier runs used
         entry.update({k: v for k, v in entry["uvloop"].items() if k != "res"}, relay=entry["uvloop"]["res"])
         self.results[f"W1 C={c}"] = entry
+
+    async def poll_operator(self, relay: Proc) -> None:
+        """What the console's operator page does: the three admin endpoints, every second."""
+        self.polls = 0
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with aiohttp.ClientSession(headers=headers) as s:
+            while True:
+                for path in ("/v1/admin/running", "/v1/admin/finished?limit=300", "/v1/admin/stats"):
+                    async with s.get(f"http://127.0.0.1:{relay.port}{path}") as r:
+                        assert r.status == 200, await r.text()
+                        await r.read()
+                self.polls += 1
+                await asyncio.sleep(1.0)
 
     async def w2_relay(self, r: int, chunks: int) -> dict[str, Any]:
         relay = await self.start_relay(f"w2-{r}")
@@ -547,11 +571,11 @@ http {{
         self.results["Idle readers"] = {"count": count, "kb_per_reader": (after - before) / count}
 
     async def run(self, only: set[str] | None = None) -> None:
-        if not NCHAN.exists():
-            raise SystemExit(f"{NCHAN} is missing: run `make bench` (it installs libnginx-mod-nchan) or install it")
-        if not (PEER_VENV / "bin" / "litellm").exists():
-            raise SystemExit(f"the peer (LiteLLM) is missing from {PEER_VENV}: run `make bench` (it installs it there)")
         want = lambda name: not only or name in only  # noqa: E731
+        if want("w2") and not NCHAN.exists():
+            raise SystemExit(f"{NCHAN} is missing: run `make bench` (it installs libnginx-mod-nchan) or install it")
+        if want("w1") and not (PEER_VENV / "bin" / "litellm").exists():
+            raise SystemExit(f"the peer (LiteLLM) is missing from {PEER_VENV}: run `make bench` (it installs it there)")
         await self.start_upstream()
         try:
             if want("w1"):
@@ -603,7 +627,8 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
         "| C | server | p50 / p99 delay (ms) | direct p50 / p99 (ms) | added p99 (ms) | lost / reordered | chunks/s | CPU µs/chunk | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    names = {"uvloop": "relay (uvloop)", "asyncio": "relay (asyncio loop)", "peer": "LiteLLM proxy (peer)",
+    names = {"uvloop": "relay (uvloop)", "polled": "relay (uvloop), operator page polling every second",
+             "asyncio": "relay (asyncio loop)", "peer": "LiteLLM proxy (peer)",
              "bare": "bare pass-through (reference)"}  # fmt: skip
     for key, r in results.items():
         if key.startswith("W1"):

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import status
+from . import ledger, status
 from .bounds import containers, has_control, printable_ascii, raw_too_deep
 from .config import Config
 from .http import CONFIG, MANAGER, QUOTAS, HTTPError, json_response
@@ -279,6 +279,7 @@ class Admitted:
     api_key: str
     organization: str | None
     parent: dict[str, Any] | None
+    key_label: str = ledger.OPEN  # the relay key's name, for the usage ledger
 
 
 async def admit(request: web.Request, manager: JobManager, config: Config) -> Admitted:
@@ -315,7 +316,7 @@ async def admit(request: web.Request, manager: JobManager, config: Config) -> Ad
     except OSError as exc:
         log.error("cannot record quota usage: %s", exc.strerror)
         raise _storage_unavailable() from None
-    return Admitted(req, api_key, organization, parent)
+    return Admitted(req, api_key, organization, parent, ledger.key_label(api_key_entry))
 
 
 def _storage_unavailable() -> HTTPError:
@@ -425,6 +426,7 @@ async def _start(
         timeout=adm.req.timeout,
         connect_timeout=adm.req.connect_timeout,
         webhook_url=adm.req.webhook_url,
+        key_label=adm.key_label,
     )
     try:
         await manager.on_intake(job.create_files)  # the request's one thread hop (~0.2 ms of file work)

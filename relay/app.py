@@ -10,12 +10,13 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
-from . import api, janitor, recovery, serve
+from . import api, janitor, ledger, operator, recovery, serve
 from .config import Config
 from .fanout import PUSHED
 from .http import CONFIG, MANAGER, METRICS, QUOTAS, READERS
 from .jobs import JobManager
 from .metrics import Metrics
+from .operator import BOOK
 from .quotas import Quotas
 from .status import public_view
 from .upstream import Upstream
@@ -41,6 +42,7 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
     app.router.add_post("/v1/async-chatgpt", api.async_chatgpt)
     app.router.add_get("/healthz", serve.healthz)
     app.router.add_get("/v1/info", serve.info)
+    operator.add_routes(app)
     app.router.add_get("/", serve.console)
     app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
     app.router.add_route("*", r"/{node:\d+}/r/{tail:.*}", serve.handle_file)
@@ -71,6 +73,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for rp, doc, webhook_url in repaired:
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), rp.request_id)
+    loaded = manager.book.load(config.data_dir)  # the operator page's recent history, from the ledger's tail
+    log.info("usage: %d request(s) of the last 24 hours read from the ledger", loaded)
+    app[BOOK] = manager.book
     if not manager.reserve.ensure():  # after the repairs, which may have needed its room
         log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
                     config.storage_reserve_bytes, config.data_dir)  # fmt: skip
@@ -111,6 +116,12 @@ async def _janitor_loop(app: web.Application) -> None:
             )
             app[METRICS].janitor_requests.inc(report.requests)
             app[METRICS].janitor_bytes.inc(report.bytes)
+            gone = await asyncio.to_thread(
+                ledger.remove_expired, config.data_dir, config.retention_usage_max_age_months
+            )
+            if gone:
+                log.info("janitor: removed %d usage ledger file(s) older than %d months", gone,
+                         config.retention_usage_max_age_months)  # fmt: skip
         except Exception:
             log.exception("janitor run failed")
         await asyncio.sleep(config.retention_janitor_interval_seconds)

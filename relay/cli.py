@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import devupstream, janitor
+from . import devupstream, janitor, ledger, usage
 from .app import AccessLogger, make_app
 from .config import Config, ConfigError, check_startup, describe, load
 from .http import MANAGER
@@ -113,6 +113,19 @@ def _parser() -> argparse.ArgumentParser:
     jan = sub.add_parser("janitor", help="remove expired requests once, print what was removed, and exit")
     jan.add_argument("--config", help="config file (default: ./config.toml if it exists)")
     jan.add_argument("--data-dir", help=describe("storage", "data_dir"))
+    use = sub.add_parser("usage", help="token and request totals from the usage ledger, by key, model and day")
+    use.add_argument("--config", help="config file (default: ./config.toml if it exists)")
+    use.add_argument("--data-dir", help=describe("storage", "data_dir"))
+    use.add_argument("--since", help="first day, YYYY-MM-DD or Nd (N days ago); default: the 1st of this month (UTC)")
+    use.add_argument("--until", help="last day, YYYY-MM-DD or Nd; default: today (UTC)")
+    use.add_argument("--key", help="only this relay key name (`open` for requests made without a key)")
+    use.add_argument("--model", help="only this model")
+    use.add_argument(
+        "--by", default="key,model", help="group by these, comma-separated: key, model, day, outcome, node"
+    )
+    out = use.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    out.add_argument("--json", action="store_true", help="JSON instead of a table")
     dev = sub.add_parser("dev-upstream", help="run the development OpenAI-compatible echo server")
     dev.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     dev.add_argument("--port", type=int, default=8090, help="TCP port to listen on (default: 8090)")
@@ -299,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "usage":
+        try:
+            text = usage.report(config.data_dir, since=args.since, until=args.until, key=args.key, model=args.model,
+                                by=args.by, fmt="csv" if args.csv else "json" if args.json else "table")  # fmt: skip
+        except usage.UsageError as exc:
+            print(f"relay: {exc}", file=sys.stderr)
+            return 2
+        sys.stdout.write(text)
+        return 0
     setup_logging(config.server_log_format, config.server_log_level)
     if args.command == "janitor":
         report = asyncio.run(
@@ -310,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                 config.retention_janitor_batch,
             )
         )
+        ledgers = ledger.remove_expired(config.data_dir, config.retention_usage_max_age_months)
         print(
             f"removed {report.requests} expired request(s): {report.files} file(s), {report.bytes} byte(s), "
-            f"{report.folders} empty folder(s); {len(report.errors)} error(s)"
+            f"{report.folders} empty folder(s); {ledgers} usage ledger file(s) older than "
+            f"{config.retention_usage_max_age_months} months; {len(report.errors)} error(s)"
         )
         return 1 if report.errors else 0
     try:

@@ -50,6 +50,12 @@ def _non_empty(value: Any) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _admin_keys(value: Any) -> str | None:
+    if all(isinstance(k, str) and len(k) >= 16 and k.isprintable() and " " not in k for k in value):
+        return None
+    return "must be a list of keys: strings of at least 16 visible characters"
+
+
 def _keys(value: Any) -> str | None:
     problem = (
         "must be a list of keys: strings of at least 8 characters, or tables "
@@ -139,11 +145,13 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("upstream", "max_response_bytes", int, 16 * 1024 * 1024, _positive, "largest upstream response body"),
     ("upstream", "max_json_depth", int, 32, _depth, "nesting depth of an upstream chunk or answer"),
     ("auth", "api_keys", list, [], _keys, "relay access keys; empty = no key needed (loopback hosts only)"),
+    ("auth", "admin_keys", list, [], _admin_keys, "keys of the operator API and page; empty = both off"),
     ("quotas", "requests_per_month", int, 0, _non_negative, "requests per relay key per calendar month (0 = no limit)"),
     ("quotas", "requests_per_minute", int, 0, _non_negative, "requests per relay key per minute (0 = no limit)"),
     ("retention", "max_age_days", float, 30.0, _positive, "days before a request's files expire"),
     ("retention", "janitor_interval_seconds", float, 600.0, _positive, "how often expired files are removed"),
     ("retention", "janitor_batch", int, 500, _positive, "requests removed per batch (the loop serves between)"),
+    ("retention", "usage_max_age_months", int, 13, _positive, "months the usage ledger (data_dir/usage/) is kept"),
     ("webhooks", "secret", str, "", None, "HMAC-SHA256 secret for X-Relay-Signature"),
     ("webhooks", "allow_private_addresses", bool, False, None, "allow webhooks to private/loopback addresses"),
     ("webhooks", "timeout_seconds", float, 10.0, _positive, "time limit of one delivery attempt"),
@@ -216,11 +224,13 @@ class Config:
     upstream_max_response_bytes: int = 16 * 1024 * 1024
     upstream_max_json_depth: int = 32
     auth_api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
+    auth_admin_keys: tuple[str, ...] = field(default=(), repr=False)
     quotas_requests_per_month: int = 0
     quotas_requests_per_minute: int = 0
     retention_max_age_days: float = 30.0
     retention_janitor_interval_seconds: float = 600.0
     retention_janitor_batch: int = 500
+    retention_usage_max_age_months: int = 13
     webhooks_secret: str = field(default="", repr=False)
     webhooks_allow_private_addresses: bool = False
     webhooks_timeout_seconds: float = 10.0

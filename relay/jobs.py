@@ -20,10 +20,12 @@ from typing import Any, Protocol, TypeVar
 import aiofiles.os
 import orjson
 
+from . import ledger
 from .assemble import Assembler, EventTooLarge, SSEParser
 from .bounds import containers, raw_too_deep
 from .config import Config
 from .metrics import Metrics
+from .operator import UsageBook
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
 from .refresh import START_WITHIN, StatusWriter
@@ -69,9 +71,12 @@ class Job:
         timeout: float,
         connect_timeout: float,
         webhook_url: str | None = None,
+        key_label: str = ledger.OPEN,
     ) -> None:
         self.manager = manager
         self.webhook_url = webhook_url
+        self.key_label = key_label
+        self.ledger_line: dict[str, Any] | None = None  # written to the usage ledger at the ending
         self.rp = rp
         self.stream = stream
         self.doc = doc
@@ -111,7 +116,9 @@ class Job:
         if not self.manager.reserve.ensure():
             raise OSError(errno.ENOSPC, "no space left to keep the reserve")
         try:
-            write_marker(data_dir, self.rp, self.webhook_url)  # a half-written marker is removed below too
+            write_marker(
+                data_dir, self.rp, self.webhook_url, self.key_label
+            )  # a half-written marker is removed below too
             self.rp.directory(data_dir).mkdir(parents=True, exist_ok=True)
             if self.stream:
                 self.events = EventLog(self.rp.file(data_dir, "txt"))
@@ -416,8 +423,18 @@ class Job:
         return await self.manager.on_storage(self._release_files, self.manager.config.storage_fsync)
 
     def _release_files(self, durable: bool) -> list[str]:
-        """In a worker thread, once the ending is written: make the log durable, close it, and drop the
-        running marker (from then on a restart leaves the request alone)."""
+        """In a worker thread, once the ending is written: the usage ledger's line, the log made durable
+        and closed, then the running marker dropped (from then on a restart leaves the request alone)."""
+        if self.ledger_line is None:
+            cfg = self.manager.config
+            first = self.first_chunk_at - self.processed_at if self.first_chunk_at and self.processed_at else None
+            line = ledger.entry(self.doc, request_id=self.rp.request_id, node=cfg.server_node_id, key=self.key_label,
+                                path=self.rp.base, ttft=first, now=time.time(), params=self.body)  # fmt: skip
+            try:
+                ledger.append(cfg.data_dir, line, durable)
+            except OSError as exc:
+                return [f"usage ledger: {exc.strerror}"]
+            self.ledger_line = line
         if self.events is not None and durable:
             try:
                 self.events.sync()
@@ -506,6 +523,8 @@ class Job:
         self.finished = True  # first what others wait for: readers, the slot, the gauge
         self._wake()
         self.manager.forget(self)
+        if self.ledger_line is not None:
+            self.manager.counted(self.ledger_line)
         endpoints = self.doc["endpoints"]
         metrics = self.manager.metrics
         metrics.requests.labels(self.doc["request"]["endpoint"], status).inc()
@@ -545,6 +564,8 @@ class Job:
                     problems = await self._done_with_files()
                 if not problems:
                     log.info("request %s: ending written after the disk came back", self.rp.request_id)
+                    if self.ledger_line is not None:
+                        self.manager.counted(self.ledger_line)
                     return
         finally:
             self._close_files()  # given up (shutdown): the marker stays and the next start repairs it
@@ -586,6 +607,7 @@ class JobManager:
         self.intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-intake")
         self.storage = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-storage")
         self.statuses = StatusWriter(self.storage)
+        self.book = UsageBook()
 
     async def on_intake(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in the intake pool (the files of a new request)."""
@@ -620,6 +642,11 @@ class JobManager:
         task = asyncio.create_task(job.retry_ending(status, error), name=f"ending-{job.rp.request_id}")
         self.retries.add(task)
         task.add_done_callback(self.retries.discard)
+
+    def counted(self, line: dict[str, Any]) -> None:
+        """A request's usage line is in the ledger: the operator page's book and the token counters."""
+        self.book.add(line)
+        self.metrics.count_tokens(line)
 
     def forget(self, job: Job) -> None:
         self.jobs.pop(job.rp.request_id, None)  # (its slot was given back when its status was settled)

@@ -1,15 +1,18 @@
 """Prometheus metrics (`GET /metrics`), one registry per application.
 
-Labels are fixed, small sets (endpoint, outcome, error code): never a key, a token, an id or any
-message content.
+Labels are fixed, small sets (endpoint, outcome, error code; relay key *names* from the config; at most
+MAX_MODELS model names): never a key, a token, an id or any message content.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MAX_MODELS = 100  # distinct model labels on the token counters
 
 
 class Metrics:
@@ -34,6 +37,30 @@ class Metrics:
         self.janitor_requests = Counter("relay_janitor_removed_requests", "Expired requests removed", registry=r)
         self.janitor_bytes = Counter("relay_janitor_removed_bytes", "Bytes of expired files removed", registry=r)
         self.webhooks = Counter("relay_webhook_deliveries", "Webhook deliveries by result", ["result"], registry=r)
+        self.tokens = Counter(
+            "relay_tokens", "Tokens of finished requests, by relay key name, model and kind (prompt, completion)",
+            ["key", "model", "kind"], registry=r,
+        )  # fmt: skip
+        self.estimated = Counter(
+            "relay_tokens_estimated_requests", "Finished requests whose tokens were estimated (no upstream usage)",
+            ["key"], registry=r,
+        )  # fmt: skip
+        self._models: set[str] = set()
+
+    def count_tokens(self, line: dict[str, Any]) -> None:
+        """Token counters from a usage-ledger line. Models are client-chosen: the first MAX_MODELS names
+        get their own label, the rest count as "other" (a bounded label set)."""
+        model = str(line.get("model") or "")
+        if model not in self._models:
+            if len(self._models) >= MAX_MODELS:
+                model = "other"
+            else:
+                self._models.add(model)
+        key = str(line.get("key") or "")
+        for kind in ("prompt", "completion"):
+            self.tokens.labels(key, model, kind).inc(line.get(f"{kind}_tokens") or 0)
+        if line.get("estimated"):
+            self.estimated.labels(key).inc()
 
     def bind(self, running: Callable[[], int], readers: Callable[[], int]) -> None:
         self.running.set_function(running)

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from . import status
+from . import ledger, status
 from .assemble import Assembler
 from .paths import RequestPath, parse_marker_name
 from .store import DONE_DATA, EventLog, Reserve, read_json, read_json_under, write_all, write_atomic
@@ -43,12 +43,12 @@ def running_ids(data_dir: Path) -> set[str]:
     return {rp.request_id for p in marker_dir(data_dir).glob("*.json") if (rp := parse_marker_name(p.name))}
 
 
-def write_marker(data_dir: Path, rp: RequestPath, webhook_url: str | None) -> None:
+def write_marker(data_dir: Path, rp: RequestPath, webhook_url: str | None, key: str = ledger.OPEN) -> None:
     directory = marker_dir(data_dir)
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(_marker(data_dir, rp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        write_all(fd, orjson.dumps({"webhook_url": webhook_url}))
+        write_all(fd, orjson.dumps({"webhook_url": webhook_url, "key": key}))
     finally:
         os.close(fd)
 
@@ -141,9 +141,12 @@ def repair(
         except (OSError, ValueError):
             info = {}
         webhook_url = info.get("webhook_url") if isinstance(info.get("webhook_url"), str) else None
+        key = info.get("key") if isinstance(info.get("key"), str) else ledger.OPEN
         try:
             _check_no_symlinks(data_dir, rp)
-            doc = _repair_one(data_dir, rp, public_url, now)
+            doc, final = _repair_one(data_dir, rp, public_url, now)
+            if final is not None:
+                _ledger_once(data_dir, rp, final, key, node_id, now)
         except OSError as exc:
             log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
             continue
@@ -172,11 +175,27 @@ def _quarantine(marker: Path, why: str) -> None:
         log.error("cannot quarantine running marker %s (%s): %s", marker.name, why, exc.strerror)
 
 
-def _repair_one(data_dir: Path, rp: RequestPath, public_url: str, now: float) -> dict[str, Any] | None:
+def _ledger_once(data_dir: Path, rp: RequestPath, doc: dict[str, Any], key: str, node_id: int, now: float) -> None:
+    """The request's usage line, unless the run that crashed wrote it already (it writes it before
+    dropping the marker, so a crash in between leaves both)."""
+    finished = (doc.get("request") or {}).get("finished_at")
+    days = sorted({ledger.day_of(float(finished) if isinstance(finished, (int, float)) and finished else now),
+                   ledger.day_of(now)})  # fmt: skip
+    if ledger.has(data_dir, rp.request_id, days):
+        return
+    ledger.append(data_dir, ledger.entry(doc, request_id=rp.request_id, node=node_id, key=key, path=rp.base,
+                                         ttft=None, now=now), durable=True)  # fmt: skip
+
+
+def _repair_one(
+    data_dir: Path, rp: RequestPath, public_url: str, now: float
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Finish one request. Returns (the status it now has if this repaired it, else None; its terminal
+    status either way, None when it never had one)."""
     try:
         doc = read_json_under(data_dir, rp.rel("json"))
     except FileNotFoundError:
-        return None  # the crash came before the status existed: nothing was promised to anyone
+        return None, None  # the crash came before the status existed: nothing was promised to anyone
     if not isinstance(doc, dict):
         raise ValueError("the status file is not a JSON object")
     txt = rp.file(data_dir, "txt")
@@ -187,7 +206,7 @@ def _repair_one(data_dir: Path, rp: RequestPath, public_url: str, now: float) ->
             err = doc.get("error") if isinstance(doc.get("error"), dict) else {}
             error = (str(err.get("code")), str(err.get("message"))) if err else None
             _append_ending(txt, size, events, str(doc["status"]), error)
-        return None
+        return None, doc
     assembler = Assembler()
     for name, data in events:
         if name is None and data != DONE_DATA:
@@ -211,7 +230,7 @@ def _repair_one(data_dir: Path, rp: RequestPath, public_url: str, now: float) ->
     write_atomic(rp.file(data_dir, "json"), orjson.dumps(doc), True)
     if is_stream and stated is None:
         _append_ending(txt, size, events, state, error)
-    return doc
+    return doc, doc
 
 
 def _append_ending(

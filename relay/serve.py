@@ -367,6 +367,7 @@ async def info(request: web.Request) -> web.Response:
             "upstream_key_configured": bool(config.upstream_api_key),
             "default_model": config.upstream_default_model,
             "node_id": config.server_node_id,
+            "operator_enabled": bool(config.auth_admin_keys),
         },
         headers={"Cache-Control": "no-store"},
     )

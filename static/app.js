@@ -462,3 +462,169 @@ for (const button of document.querySelectorAll(".copy")) {
     setTimeout(() => { button.textContent = "Copy"; }, 1500);
   });
 }
+
+// ----- operator page: running requests, finished ones, charts (polls /v1/admin/… every second) ----
+const op = { timer: null, stats: null };
+
+function opHeaders() {
+  return { Authorization: "Bearer " + $("op-key").value.trim() };
+}
+
+$("op-key").value = sessionStorage.getItem("relay.op-key") || "";
+$("op-key").addEventListener("input", () => sessionStorage.setItem("relay.op-key", $("op-key").value));
+
+function seconds(s) {
+  if (s === null || s === undefined) return "–";
+  return s < 1 ? (s * 1000).toFixed(0) + " ms" : s.toFixed(s < 10 ? 2 : 0) + " s";
+}
+
+function opAction(text, onClick) {
+  const b = el("button", "small", text);
+  b.type = "button";
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function openInViewer(url) {
+  document.querySelector('.tab[data-tab="viewer"]').click();
+  $("viewer-url").value = url;
+  $("viewer-token").value = "";
+  $("viewer-form").requestSubmit();
+}
+
+function renderRunning(doc) {
+  const body = $("op-running").querySelector("tbody");
+  body.replaceChildren();
+  for (const r of doc.running) {
+    const row = el("tr");
+    row.dataset.id = r.id;
+    for (const v of [r.id.slice(0, 8), r.model, r.key, r.access, r.status, seconds(r.elapsed), String(r.tokens_so_far)]) row.append(el("td", "", v));
+    const cell = el("td");
+    cell.append(opAction("Stop", async (ev) => {
+      ev.target.disabled = true;
+      const res = await fetch(`/v1/admin/running/${encodeURIComponent(r.id)}/stop`, { method: "POST", headers: opHeaders() });
+      $("op-state").textContent = res.ok ? `Stopping ${r.id}…` : `Could not stop ${r.id}: HTTP ${res.status}`;
+      pollOperator();
+    }));
+    if (r.status_url) cell.append(opAction("View", () => openInViewer(r.status_url.replace(/\.json$/, ".txt"))));
+    row.append(cell);
+    body.append(row);
+  }
+  $("op-running-count").textContent = `(${doc.count})`;
+}
+
+function renderFinished(doc) {
+  const body = $("op-finished").querySelector("tbody");
+  body.replaceChildren();
+  for (const f of doc.finished) {
+    const row = el("tr");
+    const when = new Date(f.t * 1000).toLocaleTimeString();
+    const tokens = `${f.prompt_tokens ?? "?"} / ${f.completion_tokens ?? "?"}${f.estimated ? " (est.)" : ""}`;
+    const outcome = f.code ? `${f.outcome} (${f.code})` : f.outcome;
+    for (const v of [f.id.slice(0, 8), when, outcome, f.model, f.key, tokens, seconds(f.ttft), seconds(f.duration)]) row.append(el("td", "", v));
+    const cell = el("td");
+    if (f.status_url) cell.append(opAction("Open", () => openInViewer(f.status_url)));
+    else cell.append(el("span", "hint", f.access === "private" ? "private: metadata only" : ""));
+    row.append(cell);
+    body.append(row);
+  }
+  $("op-finished-count").textContent = `(${doc.count} shown)`;
+}
+
+function bars(canvasId, values, color, labelEvery) {
+  // A bar per bucket, scaled to the largest; the canvas's dataset says how many buckets had data.
+  const canvas = $(canvasId);
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const top = Math.max(1, ...values.map((v) => v.value));
+  const width = canvas.width / Math.max(values.length, 1);
+  ctx.fillStyle = color;
+  values.forEach((v, i) => {
+    if (!v.value) return;
+    const h = Math.max(2, (v.value / top) * (canvas.height - 16));
+    ctx.fillRect(i * width, canvas.height - h, Math.max(1, width - 1), h);
+  });
+  ctx.fillStyle = "#667085";
+  ctx.font = "10px system-ui";
+  ctx.fillText(String(top), 2, 10);
+  if (labelEvery) values.forEach((v, i) => { if (v.label && i % labelEvery === 0) ctx.fillText(v.label, i * width, canvas.height - 2); });
+  canvas.dataset.filled = String(values.filter((v) => v.value > 0).length);
+  return top;
+}
+
+function renderStats(s) {
+  const now = Math.floor(s.now / 60);
+  const byMinute = new Map(s.minutes.map((m) => [Math.floor(m.t / 60), m]));
+  const hour = [];
+  for (let m = now - 59; m <= now; m++) {
+    const x = byMinute.get(m);
+    hour.push({ minute: m, requests: x ? x.requests : 0, tokens: x ? x.tokens : 0 });
+  }
+  bars("op-chart-requests", hour.map((h) => ({ value: h.requests })), "#2f6fed");
+  $("op-cap-requests").textContent = `Requests per minute, last hour: ${s.hour.requests} in all, ${s.hour.errors} errors.`;
+  bars("op-chart-tokens", hour.map((h) => ({ value: h.tokens })), "#067647");
+  $("op-cap-tokens").textContent = `Tokens per minute, last hour: ${s.hour.tokens.toLocaleString()} in all.`;
+  const day = [];
+  for (let q = 95; q >= 0; q--) {  // 96 buckets of 15 minutes
+    let requests = 0;
+    for (let m = now - q * 15 - 14; m <= now - q * 15; m++) requests += (byMinute.get(m) || { requests: 0 }).requests;
+    day.push({ value: requests });
+  }
+  bars("op-chart-day", day, "#6941c6");
+  $("op-cap-day").textContent = `Requests per 15 minutes, last 24 hours: ${s.day.requests} in all, ${s.day.tokens.toLocaleString()} tokens.`;
+  const codes = Object.entries(s.day.errors_by_code);
+  bars("op-chart-errors", codes.map(([code, n]) => ({ value: n, label: code })), "#b42318", 1);
+  $("op-cap-errors").textContent = codes.length
+    ? "Errors by code, last 24 hours: " + codes.map(([c, n]) => `${c} ${n}`).join(", ") + "."
+    : "No errors in the last 24 hours.";
+  $("op-latency").textContent =
+    `First-token latency: last hour p50 ${seconds(s.hour.ttft_p50)}, p99 ${seconds(s.hour.ttft_p99)}; ` +
+    `last day p50 ${seconds(s.day.ttft_p50)}, p99 ${seconds(s.day.ttft_p99)}.`;
+}
+
+async function pollOperator() {
+  const filters = new URLSearchParams({ limit: "300" });
+  for (const f of ["outcome", "model", "key", "code"]) {
+    const v = $("op-f-" + f).value.trim();
+    if (v) filters.set(f, v);
+  }
+  try {
+    const [running, finished, stats] = await Promise.all([
+      fetch("/v1/admin/running", { headers: opHeaders() }),
+      fetch("/v1/admin/finished?" + filters, { headers: opHeaders() }),
+      fetch("/v1/admin/stats", { headers: opHeaders() }),
+    ]);
+    for (const res of [running, finished, stats]) {
+      if (!res.ok) {
+        const [code, message] = await readError(res);
+        $("op-state").replaceChildren(errorBox(code, message));
+        $("op-body").hidden = true;
+        clearInterval(op.timer);
+        op.timer = null;
+        return;
+      }
+    }
+    renderRunning(await running.json());
+    renderFinished(await finished.json());
+    renderStats(await stats.json());
+    $("op-body").hidden = false;
+    $("op-state").textContent = "Live: refreshed every second at " + new Date().toLocaleTimeString() + ".";
+  } catch (err) {
+    $("op-state").textContent = "The relay did not answer: " + err;
+  }
+}
+
+$("op-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  if (op.timer) clearInterval(op.timer);
+  pollOperator();
+  op.timer = setInterval(() => { if (!document.hidden) pollOperator(); }, 1000);
+});
+
+fetch("/v1/info").then((r) => (r.ok ? r.json() : null)).then((info) => {
+  if (info && info.operator_enabled === false) {
+    $("op-disabled").hidden = false;
+    $("op-form").hidden = true;
+    $("op-state").textContent = "";
+  }
+}).catch(() => {});

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import Relay, msg
+from .conftest import TEST_KEY, Relay, free_port, msg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -45,3 +45,47 @@ def test_loadgen_counts_gaps_and_reordering() -> None:
     assert stats["lost"] == 1  # 2 missing when 3 arrived
     assert stats["reordered"] == 1  # 2 arrived after 3
     assert len(stats["delays"]) == 5
+
+
+def test_bench_runs_intake_and_reports_it(tmp_path: Path) -> None:
+    """`bench/run.py --only w4` end to end (quick sizes): relay, dev upstream and load generator as real
+    processes; the report carries the POST rate, its latency, and the CPU per request."""
+    out = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--only", "w4", "--workdir", str(tmp_path),
+         "--json", str(tmp_path / "r.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "r.json").read_text())["W4 intake"]
+    assert result["posts"]["ok"] == 500 and result["posts"]["failed"] == 0
+    assert 0 < result["posts"]["p50_ms"] <= result["posts"]["p99_ms"]
+    assert result["cpu_us_per_request"] > 0
+    assert "POSTs/s" in out.stdout and "µs per request" in out.stdout
+
+
+async def test_passthrough_reference_relays_a_stream(relay: Relay) -> None:
+    """The W1 reference proxy passes the upstream's events through unchanged."""
+    assert relay.upstream is not None
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "passthrough.py"),
+                             relay.upstream.url + "/chat/completions", str(port)])  # fmt: skip
+    try:
+        body = {"model": "echo:chunks=10,pace=0.01,stamp", "stream": True, "messages": [msg("x")["messages"][0]]}
+        target = {"url": f"http://127.0.0.1:{port}/s", "headers": {"Authorization": "Bearer " + TEST_KEY}, "body": body}
+        job = {"kind": "stream", "expected": 10, "targets": [target]}
+        for _ in range(100):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        sub = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "bench" / "loadgen.py"), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        raw, _ = await sub.communicate((json.dumps(job) + "\n").encode())
+        result = json.loads(raw.decode().strip().splitlines()[-1])
+        assert result["samples"] == 10 and result["lost"] == 0 and result["failed"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

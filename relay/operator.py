@@ -1,0 +1,251 @@
+"""What operators see: the recent usage in memory, and the operator API under /v1/admin/.
+
+`UsageBook` keeps the last finished requests (the ledger lines, newest last) and per-minute totals for
+the last 24 hours: requests, tokens, errors by code, and a bounded sample of first-token latencies. It is
+fed as requests end (and, at start-up, from the tail of the last two days' ledgers), so every answer of
+the operator API is computed from memory in time proportional to what it returns: the console polls it
+every second without touching the disk or slowing streams.
+
+The API answers only to an admin key (`[auth] admin_keys`, distinct from access keys) sent as
+`Authorization: Bearer <key>`: 401 without one, 403 with another key, 403 `admin_disabled` when no
+admin key is configured. Private requests are listed with their metadata only (no text, no URL that
+would open them).
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import ledger
+from .http import CONFIG, MANAGER, HTTPError, json_response
+from .security import bearer
+
+RECENT = 500  # finished requests kept for the operator page
+DAY_MINUTES = 24 * 60
+TTFT_SAMPLES_PER_MINUTE = 64
+TAIL_BYTES = 4 * 1024 * 1024  # of each of the last two ledgers, read at start-up
+
+
+class Minute:
+    __slots__ = ("requests", "tokens", "errors", "codes", "ttft", "seen")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.tokens = 0
+        self.errors = 0
+        self.codes: collections.Counter[str] = collections.Counter()
+        self.ttft: list[float] = []
+        self.seen = 0  # first-token latencies offered (the sample keeps TTFT_SAMPLES_PER_MINUTE of them)
+
+
+class UsageBook:
+    def __init__(self) -> None:
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self.minutes: dict[int, Minute] = {}
+
+    def add(self, line: dict[str, Any]) -> None:
+        self.recent.append(line)
+        minute = int(line["t"] // 60)
+        m = self.minutes.get(minute)
+        if m is None:
+            m = self.minutes[minute] = Minute()
+            self._prune(minute)
+        m.requests += 1
+        m.tokens += line.get("total_tokens") or 0
+        if line.get("code"):
+            m.errors += 1
+            m.codes[str(line["code"])] += 1
+        ttft = line.get("ttft")
+        if isinstance(ttft, (int, float)):
+            m.seen += 1
+            if len(m.ttft) < TTFT_SAMPLES_PER_MINUTE:
+                m.ttft.append(float(ttft))
+            else:  # reservoir sampling: every latency of the minute equally likely to be kept
+                j = random.randrange(m.seen)
+                if j < TTFT_SAMPLES_PER_MINUTE:
+                    m.ttft[j] = float(ttft)
+
+    def _prune(self, now_minute: int) -> None:
+        for minute in [k for k in self.minutes if k <= now_minute - DAY_MINUTES]:
+            del self.minutes[minute]
+
+    def load(self, data_dir: Path, now: float | None = None) -> int:
+        """Fill the book from the tail of yesterday's and today's ledgers (runs in a worker thread at
+        start-up, before the app serves). Returns the lines read."""
+        now = time.time() if now is None else now
+        count = 0
+        for day in (ledger.day_of(now - 86400), ledger.day_of(now)):
+            path = ledger.day_file(data_dir, day)
+            try:
+                with open(path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    fh.seek(max(0, size - TAIL_BYTES))
+                    data = fh.read(TAIL_BYTES)
+            except FileNotFoundError:
+                continue
+            if size > TAIL_BYTES:
+                data = data[data.find(b"\n") + 1 :]  # a partial first line
+            for raw in data.splitlines():
+                try:
+                    line = ledger.orjson.loads(raw)
+                except ledger.orjson.JSONDecodeError:
+                    continue
+                if isinstance(line, dict) and isinstance(line.get("t"), (int, float)) and line["t"] > now - 86400:
+                    self.add(line)
+                    count += 1
+        return count
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """Per-minute totals for the last 24 hours, first-token latency p50/p99 and errors by code for the
+        last hour and the last day."""
+        now = time.time() if now is None else now
+        this = int(now // 60)
+        self._prune(this)
+        out: dict[str, Any] = {"now": round(now, 3), "minutes": []}
+        windows = {"hour": 60, "day": DAY_MINUTES}
+        ttft: dict[str, list[float]] = {w: [] for w in windows}
+        codes: dict[str, collections.Counter[str]] = {w: collections.Counter() for w in windows}
+        totals: dict[str, dict[str, int]] = {w: {"requests": 0, "tokens": 0, "errors": 0} for w in windows}
+        for minute in sorted(self.minutes):
+            m = self.minutes[minute]
+            out["minutes"].append({"t": minute * 60, "requests": m.requests, "tokens": m.tokens, "errors": m.errors})
+            for w, span in windows.items():
+                if minute > this - span:
+                    ttft[w] += m.ttft
+                    codes[w].update(m.codes)
+                    for k in ("requests", "tokens", "errors"):
+                        totals[w][k] += getattr(m, k)
+        for w in windows:
+            values = sorted(ttft[w])
+            totals[w]["ttft_p50"] = _pct(values, 0.5)  # type: ignore[assignment]
+            totals[w]["ttft_p99"] = _pct(values, 0.99)  # type: ignore[assignment]
+            totals[w]["errors_by_code"] = dict(codes[w].most_common())  # type: ignore[assignment]
+        out.update(totals)
+        return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+# ----- the API ------------------------------------------------------------------------------------
+
+
+def require_admin(request: web.Request) -> None:
+    keys = request.app[CONFIG].auth_admin_keys
+    if not keys:
+        raise HTTPError(
+            403,
+            "admin_disabled",
+            "the operator API is off: set [auth] admin_keys in the relay's config.toml (see docs/deploy.md)",
+        )
+    token = bearer(request)
+    if token is None:
+        raise HTTPError(
+            401,
+            "unauthorized",
+            "send an admin key as Authorization: Bearer <key>",
+            {"WWW-Authenticate": 'Bearer realm="relay-admin"'},
+        )
+    candidate = token.encode()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(candidate, key.encode())
+    if not ok:
+        raise HTTPError(403, "forbidden", "this key is not an admin key ([auth] admin_keys)")
+
+
+def _view_url(request: web.Request, path: str, access: str) -> str | None:
+    """The status URL of a public request (a private one is never opened from here)."""
+    if access != "public" or not path:
+        return None
+    return f"{request.app[CONFIG].public_url}/{path}.json"
+
+
+async def running(request: web.Request) -> web.Response:
+    require_admin(request)
+    now = time.time()
+    out = []
+    for job in list(request.app[MANAGER].jobs.values()):
+        access = str((job.doc.get("authorization") or {}).get("access", "public"))
+        chars = sum(len(part) for slot in job.assembler.choices.values() for part in slot["content"])
+        out.append(
+            {
+                "id": job.rp.request_id,
+                "model": job.body.get("model", ""),
+                "key": job.key_label,
+                "access": access,
+                "endpoint": job.doc["request"]["endpoint"],
+                "status": job.doc["status"],
+                "created_at": job.doc["created_at"],
+                "elapsed": round(now - job.started_at, 3),
+                "chunks": job.assembler.chunks,
+                "tokens_so_far": (job.assembler.usage or {}).get("completion_tokens") or -(-chars // 4),
+                "status_url": _view_url(request, job.rp.base, access),
+            }
+        )
+    out.sort(key=lambda r: r["elapsed"], reverse=True)
+    return json_response({"running": out, "count": len(out)})
+
+
+async def stop(request: web.Request) -> web.Response:
+    require_admin(request)
+    request_id = request.match_info["id"]
+    if not request.app[MANAGER].stop(request_id):
+        raise HTTPError(404, "not_running", "no request with this id is running on this node")
+    return json_response({"id": request_id, "stopping": True})
+
+
+FILTERS = ("outcome", "model", "key", "code", "access")
+
+
+async def finished(request: web.Request) -> web.Response:
+    require_admin(request)
+    try:
+        limit = min(RECENT, max(1, int(request.query.get("limit", "200"))))
+    except ValueError:
+        raise HTTPError(400, "invalid_field", "`limit` must be a whole number") from None
+    wanted = {k: request.query[k] for k in FILTERS if request.query.get(k)}
+    out = []
+    for line in reversed(request.app[BOOK].recent):
+        if all(str(line.get(k) or "") == v for k, v in wanted.items()):
+            out.append({**line, "status_url": _view_url(request, line.get("path", ""), line.get("access", ""))})
+            if len(out) >= limit:
+                break
+    return json_response({"finished": out, "count": len(out)})
+
+
+async def stats(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(request.app[BOOK].stats())
+
+
+BOOK: web.AppKey[UsageBook] = web.AppKey("usage_book", UsageBook)
+
+
+def _answering(handler: Callable[[web.Request], Awaitable[web.Response]]) -> Callable[..., Awaitable[web.Response]]:
+    async def run(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except HTTPError as exc:
+            return exc.response()
+
+    return run
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/admin/running", _answering(running))
+    app.router.add_post("/v1/admin/running/{id}/stop", _answering(stop))
+    app.router.add_get("/v1/admin/finished", _answering(finished))
+    app.router.add_get("/v1/admin/stats", _answering(stats))
