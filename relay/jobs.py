@@ -44,7 +44,35 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 TAIL_HOLD_SECONDS = 2.0
 
 
+TURN_SECONDS = 0.005  # longest stretch a job parses buffered upstream bytes before letting others run
 UPSTREAM_MAX_CONTAINERS = 100_000  # arrays + objects in one upstream event or answer (~50 ms to parse at worst)
+
+
+class Turns:
+    """Lets the event loop turn when one task has worked for TURN_SECONDS without it turning.
+
+    Reading a body that is already buffered does not suspend the reading task: an upstream that bursts
+    megabytes at once would otherwise be parsed in one go while every other request waits. A callback
+    scheduled at the start of a stretch runs only once the loop turns, so it tells whether it did."""
+
+    __slots__ = ("turned", "since")
+
+    def __init__(self) -> None:
+        self.turned = True
+        self.since = 0.0
+
+    def _turn(self) -> None:
+        self.turned = True
+
+    async def check(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.turned:  # the loop turned since the last block: a new stretch starts
+            self.turned = False
+            self.since = now
+            loop.call_soon(self._turn)
+        elif now - self.since > TURN_SECONDS:
+            await asyncio.sleep(0)
 
 
 class Listener(Protocol):
@@ -268,11 +296,13 @@ class Job:
                     body=bytes(self.raw),
                 )
             try:
+                turns = Turns()
                 async for block in resp.chunks:
                     self._keep_raw(block)
                     self._handle(parser.feed(block))
                     if self._saw_done:
                         break
+                    await turns.check()
                 if not self._saw_done:
                     self._handle(parser.flush())
             except EventTooLarge:

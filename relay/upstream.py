@@ -216,10 +216,13 @@ def _headers(identity: dict[str, str], api_key: str, organization: str | None) -
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error answer that are kept
 
 
+READ_BLOCK = 64 * 1024  # at most this much per step: a burst of tiny events cannot hold the loop long
+
+
 async def _read(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The body's bytes as they arrive, straight from aiohttp's stream reader."""
+    """The body's bytes as they arrive, straight from aiohttp's stream reader, READ_BLOCK at a time."""
     try:
-        async for block in content.iter_any():
+        async for block in content.iter_chunked(READ_BLOCK):
             yield block
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(

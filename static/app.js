@@ -537,12 +537,13 @@ function bars(canvasId, values, color, labelEvery) {
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const top = Math.max(1, ...values.map((v) => v.value));
-  const width = canvas.width / Math.max(values.length, 1);
+  // time series fill the width; categories (labelled bars) get at most 90 px each, with a gap
+  const width = labelEvery ? Math.min(90, canvas.width / Math.max(values.length, 1)) : canvas.width / Math.max(values.length, 1);
   ctx.fillStyle = color;
   values.forEach((v, i) => {
     if (!v.value) return;
     const h = Math.max(2, (v.value / top) * (canvas.height - 16));
-    ctx.fillRect(i * width, canvas.height - h, Math.max(1, width - 1), h);
+    ctx.fillRect(i * width, canvas.height - h - (labelEvery ? 12 : 0), Math.max(1, width - (labelEvery ? 8 : 1)), h);
   });
   ctx.fillStyle = "#667085";
   ctx.font = "10px system-ui";

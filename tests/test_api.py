@@ -10,7 +10,7 @@ import pytest
 
 from relay.config import ApiKey, Config, ConfigError, check_startup
 
-from .conftest import TEST_KEY, Relay, RelayFactory, all_files, msg, parse_sse, read_stream, text_of
+from .conftest import TEST_KEY, Relay, RelayFactory, all_files, held, msg, parse_sse, read_stream, text_of, until
 
 URL_RE = r"/1/r/pub/(\d{4})/(\d\d)/(\d\d)/(\d\d)/(\d\d)/(\d\d)/([0-9a-f-]{36})"
 
@@ -108,6 +108,7 @@ async def test_relay_keys(make_relay: RelayFactory) -> None:
     assert status == 200, doc
     status, _, doc = await relay.post(msg("x"), headers={"Authorization": "Bearer relay-key-two"})
     assert status == 200, doc
+    await until(lambda: held(relay)["jobs"] == 0 and held(relay)["markers"] == 0, what="both requests ended")
     assert not any("relay-key" in p.read_text() for p in all_files(relay.data_dir))
 
 
