@@ -102,7 +102,8 @@ class StatusWriter:
         self._pass.add_done_callback(self._written)
 
     def _written(self, fut: asyncio.Future[list[tuple[Path, str]]]) -> None:
-        self._writing = set()
+        if fut is self._pass:  # (a new pass may have started between this one's end and this callback)
+            self._writing = set()
         if fut.cancelled():
             return
         exc = fut.exception()

@@ -163,3 +163,36 @@ def test_nodes_command_stops_all_when_one_cannot_start(tmp_path: Path, upstream:
         )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     assert "cannot listen" in proc.stderr
+
+
+async def test_a_finished_pass_does_not_forget_what_the_next_pass_writes(tmp_path: Path) -> None:
+    """The race behind a status left at `streaming`: pass 1 is done, its callback not yet run, and pass 2
+    starts. Pass 1's callback must not clear pass 2's set, or an ending would not wait for pass 2 and
+    pass 2's older snapshot could land over the terminal status."""
+    from relay.refresh import StatusWriter
+
+    class Item:
+        def __init__(self, name: str) -> None:
+            self.status_path = tmp_path / f"{name}.json"
+            self.data = b'{"status": "streaming"}'
+
+        def status_snapshot(self) -> bytes:
+            return self.data
+
+        def describe(self) -> str:
+            return "item"
+
+    writer = StatusWriter(interval=0.01)
+    a, b = Item("a"), Item("b")
+    writer.changed(a)
+    await until(lambda: writer._pass is not None and writer._pass.done(), what="pass 1 written")
+    first = writer._pass
+    await asyncio.sleep(0.02)
+    writer.changed(b)
+    writer._run()  # pass 2 starts now, whatever pass 1's callback has done
+    second = writer._pass
+    assert second is not first
+    writer._written(first)  # pass 1's callback, late
+    assert b in writer._writing
+    await writer.leave(b)  # waits for pass 2
+    assert second.done() and b.status_path.read_bytes() == b.data
