@@ -67,14 +67,16 @@ async def main(streams: int, seconds: float, out: Path | None) -> str:
         own[leaf] += n
         joined = stack
         area = (
-            "upstream read (httpx2/httpcore2/anyio, openai SDK)"
-            if any(k in joined for k in ("httpx2", "httpcore2", "anyio", "openai/"))
-            else "event stream writes to readers (relay/fanout.py, relay/serve.py, aiohttp)"
+            "event stream writes to readers (relay/fanout.py, relay/serve.py)"
             if "fanout.py" in joined or "serve.py" in joined
+            else "status refresh pass (relay/refresh.py, its worker thread)"
+            if "refresh.py" in joined
             else "job: parse, assemble, append (relay/jobs.py, assemble.py, store.py)"
             if any(k in joined for k in ("jobs.py", "assemble.py", "store.py"))
-            else "event loop, selectors, idle"
-            if any(k in joined for k in ("base_events", "selectors", "select"))
+            else "upstream read (aiohttp client)"
+            if any(k in joined for k in ("aiohttp/streams.py", "client_proto.py", "upstream.py"))
+            else "event loop (uvloop's C code or asyncio's selector loop)"
+            if leaf.startswith("Runner.run") or any(k in joined for k in ("base_events", "selectors"))
             else "other"
         )
         by_area[area] += n
