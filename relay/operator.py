@@ -117,7 +117,9 @@ class UsageBook:
         totals: dict[str, dict[str, int]] = {w: {"requests": 0, "tokens": 0, "errors": 0} for w in windows}
         for minute in sorted(self.minutes):
             m = self.minutes[minute]
-            out["minutes"].append({"t": minute * 60, "requests": m.requests, "tokens": m.tokens, "errors": m.errors})
+            sample = sorted(m.ttft)
+            out["minutes"].append({"t": minute * 60, "requests": m.requests, "tokens": m.tokens, "errors": m.errors,
+                                   "ttft_p50": _pct(sample, 0.5), "ttft_p99": _pct(sample, 0.99)})  # fmt: skip
             for w, span in windows.items():
                 if minute > this - span:
                     ttft[w] += m.ttft

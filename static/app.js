@@ -553,6 +553,35 @@ function bars(canvasId, values, color, labelEvery) {
   return top;
 }
 
+function latency(minutes) {
+  // p50 and p99 of first-token latency, one point per minute that had any, as two lines
+  const canvas = $("op-chart-ttft");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const top = Math.max(0.001, ...minutes.map((m) => (m && m.ttft_p99) || 0));
+  const x = (i) => (i + 0.5) * (canvas.width / minutes.length);
+  const y = (v) => canvas.height - 4 - (v / top) * (canvas.height - 18);
+  let points = 0;
+  for (const [key, color] of [["ttft_p99", "#b42318"], ["ttft_p50", "#2f6fed"]]) {
+    ctx.strokeStyle = color;
+    ctx.fillStyle = color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    let started = false;
+    minutes.forEach((m, i) => {
+      if (!m || m[key] === null || m[key] === undefined) return;
+      if (started) ctx.lineTo(x(i), y(m[key])); else { ctx.moveTo(x(i), y(m[key])); started = true; }
+      ctx.fillRect(x(i) - 2, y(m[key]) - 2, 4, 4);
+      points++;
+    });
+    ctx.stroke();
+  }
+  ctx.fillStyle = "#667085";
+  ctx.font = "10px system-ui";
+  ctx.fillText(seconds(top), 2, 10);
+  canvas.dataset.filled = String(points);
+}
+
 function renderStats(s) {
   const now = Math.floor(s.now / 60);
   const byMinute = new Map(s.minutes.map((m) => [Math.floor(m.t / 60), m]));
@@ -567,12 +596,20 @@ function renderStats(s) {
   $("op-cap-tokens").textContent = `Tokens per minute, last hour: ${s.hour.tokens.toLocaleString()} in all.`;
   const day = [];
   for (let q = 95; q >= 0; q--) {  // 96 buckets of 15 minutes
-    let requests = 0;
-    for (let m = now - q * 15 - 14; m <= now - q * 15; m++) requests += (byMinute.get(m) || { requests: 0 }).requests;
-    day.push({ value: requests });
+    let requests = 0, tokens = 0;
+    for (let m = now - q * 15 - 14; m <= now - q * 15; m++) {
+      const x = byMinute.get(m);
+      if (x) { requests += x.requests; tokens += x.tokens; }
+    }
+    day.push({ requests, tokens });
   }
-  bars("op-chart-day", day, "#6941c6");
-  $("op-cap-day").textContent = `Requests per 15 minutes, last 24 hours: ${s.day.requests} in all, ${s.day.tokens.toLocaleString()} tokens.`;
+  bars("op-chart-day", day.map((d) => ({ value: d.requests })), "#6941c6");
+  $("op-cap-day").textContent = `Requests per 15 minutes, last 24 hours: ${s.day.requests} in all.`;
+  bars("op-chart-day-tokens", day.map((d) => ({ value: d.tokens })), "#0e9384");
+  $("op-cap-day-tokens").textContent = `Tokens per 15 minutes, last 24 hours: ${s.day.tokens.toLocaleString()} in all.`;
+  latency(hour.map((h) => byMinute.get(h.minute)));
+  $("op-cap-ttft").textContent =
+    `First-token latency per minute, last hour: p50 (blue) ${seconds(s.hour.ttft_p50)}, p99 (red) ${seconds(s.hour.ttft_p99)}.`;
   const codes = Object.entries(s.day.errors_by_code);
   bars("op-chart-errors", codes.map(([code, n]) => ({ value: n, label: code })), "#b42318", 1);
   $("op-cap-errors").textContent = codes.length
