@@ -120,6 +120,7 @@ class Upstream:
                 connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, keepalive_timeout=30),
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the SDK's client honoured them
             )
         return self._session
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import aiohttp.web
 import openai
 import orjson
 import pytest
@@ -196,3 +197,45 @@ async def test_a_finished_pass_does_not_forget_what_the_next_pass_writes(tmp_pat
     assert b in writer._writing
     await writer.leave(b)  # waits for pass 2
     assert second.done() and b.status_path.read_bytes() == b.data
+
+
+async def test_upstream_calls_honour_https_proxy_from_the_environment(
+    make_relay: RelayFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the SDK's client did: with HTTP_PROXY set, the upstream call goes through the proxy (here a
+    tiny forwarding proxy that counts requests), and NO_PROXY exempts a host."""
+    seen: list[str] = []
+
+    async def forward(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        seen.append(str(request.url))
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with aiohttp.ClientSession() as s:
+            async with s.request(request.method, str(request.url), data=await request.read(), headers=headers) as r:
+                resp = aiohttp.web.StreamResponse(status=r.status, headers={"Content-Type": r.headers["Content-Type"]})
+                await resp.prepare(request)
+                async for block in r.content.iter_any():
+                    await resp.write(block)
+                await resp.write_eof()
+                return resp
+
+    app = aiohttp.web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        relay = await make_relay()
+        doc = await relay.start(msg("through the proxy"))
+        _, _, text = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
+        assert "data: [DONE]" in text and seen == [upstream.url + "/chat/completions"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        relay = await make_relay()
+        doc = await relay.start(msg("around the proxy"))
+        _, _, text = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
+        assert "data: [DONE]" in text and len(seen) == 1
+    finally:
+        await runner.cleanup()
