@@ -164,17 +164,25 @@ def append(data_dir: Path, line: dict[str, Any], durable: bool) -> None:
         os.close(fd)
 
 
-def has(data_dir: Path, request_id: str, days: list[str]) -> bool:
-    """True when one of these days' files already holds a line for `request_id`."""
-    needle = b'"id":"' + request_id.encode() + b'"'
-    for day in days:
+def present(data_dir: Path, ids: set[str], days: set[str]) -> set[str]:
+    """Which of `ids` already have a line in these days' files: each file read once, line by line."""
+    found: set[str] = set()
+    if not ids:
+        return found
+    for day in sorted(days):
         try:
             with open(day_file(data_dir, day), "rb") as fh:
-                if needle in fh.read():
-                    return True
+                for raw in fh:
+                    start = raw.find(b'"id":"')
+                    if start < 0:
+                        continue
+                    end = raw.find(b'"', start + 6)
+                    value = raw[start + 6 : end].decode("ascii", "replace")
+                    if value in ids:
+                        found.add(value)
         except FileNotFoundError:
             continue
-    return False
+    return found
 
 
 def days_between(since: date, until: date) -> Iterator[str]:

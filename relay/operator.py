@@ -168,6 +168,12 @@ def require_admin(request: web.Request) -> None:
         raise HTTPError(403, "forbidden", "this key is not an admin key ([auth] admin_keys)")
 
 
+def _reported(usage: Any) -> int | None:
+    """The completion tokens an upstream's `usage` reports, if it is the usual object."""
+    value = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _view_url(request: web.Request, path: str, access: str) -> str | None:
     """The status URL of a public request (a private one is never opened from here)."""
     if access != "public" or not path:
@@ -193,7 +199,7 @@ async def running(request: web.Request) -> web.Response:
                 "created_at": job.doc["created_at"],
                 "elapsed": round(now - job.started_at, 3),
                 "chunks": job.assembler.chunks,
-                "tokens_so_far": (job.assembler.usage or {}).get("completion_tokens") or -(-chars // 4),
+                "tokens_so_far": _reported(job.assembler.usage) or -(-chars // 4),
                 "status_url": _view_url(request, job.rp.base, access),
             }
         )

@@ -130,6 +130,14 @@ def repair(
         reserve.release()
     now = time.time() if now is None else now
     repaired = []
+    # the lines a crashed run wrote just before it died (its end's day: the start's, or the day after)
+    known = {rp.request_id: rp for m in markers if (rp := parse_marker_name(m.name))}
+    days = {ledger.day_of(rp.created.timestamp() + d * 86400) for rp in known.values() for d in (0, 1)}
+    try:
+        ledgered = ledger.present(data_dir, set(known), days)
+    except OSError as exc:
+        log.error("cannot read the usage ledger (%s): repaired requests' lines may be missing", exc.strerror)
+        ledgered = set(known)
     for marker in markers:
         rp = parse_marker_name(marker.name)
         if rp is None or rp.node_id != node_id:
@@ -145,8 +153,10 @@ def repair(
         try:
             _check_no_symlinks(data_dir, rp)
             doc, final = _repair_one(data_dir, rp, public_url, now)
-            if final is not None:
-                _ledger_once(data_dir, rp, final, key, node_id, now)
+            if final is not None and rp.request_id not in ledgered:
+                line = ledger.entry(final, request_id=rp.request_id, node=node_id, key=key, path=rp.base,
+                                    ttft=None, now=now)  # fmt: skip
+                ledger.append(data_dir, line, durable=True)
         except OSError as exc:
             log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
             continue
@@ -173,18 +183,6 @@ def _quarantine(marker: Path, why: str) -> None:
         log.error("quarantined running marker %s: %s", marker.name, why)
     except OSError as exc:
         log.error("cannot quarantine running marker %s (%s): %s", marker.name, why, exc.strerror)
-
-
-def _ledger_once(data_dir: Path, rp: RequestPath, doc: dict[str, Any], key: str, node_id: int, now: float) -> None:
-    """The request's usage line, unless the run that crashed wrote it already (it writes it before
-    dropping the marker, so a crash in between leaves both)."""
-    finished = (doc.get("request") or {}).get("finished_at")
-    days = sorted({ledger.day_of(float(finished) if isinstance(finished, (int, float)) and finished else now),
-                   ledger.day_of(now)})  # fmt: skip
-    if ledger.has(data_dir, rp.request_id, days):
-        return
-    ledger.append(data_dir, ledger.entry(doc, request_id=rp.request_id, node=node_id, key=key, path=rp.base,
-                                         ttft=None, now=now), durable=True)  # fmt: skip
 
 
 def _repair_one(
