@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from . import ledger
@@ -96,8 +97,8 @@ class UsageBook:
                 data = data[data.find(b"\n") + 1 :]  # a partial first line
             for raw in data.splitlines():
                 try:
-                    line = ledger.orjson.loads(raw)
-                except ledger.orjson.JSONDecodeError:
+                    line = orjson.loads(raw)
+                except orjson.JSONDecodeError:
                     continue
                 if isinstance(line, dict) and isinstance(line.get("t"), (int, float)) and line["t"] > now - 86400:
                     self.add(line)
