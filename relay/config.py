@@ -119,6 +119,7 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("server", "max_json_depth", int, 32, _depth, "nesting depth of a POST body (arrays and objects)"),
     ("server", "max_json_containers", int, 50000, _positive, "`[` and `{` characters in a POST body, strings included"),
     ("server", "max_conversation_bytes", int, 16 * 1024 * 1024, _positive, "largest parent status to chain from"),
+    ("server", "max_conversation_containers", int, 100000, _positive, "`[` and `{` in a parent status to chain from"),
     ("server", "cors_origins", list, ["*"], _origins, "origins allowed to read the URLs from a browser"),
     ("server", "shutdown_grace_seconds", float, 10.0, _non_negative, "how long running requests may finish on SIGTERM"),
     ("server", "heartbeat_seconds", float, 15.0, _positive, "keep-alive comment interval on event streams"),
@@ -205,6 +206,7 @@ class Config:
     server_max_json_depth: int = 32
     server_max_json_containers: int = 50000
     server_max_conversation_bytes: int = 16 * 1024 * 1024
+    server_max_conversation_containers: int = 100000
     server_cors_origins: tuple[str, ...] = ("*",)
     server_shutdown_grace_seconds: float = 10.0
     server_heartbeat_seconds: float = 15.0

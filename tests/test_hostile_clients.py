@@ -339,3 +339,38 @@ def test_the_connection_cap_stays_below_the_descriptor_limit() -> None:
         assert connection_cap(100) == 100
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_parent_whose_history_is_a_million_tiny_arrays_is_refused_without_parsing_it(
+    make_relay: RelayFactory,
+) -> None:
+    """A long chain can grow a parent status of tiny arrays within the byte limit; parsing 1,000,000
+    empty arrays holds the loop ~0.45 s (in a thread too: orjson holds the GIL). It is counted first and
+    refused with 413, and a parent under both limits still chains."""
+    relay = await make_relay(server_max_conversation_bytes=8 * 1024 * 1024)
+    first = await relay.start(msg("turn one"))
+    status_url = first["endpoints"]["status_url"]
+    await relay.wait_status(status_url)
+    path = relay.data_dir / status_url[len(relay.url) + 1 :]
+    doc = orjson.loads(path.read_bytes())
+    doc["parameters"]["messages"][0]["content"] = [[] for _ in range(1_000_000)]  # 2.9 MB, under 8 MiB
+    path.write_bytes(orjson.dumps(doc))
+    async with LoopProbe(relay) as probe:
+        status, _, answer = await relay.post(
+            {"messages": [{"role": "user", "content": "two"}], "from_status_url": status_url}
+        )
+    assert (status, answer["error"]["code"]) == (413, "conversation_too_large")
+    assert "max_conversation_containers" in answer["error"]["message"]
+    assert probe.worst < LOOP_BOUND, f"loop held {probe.worst:.3f}s"
+    doc["parameters"]["messages"][0]["content"] = "x" * (9 * 1024 * 1024)  # over the byte limit
+    path.write_bytes(orjson.dumps(doc))
+    status, _, answer = await relay.post(
+        {"messages": [{"role": "user", "content": "two"}], "from_status_url": status_url}
+    )
+    assert (status, answer["error"]["code"]) == (413, "conversation_too_large")
+    assert "max_conversation_bytes" in answer["error"]["message"]
+    doc["parameters"]["messages"][0]["content"] = "turn one"
+    path.write_bytes(orjson.dumps(doc))
+    second = await relay.start({"messages": [{"role": "user", "content": "two"}], "from_status_url": status_url})
+    child = await relay.wait_status(second["endpoints"]["status_url"])
+    assert child["status"] == "done" and len(child["parameters"]["messages"]) == 3
