@@ -329,3 +329,22 @@ def test_ledger_lines_are_whole_when_two_processes_append(tmp_path: Path) -> Non
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     got = lines(data)
     assert len(got) == 4000 and len({x["id"] for x in got}) == 4000
+
+
+def test_ledger_tokens_take_cached_and_reasoning_counts_when_reported() -> None:
+    usage = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150,
+             "prompt_tokens_details": {"cached_tokens": 100},
+             "completion_tokens_details": {"reasoning_tokens": 12}}  # fmt: skip
+    doc = {"status": "done", "request": {"endpoint": "/v1/stream-chatgpt", "total_time": 1.5},
+           "response": {"body": {"choices": [{"message": {"content": "hi"}}], "usage": usage}}}  # fmt: skip
+    line = ledger.entry(doc, request_id="r", node=1, key="k", path="p", ttft=0.25, now=1.0,
+                        params={"model": "m", "messages": [{"role": "user", "content": "x" * 400}]})  # fmt: skip
+    assert (line["prompt_tokens"], line["completion_tokens"], line["total_tokens"]) == (120, 30, 150)
+    assert (line["cached_tokens"], line["reasoning_tokens"], line["estimated"]) == (100, 12, False)
+    del doc["response"]["body"]["usage"]  # no usage: estimated from the text, about 4 characters a token
+    line = ledger.entry(doc, request_id="r", node=1, key="k", path="p", ttft=None, now=1.0,
+                        params={"model": "m", "messages": [{"role": "user", "content": "x" * 400}]})  # fmt: skip
+    assert (line["prompt_tokens"], line["completion_tokens"], line["estimated"]) == (100, 1, True)
+    assert line["cached_tokens"] is None and line["reasoning_tokens"] is None
+    doc["response"]["body"]["usage"] = ["not", "an", "object"]  # a hostile upstream's usage: estimated too
+    assert ledger.entry(doc, request_id="r", node=1, key="k", path="p", ttft=None, now=1.0)["estimated"] is True
