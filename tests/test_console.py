@@ -228,7 +228,11 @@ async def test_the_stop_answer_reaches_the_client_while_its_stream_is_still_open
         }""",
         [doc["endpoints"]["stream_events_url"], doc["endpoints"]["stop_url"], doc["endpoints"]["status_url"]],
     )
-    assert order == ["first event", "stop answer success, stream open", "status stop", "event: stop", "[DONE]"]
+    assert order[:2] == ["first event", "stop answer success, stream open"]  # what the author's client needs
+    # the status read after the answer says stop; whether it returns before the held-back `event: stop`
+    # (50 ms after the answer) is up to a second request's timing on a loaded machine
+    assert sorted(order[2:]) == sorted(["status stop", "event: stop", "[DONE]"])
+    assert order.index("event: stop") < order.index("[DONE]")
     assert not page.problems  # type: ignore[attr-defined]
 
 
