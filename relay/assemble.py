@@ -107,6 +107,7 @@ class Assembler:
         self.choices: dict[int, dict[str, Any]] = {}
         self.usage: Any = None
         self.chunks = 0
+        self.text_chars = 0  # characters of content received, all choices (an estimate of tokens so far)
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.chunks += 1
@@ -140,6 +141,7 @@ class Assembler:
                     slot["role"] = delta["role"]
                 if isinstance(delta.get("content"), str):
                     slot["content"].append(delta["content"])
+                    self.text_chars += len(delta["content"])
                 if isinstance(delta.get("refusal"), str):
                     slot["refusal"].append(delta["refusal"])
                 for call in delta.get("tool_calls") or ():

@@ -144,9 +144,8 @@ class Job:
         if not self.manager.reserve.ensure():
             raise OSError(errno.ENOSPC, "no space left to keep the reserve")
         try:
-            write_marker(
-                data_dir, self.rp, self.webhook_url, self.key_label
-            )  # a half-written marker is removed below too
+            # (a half-written marker is removed below too)
+            write_marker(data_dir, self.rp, self.webhook_url, self.key_label)
             self.rp.directory(data_dir).mkdir(parents=True, exist_ok=True)
             if self.stream:
                 self.events = EventLog(self.rp.file(data_dir, "txt"))
@@ -450,7 +449,11 @@ class Job:
         self._close_out(status, error, now, problems)
 
     async def _done_with_files(self) -> list[str]:
-        return await self.manager.on_storage(self._release_files, self.manager.config.storage_fsync)
+        had_line = self.ledger_line is not None
+        problems = await self.manager.on_storage(self._release_files, self.manager.config.storage_fsync)
+        if not had_line and self.ledger_line is not None:  # written just now (once, even if a retry follows)
+            self.manager.counted(self.ledger_line)
+        return problems
 
     def _release_files(self, durable: bool) -> list[str]:
         """In a worker thread, once the ending is written: the usage ledger's line, the log made durable
@@ -553,8 +556,6 @@ class Job:
         self.finished = True  # first what others wait for: readers, the slot, the gauge
         self._wake()
         self.manager.forget(self)
-        if self.ledger_line is not None:
-            self.manager.counted(self.ledger_line)
         endpoints = self.doc["endpoints"]
         metrics = self.manager.metrics
         metrics.requests.labels(self.doc["request"]["endpoint"], status).inc()
@@ -594,8 +595,6 @@ class Job:
                     problems = await self._done_with_files()
                 if not problems:
                     log.info("request %s: ending written after the disk came back", self.rp.request_id)
-                    if self.ledger_line is not None:
-                        self.manager.counted(self.ledger_line)
                     return
         finally:
             self._close_files()  # given up (shutdown): the marker stays and the next start repairs it

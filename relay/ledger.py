@@ -192,17 +192,22 @@ def days_between(since: date, until: date) -> Iterator[str]:
         d += timedelta(days=1)
 
 
+def parse_line(raw: bytes) -> dict[str, Any] | None:
+    """One ledger line, or None for a damaged one (torn by a crash mid-write)."""
+    try:
+        line = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return line if isinstance(line, dict) else None
+
+
 def read(data_dir: Path, since: date, until: date) -> Iterator[dict[str, Any]]:
     """Every line of the days from `since` to `until` (inclusive), oldest first; damaged lines skipped."""
     for day in days_between(since, until):
         try:
             with open(day_file(data_dir, day), "rb") as fh:
                 for raw in fh:
-                    try:
-                        line = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        continue  # a line torn by a crash mid-write
-                    if isinstance(line, dict):
+                    if (line := parse_line(raw)) is not None:
                         yield line
         except FileNotFoundError:
             continue

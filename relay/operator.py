@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from . import ledger
@@ -80,8 +79,8 @@ class UsageBook:
             del self.minutes[minute]
 
     def load(self, data_dir: Path, now: float | None = None) -> int:
-        """Fill the book from the tail of yesterday's and today's ledgers (runs in a worker thread at
-        start-up, before the app serves). Returns the lines read."""
+        """Fill the book from the tail of yesterday's and today's ledgers (at start-up, before the app
+        serves; at most TAIL_BYTES of each). Returns the lines read."""
         now = time.time() if now is None else now
         count = 0
         for day in (ledger.day_of(now - 86400), ledger.day_of(now)):
@@ -96,11 +95,8 @@ class UsageBook:
             if size > TAIL_BYTES:
                 data = data[data.find(b"\n") + 1 :]  # a partial first line
             for raw in data.splitlines():
-                try:
-                    line = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(line, dict) and isinstance(line.get("t"), (int, float)) and line["t"] > now - 86400:
+                line = ledger.parse_line(raw)
+                if line is not None and isinstance(line.get("t"), (int, float)) and line["t"] > now - 86400:
                     self.add(line)
                     count += 1
         return count
@@ -188,7 +184,6 @@ async def running(request: web.Request) -> web.Response:
     out = []
     for job in list(request.app[MANAGER].jobs.values()):
         access = str((job.doc.get("authorization") or {}).get("access", "public"))
-        chars = sum(len(part) for slot in job.assembler.choices.values() for part in slot["content"])
         out.append(
             {
                 "id": job.rp.request_id,
@@ -200,7 +195,7 @@ async def running(request: web.Request) -> web.Response:
                 "created_at": job.doc["created_at"],
                 "elapsed": round(now - job.started_at, 3),
                 "chunks": job.assembler.chunks,
-                "tokens_so_far": _reported(job.assembler.usage) or -(-chars // 4),
+                "tokens_so_far": _reported(job.assembler.usage) or -(-job.assembler.text_chars // 4),
                 "status_url": _view_url(request, job.rp.base, access),
             }
         )

@@ -131,15 +131,15 @@ def repair(
     now = time.time() if now is None else now
     repaired = []
     # the lines a crashed run wrote just before it died (its end's day: the start's, or the day after)
-    known = {rp.request_id: rp for m in markers if (rp := parse_marker_name(m.name))}
+    parsed = [(marker, parse_marker_name(marker.name)) for marker in markers]
+    known = {rp.request_id: rp for _, rp in parsed if rp is not None}
     days = {ledger.day_of(rp.created.timestamp() + d * 86400) for rp in known.values() for d in (0, 1)}
     try:
         ledgered = ledger.present(data_dir, set(known), days)
     except OSError as exc:
         log.error("cannot read the usage ledger (%s): repaired requests' lines may be missing", exc.strerror)
         ledgered = set(known)
-    for marker in markers:
-        rp = parse_marker_name(marker.name)
+    for marker, rp in parsed:
         if rp is None or rp.node_id != node_id:
             _quarantine(marker, "its name is not a request of this node")
             continue
