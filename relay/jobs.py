@@ -449,8 +449,14 @@ class Job:
         self._close_out(status, error, now, problems)
 
     async def _done_with_files(self) -> list[str]:
+        """Release the files (see `_release_files`); never raises, so the request always ends: an unexpected
+        failure is a problem like a failed write, and the ending is retried with the marker kept."""
         had_line = self.ledger_line is not None
-        problems = await self.manager.on_storage(self._release_files, self.manager.config.storage_fsync)
+        try:
+            problems = await self.manager.on_storage(self._release_files, self.manager.config.storage_fsync)
+        except Exception:
+            log.exception("request %s: cannot release its files", self.rp.request_id)
+            problems = ["release: internal error"]
         if not had_line and self.ledger_line is not None:  # written just now (once, even if a retry follows)
             self.manager.counted(self.ledger_line)
         return problems
