@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
-from . import api, janitor, ledger, operator, recovery, serve
+from . import api, facade, janitor, ledger, operator, recovery, serve
 from .config import Config
 from .fanout import PUSHED
 from .http import CONFIG, MANAGER, METRICS, QUOTAS, READERS
@@ -43,6 +43,7 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
     app.router.add_get("/healthz", serve.healthz)
     app.router.add_get("/v1/info", serve.info)
     operator.add_routes(app)
+    facade.add_routes(app)
     app.router.add_get("/", serve.console)
     app.router.add_static("/static/", STATIC, follow_symlinks=False, append_version=False)
     app.router.add_route("*", r"/{node:\d+}/r/{tail:.*}", serve.handle_file)
@@ -80,6 +81,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
                     config.storage_reserve_bytes, config.data_dir)  # fmt: skip
     app[QUOTAS] = Quotas(config)
+    await facade.load(app)
     background = [
         asyncio.create_task(_janitor_loop(app), name="janitor"),
         asyncio.create_task(_heartbeat_loop(app), name="heartbeat"),

@@ -10,6 +10,7 @@ world-readable config file.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import os
@@ -78,6 +79,19 @@ def _keys(value: Any) -> str | None:
         if not isinstance(key, str) or len(key) < 8:
             return problem
     return None
+
+
+def _secret(value: Any) -> str | None:
+    if value.startswith("whsec_"):
+        try:
+            base64.b64decode(value[6:], validate=True)
+        except ValueError:
+            return "starts with whsec_ but the rest is not base64"
+    return None
+
+
+def _optional_url(value: Any) -> str | None:
+    return None if value == "" or is_http_url(value) else "must be empty or an absolute http(s) URL"
 
 
 def _origins(value: Any) -> str | None:
@@ -153,7 +167,8 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("retention", "janitor_interval_seconds", float, 600.0, _positive, "how often expired files are removed"),
     ("retention", "janitor_batch", int, 500, _positive, "requests removed per batch (the loop serves between)"),
     ("retention", "usage_max_age_months", int, 13, _positive, "months the usage ledger (data_dir/usage/) is kept"),
-    ("webhooks", "secret", str, "", None, "HMAC-SHA256 secret for X-Relay-Signature"),
+    ("webhooks", "secret", str, "", _secret, "HMAC secret: X-Relay-Signature and webhook-signature"),
+    ("webhooks", "openai_url", str, "", _optional_url, "receiver of response.* events of /v1/responses requests"),
     ("webhooks", "allow_private_addresses", bool, False, None, "allow webhooks to private/loopback addresses"),
     ("webhooks", "timeout_seconds", float, 10.0, _positive, "time limit of one delivery attempt"),
     ("webhooks", "max_attempts", int, 3, _positive, "delivery attempts on network errors and 5xx"),
@@ -234,6 +249,7 @@ class Config:
     retention_janitor_batch: int = 500
     retention_usage_max_age_months: int = 13
     webhooks_secret: str = field(default="", repr=False)
+    webhooks_openai_url: str = ""
     webhooks_allow_private_addresses: bool = False
     webhooks_timeout_seconds: float = 10.0
     webhooks_max_attempts: int = 3

@@ -20,6 +20,7 @@ object in the body (`"dev": {"pace": 0.05}`), which the relay forwards untouched
 | chunks        | emit exactly this many content chunks (cycling the words)               |
 | text          | echo this text instead of the last user message                         |
 | tool_call     | answer with a streamed tool call instead of text                        |
+|               | (also when the request has `tools` and its last message is not a tool's) |
 | no_done       | end the stream without `data: [DONE]`                                   |
 | json_instead  | answer a streaming request with a plain `chat.completion` JSON body     |
 | stamp         | add `x_seq` (0, 1, …) and `x_sent` (CLOCK_MONOTONIC) to content chunks  |
@@ -162,7 +163,10 @@ class DevUpstream:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         limit = limit if isinstance(limit, int) and limit > 0 else None
         chunks = int(opts["chunks"]) if opts.get("chunks") else None
+        last = body["messages"][-1] if body["messages"] and isinstance(body["messages"][-1], dict) else {}
         base_text = str(opts["text"]) if opts.get("text") else _last_user_text(body["messages"])
+        if last.get("role") == "tool" and not opts.get("text"):
+            base_text = f"the tool said: {last.get('content')}"  # the second half of a function-call round trip
         texts = [base_text if i == 0 else f"({i}) {base_text}" for i in range(n)]
         pieces = [_pieces(t, chunks, limit) for t in texts]
         meta = {
@@ -177,7 +181,10 @@ class DevUpstream:
             "completion_tokens": sum(len(p[0]) for p in pieces),
             "total_tokens": prompt_tokens + sum(len(p[0]) for p in pieces),
         }
-        tool = bool(opts.get("tool_call"))
+        tools = body.get("tools")
+        tool = bool(opts.get("tool_call")) or (
+            isinstance(tools, list) and bool(tools) and body.get("tool_choice") != "none" and last.get("role") != "tool"
+        )
         if not body.get("stream") or opts.get("json_instead"):
             choices = []
             for i, (words, truncated) in enumerate(pieces):

@@ -1,6 +1,6 @@
 """Fan-out: new events of a running request written straight to its caught-up readers' sockets.
 
-A reader (see `serve._follow`) that has read everything so far subscribes. Each time the job
+A reader (see `serve.follow`) that has read everything so far subscribes. Each time the job
 announces an append, the new bytes go out as one HTTP/1.1 chunk to every subscriber whose socket is not
 backed up, without waking any reader's task: with thousands of readers that is most of the cost of a
 live event saved. A subscriber is handed back to its own loop (which reads the file with backpressure)

@@ -83,6 +83,22 @@ class Listener(Protocol):
     def woken(self) -> None: ...  # the job ended, or a heartbeat: readers should look again
 
 
+Events = list[tuple[bytes, str | None]]
+
+
+class LogFormat(Protocol):
+    """What a job writes to its event log when it is not the relay's own format (upstream chunks as they
+    came, then `event: stop|error` and `[DONE]`): the OpenAI-compatible face writes Responses events."""
+
+    def opening(self, job: Job) -> Events: ...  # with the queued status, before the POST answers
+
+    def started(self, job: Job) -> Events: ...  # the upstream call begins
+
+    def chunk(self, line: bytes, chunk: dict[str, Any]) -> Events: ...  # one upstream chunk
+
+    def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events: ...  # the doc is final
+
+
 class Job:
     """A running request. Readers hold a reference to follow its event log."""
 
@@ -100,8 +116,11 @@ class Job:
         connect_timeout: float,
         webhook_url: str | None = None,
         key_label: str = ledger.OPEN,
+        log_format: LogFormat | None = None,
     ) -> None:
         self.manager = manager
+        self.log_format = log_format
+        self.on_close: Callable[[Job], None] | None = None  # told once the request has ended
         self.webhook_url = webhook_url
         self.key_label = key_label
         self.ledger_line: dict[str, Any] | None = None  # written to the usage ledger at the ending
@@ -149,6 +168,8 @@ class Job:
             self.rp.directory(data_dir).mkdir(parents=True, exist_ok=True)
             if self.stream:
                 self.events = EventLog(self.rp.file(data_dir, "txt"))
+                if self.log_format is not None:
+                    self.events.append(self.log_format.opening(self))
             write_json_atomic(self.status_path, self.doc)
         except BaseException:  # whatever failed, nothing of this request is left behind
             if self.events is not None:
@@ -218,6 +239,9 @@ class Job:
             self.processed_at = time.time()
             start_doc(self.doc, self.stream, self.processed_at)
             self.manager.statuses.changed(self, within=START_WITHIN)  # on disk in a batched pass, ~20 ms
+            if self.log_format is not None and self.events is not None:
+                self.events.append(self.log_format.started(self))
+                self._announce()
             async with asyncio.timeout(self.timeout):
                 if self.stream:
                     await self._run_stream()
@@ -320,21 +344,26 @@ class Job:
         if not datas:
             return
         assert self.events is not None
-        out: list[tuple[bytes, str | None]] = []
+        out: Events = []
         chunks: list[dict[str, Any]] = []
+        fmt = self.log_format
         try:
             for data in datas:
                 if data == DONE_DATA:
                     self._saw_done = True
                     break
                 line, chunk = self._chunk(data)
-                out.append((line, None))
+                if fmt is None:
+                    out.append((line, None))
+                else:
+                    out.extend(fmt.chunk(line, chunk))
                 chunks.append(chunk)
         finally:
-            if out:
+            if chunks:
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.time()
-                self.events.append(out)
+                if out:
+                    self.events.append(out)
                 for chunk in chunks:  # only what is on disk counts towards the assembled answer
                     self.assembler.add(chunk)
                 self._announce()
@@ -505,7 +534,8 @@ class Job:
         self._settled()
         await self._held()
         if self.events is not None and not self._tail_written:
-            tail = ending_events(status, error)
+            fmt = self.log_format
+            tail = ending_events(status, error) if fmt is None else fmt.ending(self, status, error)
             events = self.events
             try:
                 self._with_reserve(lambda: events.append(tail))
@@ -572,6 +602,11 @@ class Job:
         metrics.bytes_written.inc(self.size + (len(self.raw) if "response_raw_url" in endpoints else 0))
         if self.webhook_url:
             self.manager.webhooks.send_later(self.webhook_url, public_view(self.doc), self.rp.request_id)
+        if self.on_close is not None:
+            try:
+                self.on_close(self)
+            except Exception:
+                log.exception("request %s: its end could not be reported", self.rp.request_id)
         ttfb = f"{self.first_chunk_at - self.processed_at:.3f}" if self.first_chunk_at and self.processed_at else "-"
         log.info(
             "request %s %s status=%s%s chunks=%d ttfb=%s total=%.3f%s",

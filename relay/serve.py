@@ -75,7 +75,7 @@ async def _read_status(config: Config, rp: RequestPath) -> dict[str, Any]:
     return doc
 
 
-async def _open(config: Config, rp: RequestPath, ext: str) -> int:
+async def open_file(config: Config, rp: RequestPath, ext: str) -> int:
     """A descriptor of the request's file (see `store.open_under`), opened in a worker thread: the
     walk below the data directory is ten system calls, and the disk may be slow."""
     return await asyncio.to_thread(open_under, config.data_dir, rp.rel(ext))
@@ -84,7 +84,7 @@ async def _open(config: Config, rp: RequestPath, ext: str) -> int:
 async def _exists(config: Config, rp: RequestPath, ext: str) -> bool:
     """True when the request has this file, as a regular file reached without symlinks."""
     try:
-        os.close(await _open(config, rp, ext))
+        os.close(await open_file(config, rp, ext))
     except FileNotFoundError:
         return False
     return True
@@ -156,7 +156,7 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str, stored: Any) 
     else:
         content_type = "text/plain; charset=utf-8" if await _exists(config, rp, "txt") else "application/json"
     try:
-        fd = await _open(config, rp, kind)
+        fd = await open_file(config, rp, kind)
     except FileNotFoundError:
         if kind == "raw" and await _exists(config, rp, "json"):
             raise HTTPError(404, "not_ready", "the raw upstream response is written when the request ends") from None
@@ -234,7 +234,7 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
     if job is not None and (job.rp != rp or job.events is None):
         job = None
     try:
-        fd = await _open(config, rp, "txt")
+        fd = await open_file(config, rp, "txt")
     except FileNotFoundError:
         raise _not_found() from None
     try:
@@ -250,13 +250,25 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
                 return web.Response(status=204, headers={"Cache-Control": "no-cache"})
         if request.method == "HEAD":
             return web.Response(headers=SSE_HEADERS)
-        return await _follow(request, fd, offset, job)
+        return await follow(request, fd, offset, job)
     finally:
         os.close(fd)
 
 
-async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -> web.StreamResponse:
-    resp = web.StreamResponse(headers=SSE_HEADERS)
+async def follow(
+    request: web.Request,
+    fd: int,
+    offset: int,
+    job: Job | None,
+    headers: dict[str, str] | None = None,
+    blank: bytes = b"\n",
+) -> web.StreamResponse:
+    """Send the event log from `offset`, then what the running job appends, until it ends.
+
+    Comments (`: connected`, `: keep-alive`) end with `blank` after their line: a blank line for the
+    relay's own readers, nothing for the OpenAI SDKs, whose parsers (Python's at least) turn a blank line
+    after any event id into an event with no data, which they then fail to parse as JSON."""
+    resp = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {})})
     if request.version >= (1, 1):
         resp.enable_chunked_encoding()  # explicit, so that new events may be pushed as chunks (see fanout)
     await resp.prepare(request)
@@ -264,7 +276,7 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -
     readers[0] += 1
     seconds = request.app[CONFIG].server_send_timeout_seconds
     try:
-        await _send(resp, b": connected\n\n", seconds)
+        await _send(resp, b": connected\n" + blank, seconds)
         while True:
             size = job.size if job is not None else os.fstat(fd).st_size
             if offset < size:
@@ -292,7 +304,7 @@ async def _follow(request: web.Request, fd: int, offset: int, job: Job | None) -
             else:
                 await job.wait_for_more(offset)
             if not job.finished and job.size <= offset:
-                await _send(resp, b": keep-alive\n\n", seconds)
+                await _send(resp, b": keep-alive\n" + blank, seconds)
         await resp.write_eof()
     except (ConnectionError, RuntimeError):
         pass  # the reader went away; the request itself carries on
@@ -316,7 +328,7 @@ async def preflight(request: web.Request) -> web.Response:
         status=204,
         headers={
             "Access-Control-Allow-Headers": PREFLIGHT_HEADERS,
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
             "Access-Control-Max-Age": "600",
         },
     )
@@ -336,7 +348,9 @@ async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
     allowed = cors_origin(config, request.headers.get("Origin"))
     if allowed:
         response.headers["Access-Control-Allow-Origin"] = allowed
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After, WWW-Authenticate"
+        response.headers["Access-Control-Expose-Headers"] = (
+            "Retry-After, WWW-Authenticate, X-Relay-Status-Url, X-Relay-Stream-Url, X-Relay-Bearer-Token"
+        )
     if allowed != "*":
         response.headers.add("Vary", "Origin")
 

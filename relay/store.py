@@ -220,6 +220,65 @@ def event_end(fd: int, event_id: str, size: int) -> int | None:
         window *= 4
 
 
+SEQ_KEY = b'"sequence_number":'
+
+
+def _event_start(fd: int, pos: int, size: int) -> int:
+    """The offset of the first event that starts at or after `pos` (`size` when none does). An event
+    starts after a blank line with `id: <its offset>`; a JSON data line cannot hold a raw line break."""
+    if pos <= 0:
+        return 0
+    at = max(pos - 2, 0)  # a start at `pos` shows as "\n\nid: " two bytes before it
+    window = 4096
+    while at < size:
+        data = os.pread(fd, min(window, size - at), at)
+        if not data:
+            break
+        i = data.find(b"\n\nid: ")
+        while i >= 0:
+            start = at + i + 2
+            if start >= pos and os.pread(fd, 24, start).startswith(b"id: %d\n" % start):
+                return start
+            i = data.find(b"\n\nid: ", i + 1)
+        at += max(len(data) - 6, 1)  # the pattern may straddle two reads
+        window = min(window * 4, MAX_EVENT_SCAN)
+    return size
+
+
+def _sequence_number(fd: int, start: int) -> int | None:
+    """The `sequence_number` of the event at `start` (written second in its data, after `type`)."""
+    head = os.pread(fd, 512, start)
+    i = head.find(SEQ_KEY)
+    if i < 0:
+        return None
+    digits = head[i + len(SEQ_KEY) : i + len(SEQ_KEY) + 20]
+    n = 0
+    for c in digits:
+        if not 48 <= c <= 57:
+            break
+        n = n * 10 + c - 48
+    return n
+
+
+def seq_offset(fd: int, size: int, after: int) -> int:
+    """Where the first event with a `sequence_number` greater than `after` starts in a log of events
+    numbered in order (`size` when there is none): a binary search over byte offsets, so a resume
+    reads a few blocks whatever its position (about 2 × log2(size / 4 KiB) reads)."""
+    lo, hi = 0, size  # events starting before lo are <= after; events starting at or after hi are > after
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = _event_start(fd, mid, size)
+        if start >= hi:
+            hi = mid
+            continue
+        seq = _sequence_number(fd, start)
+        if seq is None or seq > after:  # ([DONE] and other unnumbered events come last)
+            hi = start
+        else:
+            lo = start + 1
+    return _event_start(fd, lo, size)
+
+
 class Reserve:
     """A file of `size` allocated bytes kept in the data directory.
 

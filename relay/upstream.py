@@ -166,6 +166,29 @@ class Upstream:
         finally:
             resp.release()  # back to the pool when the body was read to its end, else the connection closes
 
+    async def get(self, path: str, api_key: str, organization: str | None, limit: int) -> tuple[int, bytes]:
+        """GET `path` under the base URL (the model list): status and body, at most `limit` bytes."""
+        headers = _headers(self.identity, api_key, organization)
+        del api_key
+        try:
+            async with self.session.get(
+                self.base_url + path, headers=headers, timeout=aiohttp.ClientTimeout(total=30), allow_redirects=False
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._status_error(resp)
+                data = bytearray()
+                async for block in resp.content.iter_chunked(READ_BLOCK):
+                    data += block
+                    if len(data) > limit:
+                        raise UpstreamError("upstream_response_too_large", f"the upstream answer is over {limit} bytes")
+                return resp.status, bytes(data)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise UpstreamError(
+                "upstream_unreachable", f"could not reach the upstream at {self.base_url} ({_cause(exc)})"
+            ) from None
+        finally:
+            del headers
+
     async def _post(self, content: bytes, headers: dict[str, str], connect_timeout: float) -> aiohttp.ClientResponse:
         """Send the request; a failure to connect as UpstreamError."""
         try:

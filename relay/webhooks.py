@@ -10,11 +10,13 @@ resolve, are checked directly. Redirects are never followed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -138,6 +140,17 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def standard_headers(secret: str, msg_id: str, body: bytes, now: int | None = None) -> dict[str, str]:
+    """Standard Webhooks headers (as OpenAI sends them, verified by the SDKs' `webhooks.unwrap`):
+    `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`. A secret written as
+    `whsec_<base64>` is that key's bytes (the SDKs decode it the same way); any other secret, its text."""
+    timestamp = str(int(time.time()) if now is None else now)
+    key = base64.b64decode(secret[6:]) if secret.startswith("whsec_") else secret.encode()
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": msg_id, "webhook-timestamp": timestamp,
+            "webhook-signature": "v1," + base64.b64encode(mac).decode()}  # fmt: skip
+
+
 class WebhookSender:
     """Delivers final status documents; one HTTP session for the whole process."""
 
@@ -173,26 +186,36 @@ class WebhookSender:
         return self._session
 
     def send_later(self, url: str, doc: dict[str, Any], request_id: str) -> None:
-        task = asyncio.create_task(self._send_counted(url, doc, request_id), name=f"webhook-{request_id}")
+        """The OffloadGPT webhook: POST `response=<status document JSON>`, form-encoded."""
+        body = urlencode({"response": orjson.dumps(doc).decode()}).encode()
+        self.post_later(url, body, "application/x-www-form-urlencoded", request_id, f"msg_{request_id}")
+
+    def post_later(self, url: str, body: bytes, content_type: str, request_id: str, msg_id: str) -> None:
+        """Deliver `body` in the background (see `send`)."""
+        task = asyncio.create_task(
+            self._send_counted(url, body, content_type, request_id, msg_id), name=f"webhook-{request_id}"
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _send_counted(self, url: str, doc: dict[str, Any], request_id: str) -> bool:
-        delivered = await self.send(url, doc, request_id)
+    async def _send_counted(self, url: str, body: bytes, content_type: str, request_id: str, msg_id: str) -> bool:
+        delivered = await self.send(url, body, content_type, request_id, msg_id)
         self.on_result("delivered" if delivered else "failed")
         return delivered
 
-    async def send(self, url: str, doc: dict[str, Any], request_id: str) -> bool:
-        """POST `response=<doc JSON>`; retries network errors and 5xx with backoff. True if delivered."""
-        body = urlencode({"response": orjson.dumps(doc).decode()}).encode()
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        if self.secret:
-            headers["X-Relay-Signature"] = sign(self.secret, body)
+    async def send(self, url: str, body: bytes, content_type: str, request_id: str, msg_id: str) -> bool:
+        """POST `body`; retries network errors and 5xx with backoff. True if delivered. Signed, when a
+        secret is set, with `X-Relay-Signature` and the Standard Webhooks headers (the same `webhook-id`
+        on every attempt, so a receiver can drop a repeat)."""
+        headers = {"Content-Type": content_type}
         literal = _literal(urlsplit(url).hostname or "")
         if literal is not None and not self.resolver.allow_private and not address_allowed(literal):
             log.warning("request %s: webhook refused: non-public address", request_id)
             return False
         for attempt in range(1, self.attempts + 1):
+            if self.secret:
+                headers["X-Relay-Signature"] = sign(self.secret, body)
+                headers.update(standard_headers(self.secret, msg_id, body))
             try:
                 async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as resp:
                     await _drain_bounded(resp)

@@ -218,7 +218,7 @@ async def test_cors_on_post_and_preflight(relay: Relay) -> None:
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
         assert {"authorization", "content-type", "last-event-id", "x-openai-api-key"} <= allowed
-        assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+        assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE, OPTIONS"  # (DELETE: /v1/responses/{id})
     status, headers, doc = await relay.post(msg("cors"), headers={"Origin": "https://app.example"})
     assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
     status, headers, body = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])

@@ -1,0 +1,401 @@
+"""Chat Completions on the OpenAI-compatible face: POST /v1/chat/completions, stored completions, models.
+
+Without `store: true` a chat completion is passed through to the upstream as it is (bounded in size
+and time, nothing written). With it, it runs as a relay request (files in the dated layout, private),
+its id becomes the relay's `chatcmpl-…` (which names where it lives), and it can be retrieved, listed,
+its messages listed, its metadata updated, and deleted, by the key that created it, until it expires.
+
+Listing needs an index: `data_dir/openai/chat-completions.jsonl`, one line per stored completion, per
+metadata update and per deletion, read once at start (and compacted then); kept in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import api, status
+from ..config import Config
+from ..http import CONFIG, MANAGER, HTTPError
+from ..jobs import Events, Job, JobManager
+from ..paths import RequestPath
+from ..serve import follow, open_file
+from ..status import ending_events
+from ..upstream import UpstreamError
+from .common import (
+    CHAT,
+    Caller,
+    Stored,
+    caller,
+    ended,
+    find,
+    json_answer,
+    object_id,
+    page,
+    paging,
+    read_payload,
+    remove_files,
+)
+from .errors import OpenAIError, not_found
+from .translate import check_metadata
+
+log = logging.getLogger("relay.openai")
+
+ENDPOINT = "/v1/chat/completions"
+NOT_FORWARDED = {"store", "metadata", "stream", "stream_options"}
+MODELS_LIMIT = 1024 * 1024  # bytes of the upstream's model list that are read
+
+
+class ChatIndex:
+    """The stored chat completions of this node, for listing (see the module's docstring)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "openai" / "chat-completions.jsonl"
+        self.entries: dict[str, dict[str, Any]] = {}  # id → {id, created, model, owner, metadata}
+
+    def load(self, max_age_days: float, now: float | None = None) -> int:
+        """In a worker thread at start: the live entries; the file rewritten with only those."""
+        cutoff = (time.time() if now is None else now) - max_age_days * 86400
+        entries: dict[str, dict[str, Any]] = {}
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        lines = 0
+        for line in raw.splitlines():
+            lines += 1
+            try:
+                op = orjson.loads(line)
+                if op.get("op") == "add":
+                    entries[op["id"]] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
+                elif op.get("op") == "metadata" and op.get("id") in entries:
+                    entries[op["id"]]["metadata"] = op["metadata"]
+                elif op.get("op") == "delete":
+                    entries.pop(op.get("id"), None)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a torn last line after a crash
+        self.entries = {k: v for k, v in entries.items() if v["created"] >= cutoff}
+        if lines > len(self.entries):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_bytes(b"".join(orjson.dumps({"op": "add", **e}) + b"\n" for e in self.entries.values()))
+            os.replace(tmp, self.path)
+        return len(self.entries)
+
+    def _append(self, op: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, orjson.dumps(op) + b"\n")
+        finally:
+            os.close(fd)
+
+    async def record(self, manager: JobManager, op: dict[str, Any]) -> None:
+        """Apply `op` in memory and append it to the file (in the storage pool)."""
+        kind, object_id = op["op"], op["id"]
+        if kind == "add":
+            self.entries[object_id] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
+        elif kind == "metadata" and object_id in self.entries:
+            self.entries[object_id]["metadata"] = op["metadata"]
+        elif kind == "delete":
+            self.entries.pop(object_id, None)
+        try:
+            await manager.on_storage(self._append, op)
+        except OSError as exc:
+            log.error("cannot write the chat completion index: %s", exc.strerror)
+
+    def listed(self, owner: str, model: str | None, metadata: dict[str, str], max_age_days: float) -> list[str]:
+        cutoff = time.time() - max_age_days * 86400
+        return [
+            e["id"]
+            for e in sorted(self.entries.values(), key=lambda e: e["created"])
+            if e["owner"] == owner and e["created"] >= cutoff and (model is None or e["model"] == model)
+            and all(e["metadata"].get(k) == v for k, v in metadata.items())
+        ]  # fmt: skip
+
+
+INDEX: web.AppKey[ChatIndex] = web.AppKey("chat_index")
+
+
+class ChatFormat:
+    """A stored, streamed chat completion's log: the upstream's chunks under the relay's id."""
+
+    def __init__(self, object_id: str) -> None:
+        self.object_id = object_id
+
+    def opening(self, job: Job) -> Events:
+        return []
+
+    def started(self, job: Job) -> Events:
+        return []
+
+    def chunk(self, line: bytes, chunk: dict[str, Any]) -> Events:
+        chunk["id"] = self.object_id
+        return [(orjson.dumps(chunk), None)]
+
+    def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events:
+        return ending_events(status, error)
+
+
+def _upstream_error(exc: UpstreamError) -> OpenAIError:
+    code = exc.status_code if exc.status_code and 400 <= exc.status_code < 600 else 502
+    return OpenAIError(code, exc.message, code=exc.code)
+
+
+def _check(payload: dict[str, Any], config: Config) -> tuple[bool, bool, dict[str, str]]:
+    try:
+        payload["messages"] = api.parse_messages(payload.get("messages"), config)
+    except HTTPError as exc:
+        raise OpenAIError(400, exc.message, param="messages", code=exc.code) from None
+    if payload.get("n") not in (None, 1):
+        raise OpenAIError(400, "`n` must be 1 on this relay.", param="n", code="unsupported_parameter")
+    metadata = payload.get("metadata") or {}
+    check_metadata(metadata)
+    return payload.get("stream") is True, payload.get("store") is True, metadata
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    try:
+        who = caller(request)
+        payload = None
+
+        async def start() -> Job | None:
+            nonlocal payload
+            payload = await read_payload(request)
+            stream, store, metadata = _check(payload, config)
+            api_key, organization = api.upstream_key(request, config)
+            api.take_quota(request, who.entry)
+            if not store:
+                return None
+            return await _start_stored(request, who, payload, stream, metadata, api_key, organization)
+
+        job = await api.in_slot(manager, start)
+        assert payload is not None
+        if job is None:
+            try:
+                return await _pass_through(request, payload)
+            finally:
+                manager.release_slot()
+        return await _answer_stored(request, job, payload.get("stream") is True)
+    except HTTPError as exc:
+        return OpenAIError.of(exc).response()
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def _start_stored(request: web.Request, who: Caller, payload: dict[str, Any], stream: bool,
+                        metadata: dict[str, str], api_key: str, organization: str | None) -> Job:  # fmt: skip
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    created_at = int(time.time())
+    rp = RequestPath.new(config.server_node_id, True, created_at)
+    cid = object_id(CHAT, rp)
+    body = {k: v for k, v in payload.items() if k not in NOT_FORWARDED}
+    body["model"] = body.get("model") or config.upstream_default_model
+    endpoints = api.permalinks(rp, config.public_url, stream)
+    _, stored_auth, _ = api.tokens(True, stream, endpoints)
+    doc = status.queued(created_at=created_at, conversation_id=cid, endpoint=ENDPOINT, authorization=stored_auth,
+                        endpoints=endpoints, timeout=config.upstream_max_timeout, connect_timeout=5,
+                        parameters=body)  # fmt: skip
+    doc["openai"] = {"object": "chat.completion", "id": cid, "owner": who.owner, "metadata": metadata}
+    job = Job(manager, rp, stream=stream, doc=doc, body=body, api_key=api_key, organization=organization,
+              timeout=config.upstream_max_timeout, connect_timeout=5, key_label=who.label,
+              log_format=ChatFormat(cid) if stream else None)  # fmt: skip
+    index = request.app[INDEX]
+
+    def indexed(job: Job) -> None:
+        if job.doc.get("status") == "done":
+            entry = {"op": "add", "id": cid, "created": created_at, "model": body["model"], "owner": who.owner,
+                     "metadata": metadata}  # fmt: skip
+            task = asyncio.create_task(index.record(manager, entry))
+            manager.retries.add(task)
+            task.add_done_callback(manager.retries.discard)
+
+    job.on_close = indexed
+    await api.launch(manager, job)
+    return job
+
+
+async def _answer_stored(request: web.Request, job: Job, stream: bool) -> web.StreamResponse:
+    if stream:
+        fd = await open_file(request.app[CONFIG], job.rp, "txt")
+        try:
+            return await follow(request, fd, 0, job, blank=b"")
+        finally:
+            os.close(fd)
+    await ended(job)
+    doc = job.doc
+    if doc.get("status") != "done":
+        err = doc.get("error") or {}
+        code = (doc.get("response") or {}).get("status_code")
+        status_code = code if isinstance(code, int) and 400 <= code < 600 else 502
+        raise OpenAIError(status_code, str(err.get("message", "the request failed")), code=err.get("code"))
+    return json_answer(completion_object(doc))
+
+
+def completion_object(doc: dict[str, Any], metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    body = dict((doc.get("response") or {}).get("body") or {})
+    body["id"] = doc["openai"]["id"]
+    body["metadata"] = doc["openai"].get("metadata", {}) if metadata is None else metadata
+    return body
+
+
+async def _pass_through(request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+    """An unstored chat completion: the upstream's answer as it comes, nothing written."""
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    api_key, organization = api.upstream_key(request, config)
+    stream = payload.get("stream") is True
+    include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+    body = {k: v for k, v in payload.items() if k not in NOT_FORWARDED}
+    body["model"] = body.get("model") or config.upstream_default_model
+    limit = config.upstream_max_response_bytes
+    try:
+        async with asyncio.timeout(config.upstream_max_timeout):
+            async with manager.upstream.open(body, stream=stream, api_key=api_key, organization=organization,
+                                             connect_timeout=5, include_usage=include_usage) as up:  # fmt: skip
+                del api_key
+                headers = {"Content-Type": up.content_type or "application/json", "Cache-Control": "no-store"}
+                if not stream:
+                    data = bytearray()
+                    async for block in up.chunks:
+                        data += block
+                        if len(data) > limit:
+                            raise UpstreamError("upstream_response_too_large", "the upstream answer is too large")
+                    return web.Response(body=bytes(data), headers=headers)
+                resp = web.StreamResponse(headers={**headers, "X-Accel-Buffering": "no"})
+                await resp.prepare(request)
+                sent = 0
+                async for block in up.chunks:
+                    sent += len(block)
+                    if sent > limit:
+                        break
+                    async with asyncio.timeout(config.server_send_timeout_seconds):
+                        await resp.write(block)
+                await resp.write_eof()
+                return resp
+    except UpstreamError as exc:
+        raise _upstream_error(exc) from None
+    except TimeoutError:
+        raise OpenAIError(504, "the upstream did not answer within [upstream] max_timeout", code="timeout") from None
+
+
+async def retrieve(request: web.Request) -> web.Response:
+    try:
+        who = caller(request)
+        stored = await _find_done(request, who)
+        return json_answer(completion_object(stored.doc, _metadata(request, stored)))
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def _find_done(request: web.Request, who: Caller) -> Stored:
+    object_id = request.match_info["id"]
+    stored = await find(request, CHAT, object_id, who)
+    if stored.doc.get("status") != "done" or object_id not in request.app[INDEX].entries:
+        raise not_found("chat completion", object_id)  # (running, failed or deleted)
+    return stored
+
+
+def _metadata(request: web.Request, stored: Stored) -> dict[str, str]:
+    entry = request.app[INDEX].entries.get(stored.doc["openai"]["id"])
+    return entry["metadata"] if entry else stored.doc["openai"].get("metadata", {})
+
+
+async def messages(request: web.Request) -> web.Response:
+    try:
+        who = caller(request)
+        stored = await _find_done(request, who)
+        after, limit, order = paging(request)
+        object_id = stored.doc["openai"]["id"]
+        items = []
+        for i, message in enumerate(stored.messages or ()):
+            if isinstance(message, dict):
+                items.append({"id": f"{object_id}-{i}", "content_parts": None, **message})
+        if order == "desc":
+            items.reverse()
+        return json_answer(page(items, after, limit))
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def list_stored(request: web.Request) -> web.Response:
+    try:
+        who = caller(request)
+        config: Config = request.app[CONFIG]
+        after, limit, order = paging(request)
+        filters = {}
+        for key, value in request.query.items():
+            if key.startswith("metadata[") and key.endswith("]"):
+                filters[key[9:-1]] = value
+        ids = request.app[INDEX].listed(who.owner, request.query.get("model"), filters, config.retention_max_age_days)
+        if order == "desc":
+            ids.reverse()
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        objects = []
+        for object_id in ids[: limit + 1]:
+            try:
+                stored = await find(request, CHAT, object_id, who)
+            except OpenAIError:
+                continue  # (expired files, not yet out of the index)
+            objects.append(completion_object(stored.doc, _metadata(request, stored)))
+        return json_answer(page(objects, None, limit))
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def update(request: web.Request) -> web.Response:
+    try:
+        who = caller(request)
+        stored = await _find_done(request, who)
+        payload = await read_payload(request)
+        metadata = payload.get("metadata")
+        if metadata is None:
+            metadata = {}
+        check_metadata(metadata)
+        object_id = stored.doc["openai"]["id"]
+        await request.app[INDEX].record(request.app[MANAGER], {"op": "metadata", "id": object_id, "metadata": metadata})
+        return json_answer(completion_object(stored.doc, metadata))
+    except HTTPError as exc:
+        return OpenAIError.of(exc).response()
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def delete(request: web.Request) -> web.Response:
+    try:
+        who = caller(request)
+        stored = await _find_done(request, who)
+        object_id = stored.doc["openai"]["id"]
+        await request.app[INDEX].record(request.app[MANAGER], {"op": "delete", "id": object_id})
+        await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
+        return json_answer({"object": "chat.completion.deleted", "id": object_id, "deleted": True})
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models: the upstream's list, as it is (at most MODELS_LIMIT bytes)."""
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    try:
+        caller(request)
+        api_key, organization = api.upstream_key(request, config)
+        try:
+            status_code, data = await manager.upstream.get("/models", api_key, organization, MODELS_LIMIT)
+        except UpstreamError as exc:
+            raise _upstream_error(exc) from None
+        return web.Response(body=data, status=status_code, content_type="application/json")
+    except HTTPError as exc:
+        return OpenAIError.of(exc).response()
+    except OpenAIError as exc:
+        return exc.response()

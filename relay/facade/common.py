@@ -1,0 +1,171 @@
+"""What the OpenAI-compatible paths share: object ids, the caller's key, stored objects, answers.
+
+An object id names where its request lives, so no index is needed to find it:
+`resp_<node><b|v><created, 10 digits><uuid without dashes>` (`b` public, `v` private), and the same after
+`chatcmpl-` for a stored chat completion. A stored object belongs to the key that created it: its
+status document holds `openai.owner`, a hash of that key's name; another key gets 404, as from OpenAI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import api, ledger
+from ..config import Config
+from ..http import CONFIG, MANAGER, HTTPError
+from ..jobs import Job, JobManager
+from ..paths import RequestPath, expired
+from ..store import read_json_under
+from .errors import OpenAIError, not_found
+
+_ID_RE = re.compile(
+    r"(?P<node>[1-9][0-9]{0,5})(?P<access>[bv])(?P<ts>[0-9]{10})"
+    r"(?P<u>[0-9a-f]{8})(?P<v>[0-9a-f]{4})(?P<w>4[0-9a-f]{3})(?P<x>[89ab][0-9a-f]{3})(?P<y>[0-9a-f]{12})"
+)
+RESPONSE = "resp_"
+CHAT = "chatcmpl-"
+
+
+def object_id(prefix: str, rp: RequestPath) -> str:
+    created = int(rp.created.timestamp())
+    return f"{prefix}{rp.node_id}{'v' if rp.private else 'b'}{created:010d}{rp.request_id.replace('-', '')}"
+
+
+def parse_id(prefix: str, value: str) -> RequestPath | None:
+    if not value.startswith(prefix):
+        return None
+    m = _ID_RE.fullmatch(value[len(prefix) :])
+    if m is None:
+        return None
+    return RequestPath(
+        node_id=int(m["node"]),
+        access="prv" if m["access"] == "v" else "pub",
+        created=datetime.fromtimestamp(int(m["ts"]), tz=timezone.utc),
+        request_id="-".join((m["u"], m["v"], m["w"], m["x"], m["y"])),
+    )
+
+
+def owner_of(label: str) -> str:
+    """What a stored object keeps of the key that created it: a hash of the key's name."""
+    return hashlib.sha256(b"owner:" + label.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Caller:
+    owner: str
+    label: str
+    entry: Any
+
+
+def caller(request: web.Request) -> Caller:
+    """The relay access key of a request on these paths (Authorization: Bearer, as the SDKs send it)."""
+    try:
+        entry = api.authorize(request, request.app[CONFIG])
+    except HTTPError as exc:
+        raise OpenAIError(401, "Incorrect or missing relay access key: send one of the relay's [auth] api_keys "
+                          "as the SDK's api_key (Authorization: Bearer).", code="invalid_api_key",
+                          headers=exc.headers) from None  # fmt: skip
+    label = ledger.key_label(entry)
+    return Caller(owner_of(label), label, entry)
+
+
+async def read_payload(request: web.Request) -> dict[str, Any]:
+    config: Config = request.app[CONFIG]
+    raw = await api.read_body(request, config.server_max_body_bytes, config.server_body_timeout_seconds)
+    payload = api.parse_body(raw, config)
+    if not isinstance(payload, dict):
+        raise OpenAIError(400, "The body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+@dataclass
+class Stored:
+    """A stored object: where it lives, its status document, and its job while it runs."""
+
+    rp: RequestPath
+    doc: dict[str, Any]
+    job: Job | None
+
+    @property
+    def messages(self) -> Any:
+        if self.job is not None:
+            return self.job.body.get("messages")
+        return (self.doc.get("parameters") or {}).get("messages")
+
+
+async def find(request: web.Request, prefix: str, object_id: str, who: Caller) -> Stored:
+    """The stored object `object_id` of the caller; 404 for anything else (unknown, expired, another key's)."""
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    kind = "response" if prefix == RESPONSE else "chat completion"
+    rp = parse_id(prefix, object_id)
+    if rp is None or rp.node_id != config.server_node_id:
+        raise not_found(kind, object_id)
+    job = manager.get(rp.request_id)
+    if job is not None and job.rp == rp and "openai" in job.doc:
+        doc = job.doc
+    else:
+        job = None
+        if expired(rp, config.retention_max_age_days):
+            raise not_found(kind, object_id)
+        try:
+            doc = await asyncio.to_thread(read_json_under, config.data_dir, rp.rel("json"))
+        except (FileNotFoundError, ValueError):
+            raise not_found(kind, object_id) from None
+    oa = doc.get("openai") if isinstance(doc, dict) else None
+    if not isinstance(oa, dict) or oa.get("id") != object_id or oa.get("owner") != who.owner:
+        raise not_found(kind, object_id)
+    return Stored(rp, doc, job)
+
+
+def remove_files(config: Config, rp: RequestPath) -> None:
+    """In a worker thread: a request's files (DELETE of a stored object, or `store: false`)."""
+    for ext in ("json", "txt", "raw"):
+        try:
+            rp.file(config.data_dir, ext).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+async def ended(job: Job) -> None:
+    """Wait until a job has ended (its terminal status is on disk and its readers were told)."""
+    if job.task is not None and not job.task.done():
+        await asyncio.shield(job.task)
+
+
+def json_answer(doc: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), content_type="application/json",
+                        headers={"Cache-Control": "no-store", **(headers or {})})  # fmt: skip
+
+
+def paging(request: web.Request, default_order: str = "asc") -> tuple[str | None, int, str]:
+    """`after`, `limit` (1-100, default 20) and `order` (asc|desc) of a list request."""
+    q = request.query
+    try:
+        limit = int(q.get("limit", "20"))
+    except ValueError:
+        raise OpenAIError(400, "`limit` must be an integer between 1 and 100.", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise OpenAIError(400, "`limit` must be an integer between 1 and 100.", param="limit")
+    order = q.get("order", default_order)
+    if order not in ("asc", "desc"):
+        raise OpenAIError(400, "`order` must be asc or desc.", param="order")
+    return q.get("after"), limit, order
+
+
+def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """An OpenAI list page of `items` (already ordered) after the item with id `after`."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    data = items[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}  # fmt: skip

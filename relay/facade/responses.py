@@ -1,0 +1,274 @@
+"""The Responses API: POST /v1/responses, GET (and resume), cancel, DELETE, input_items.
+
+A response is a relay request like any other (its files in the dated layout, private, a job that calls
+the upstream's chat completions as a stream), whose event log holds Responses events instead of the
+upstream's chunks (see `translate.ResponsesFormat`). Every stream of it, live or resumed at any
+`starting_after`, is read from that log; the relay's own stream URL serves the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import api, status
+from ..assemble import assistant_message
+from ..config import Config
+from ..http import CONFIG, MANAGER, HTTPError
+from ..jobs import Job, JobManager
+from ..paths import RequestPath
+from ..serve import follow, open_file
+from ..store import seq_offset
+from . import translate
+from .common import (
+    RESPONSE,
+    Caller,
+    Stored,
+    caller,
+    ended,
+    find,
+    json_answer,
+    object_id,
+    page,
+    paging,
+    parse_id,
+    read_payload,
+    remove_files,
+)
+from .errors import OpenAIError, not_found
+
+ENDPOINT = "/v1/responses"
+
+
+def _relay_links(rp: RequestPath, config: Config, authorization: dict[str, Any]) -> dict[str, str]:
+    """The relay's own URLs of a response, for a browser: status, event stream (with its stream token),
+    and the bearer token that opens them. Given once, when the response is created."""
+    stream_url = rp.url(config.public_url, "txt")
+    if authorization.get("stream_url_arg"):
+        stream_url += "?" + authorization["stream_url_arg"]
+    return {"status_url": rp.url(config.public_url, "json"), "stream_url": stream_url,
+            "bearer_token": authorization.get("bearer_token", "")}  # fmt: skip
+
+
+def _headers(links: dict[str, str]) -> dict[str, str]:
+    return {"X-Relay-Status-Url": links["status_url"], "X-Relay-Stream-Url": links["stream_url"],
+            "X-Relay-Bearer-Token": links["bearer_token"]}  # fmt: skip
+
+
+async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list[dict[str, Any]]:
+    """The conversation before this turn: a previous response's messages and answer (without its
+    instructions, which OpenAI does not carry over)."""
+    prev = payload.get("previous_response_id")
+    if prev is None:
+        return []
+    if not isinstance(prev, str):
+        raise OpenAIError(400, "`previous_response_id` must be a string.", param="previous_response_id")
+    missing = OpenAIError(404, f"Previous response with id '{prev[:80]}' not found.", param="previous_response_id",
+                          code="previous_response_not_found")  # fmt: skip
+    prp = parse_id(RESPONSE, prev)
+    if prp is None:
+        raise missing
+    try:
+        parent = await api.load_parent(prp, config, field="previous_response_id")
+    except HTTPError as exc:
+        if exc.status == 404:
+            raise missing from None
+        raise OpenAIError.of(exc) from None
+    oa = parent.get("openai")
+    if not isinstance(oa, dict) or oa.get("id") != prev or oa.get("owner") != who.owner:
+        raise missing
+    try:
+        api.check_parent_state(parent)
+    except HTTPError as exc:
+        raise OpenAIError(400, exc.message, param="previous_response_id", code=exc.code) from None
+    history = (parent.get("parameters") or {}).get("messages") or []
+    if oa.get("instructions_first") and history:
+        history = history[1:]
+    reply = assistant_message((parent.get("response") or {}).get("body"))
+    return list(history) + ([reply] if reply else [])
+
+
+def _webhook(job: Job) -> None:
+    """OpenAI's webhook event for a response that ended: `{id, object: event, type, created_at, data}`."""
+    url = job.manager.config.webhooks_openai_url
+    oa = job.doc["openai"]
+    kind = translate.WEBHOOK_EVENT.get(translate.response_status(job.doc))
+    if not url or kind is None:
+        return
+    event_id = "evt_" + uuid.uuid4().hex
+    body = orjson.dumps({"id": event_id, "object": "event", "created_at": int(time.time()), "type": kind,
+                         "data": {"id": oa["id"]}})  # fmt: skip
+    job.manager.webhooks.post_later(url, body, "application/json", job.rp.request_id, event_id)
+
+
+async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any], dict[str, str], bool]:
+    """Admission and the job's start, holding a job slot (see `api.in_slot`)."""
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    payload = await read_payload(request)
+    body, echo = translate.to_chat(payload, config.upstream_default_model)
+    if echo["background"] and not echo["store"]:
+        raise OpenAIError(400, "Background responses must be stored: leave `store` true.", param="store")
+    new = translate.input_messages(payload["input"])
+    instructions = echo["instructions"]
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + await _history(
+        payload, config, who
+    ) + new  # fmt: skip
+    api.check_count(len(messages), config)
+    api_key, organization = api.upstream_key(request, config)
+    api.take_quota(request, who.entry)
+    created_at = int(time.time())
+    rp = RequestPath.new(config.server_node_id, True, created_at)
+    response_id = object_id(RESPONSE, rp)
+    endpoints = api.permalinks(rp, config.public_url, True)
+    authorization, stored_auth, _ = api.tokens(True, True, endpoints)
+    body = {"model": body.pop("model"), "messages": messages, **body}
+    doc = status.queued(created_at=created_at, conversation_id=response_id, endpoint=ENDPOINT,
+                        authorization=stored_auth, endpoints=endpoints, timeout=config.upstream_max_timeout,
+                        connect_timeout=5, parameters=body)  # fmt: skip
+    doc["openai"] = {"object": "response", "id": response_id, "owner": who.owner, "echo": echo,
+                     "instructions_first": bool(instructions),
+                     "input": translate.input_items(payload["input"], response_id)}  # fmt: skip
+    job = Job(manager, rp, stream=True, doc=doc, body=body, api_key=api_key, organization=organization,
+              timeout=config.upstream_max_timeout, connect_timeout=5, key_label=who.label,
+              log_format=translate.ResponsesFormat(response_id, messages))  # fmt: skip
+    job.on_close = _webhook
+    await api.launch(manager, job)
+    return job, echo, _relay_links(rp, config, authorization), payload.get("stream") is True
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    manager: JobManager = request.app[MANAGER]
+    try:
+        who = caller(request)
+        job, echo, links, stream = await api.in_slot(manager, lambda: _start(request, who))
+    except HTTPError as exc:
+        manager.metrics.requests.labels(ENDPOINT, "refused").inc()
+        return _error(exc)
+    except OpenAIError as exc:
+        manager.metrics.requests.labels(ENDPOINT, "refused").inc()
+        return exc.response()
+    stored = Stored(job.rp, job.doc, job)
+    if stream:
+        try:
+            return await _stream(request, stored, None, _headers(links))
+        finally:
+            if not echo["store"]:
+                await _forget(request, job)
+    if not echo["background"]:
+        await ended(job)
+    obj = _object(stored)
+    obj["relay"] = links  # an extra field the SDKs ignore; see docs/openai.md
+    answer = json_answer(obj, _headers(links))
+    if not echo["store"]:
+        await _forget(request, job)
+    return answer
+
+
+async def _forget(request: web.Request, job: Job) -> None:
+    """`store: false`: the files go once the answer has been given (the usage ledger keeps its line)."""
+    await ended(job)
+    await asyncio.to_thread(remove_files, request.app[CONFIG], job.rp)
+
+
+def _error(exc: HTTPError) -> web.Response:
+    return OpenAIError.of(exc).response()
+
+
+def _object(stored: Stored) -> dict[str, Any]:
+    """The Response object now: for a running request, with the text assembled so far."""
+    doc, job = stored.doc, stored.job
+    if job is not None and job.assembler.chunks and doc.get("status") not in status.TERMINAL:
+        body = job.assembler.completion(job.body["model"])
+        doc = {**doc, "response": {**(doc.get("response") or {}), "body": body}}
+    return translate.response_object(doc, stored.messages)
+
+
+async def _stream(
+    request: web.Request, stored: Stored, after: int | None, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
+    """The response's events after sequence number `after` (all of them for None), then live ones."""
+    config: Config = request.app[CONFIG]
+    try:
+        fd = await open_file(config, stored.rp, "txt")
+    except FileNotFoundError:
+        raise not_found("response", stored.doc["openai"]["id"]) from None
+    try:
+        job = stored.job if stored.job is not None and stored.job.events is not None else None
+        size = job.size if job is not None else os.fstat(fd).st_size
+        offset = 0 if after is None else await asyncio.to_thread(seq_offset, fd, size, after)
+        return await follow(request, fd, offset, job, headers, blank=b"")
+    finally:
+        os.close(fd)
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    try:
+        who = caller(request)
+        stored = await find(request, RESPONSE, request.match_info["id"], who)
+        if request.query.get("stream") in ("true", "1", "True"):
+            after = _starting_after(request)
+            return await _stream(request, stored, after)
+        return json_answer(_object(stored))
+    except OpenAIError as exc:
+        return exc.response()
+
+
+def _starting_after(request: web.Request) -> int | None:
+    value = request.query.get("starting_after")
+    if value is None or value == "":
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 12:
+        raise OpenAIError(400, "`starting_after` must be a sequence number (an integer >= 0).",
+                          param="starting_after")  # fmt: skip
+    return int(value)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """Cancel a running response (idempotent): it ends `cancelled` with the output and usage so far."""
+    try:
+        who = caller(request)
+        stored = await find(request, RESPONSE, request.match_info["id"], who)
+        job = stored.job
+        if job is not None:
+            job.cancel("stop")
+            await job.status_settled.wait()
+            return json_answer(_object(stored))
+        state = translate.response_status(stored.doc)
+        if state not in ("cancelled", "queued", "in_progress"):
+            raise OpenAIError(400, f"Cannot cancel a response with status '{state}'.", code="invalid_state")
+        return json_answer(_object(stored))
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def delete(request: web.Request) -> web.Response:
+    try:
+        who = caller(request)
+        stored = await find(request, RESPONSE, request.match_info["id"], who)
+        if stored.job is not None:
+            stored.job.cancel("stop")
+            await ended(stored.job)
+        await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
+        return json_answer({"id": stored.doc["openai"]["id"], "object": "response.deleted", "deleted": True})
+    except OpenAIError as exc:
+        return exc.response()
+
+
+async def list_input_items(request: web.Request) -> web.Response:
+    try:
+        who = caller(request)
+        stored = await find(request, RESPONSE, request.match_info["id"], who)
+        after, limit, order = paging(request, default_order="desc")
+        items = list(stored.doc["openai"].get("input") or [])
+        if order == "desc":
+            items.reverse()
+        return json_answer(page(items, after, limit))
+    except OpenAIError as exc:
+        return exc.response()
