@@ -11,8 +11,14 @@ start: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	deploy/install-system-packages.sh
+	$(MAKE) tests/js/node_modules/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# the official OpenAI JavaScript SDK, pinned by tests/js/package-lock.json (tests/test_openai_js.py)
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 bench: $(VENV)/.dev .venv-peer/.installed
 	deploy/install-system-packages.sh --bench

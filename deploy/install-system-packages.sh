@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives for real (nginx, systemd-analyze, mount,
-# Chromium for the console's browser tests: Debian's package, never a browser download). Run by `make test`; does
+# Chromium for the console's browser tests: Debian's package, never a browser download; Node.js and
+# npm for the OpenAI JavaScript SDK's tests). Run by `make test`; does
 # nothing when they are already there. Needs root (CI runs as root) or passwordless sudo.
 set -euo pipefail
 missing=()
@@ -8,6 +9,8 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v mount >/dev/null 2>&1 || missing+=(mount)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)  # the official JavaScript SDK's tests (tests/js)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${1:-}" = "--bench" ]; then  # the benchmarks' fan-out baseline: nginx with nchan
     [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || missing+=(libnginx-mod-nchan)
 fi

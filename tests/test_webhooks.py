@@ -6,70 +6,16 @@ import asyncio
 import hashlib
 import hmac
 import socket
-from collections import defaultdict
-from collections.abc import AsyncIterator
-from urllib.parse import parse_qs
 
 import orjson
 import pytest
-from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from relay.webhooks import address_allowed
 
-from .conftest import Relay, RelayFactory, all_files, msg
+from .conftest import Receiver, Relay, RelayFactory, all_files, msg, wait_hits
 
 SECRET = "webhook-secret-for-tests"
-
-
-class Receiver:
-    def __init__(self) -> None:
-        self.hits: dict[str, list[tuple[dict[str, str], bytes]]] = defaultdict(list)
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = await request.read()
-        self.hits[name].append((dict(request.headers), body))
-        n = len(self.hits[name])
-        if name == "fail-twice" and n <= 2:
-            return web.Response(status=503)
-        if name == "always-500":
-            return web.Response(status=500)
-        if name == "bad":
-            return web.Response(status=400)
-        if name == "redirect":
-            raise web.HTTPFound(self.url + "/target")
-        if name == "hang":
-            await asyncio.sleep(30)
-        return web.Response(text="ok")
-
-    def payload(self, name: str, i: int = 0) -> dict:
-        _, body = self.hits[name][i]
-        return orjson.loads(parse_qs(body.decode())["response"][0])
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/{name}", rec.handle)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}"
-    yield rec
-    await runner.cleanup()
-
-
-async def wait_hits(rec: Receiver, name: str, count: int, timeout: float = 10) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if len(rec.hits[name]) >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{name}: {len(rec.hits[name])} hits, wanted {count}")
 
 
 @pytest.fixture
