@@ -1,0 +1,75 @@
+"""`store.seq_offset`: where a Responses stream resumes after `starting_after`, found in the event log by
+a binary search, so the cost of a resume does not grow with how far into the stream it starts."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import orjson
+import pytest
+
+from relay import store
+from relay.store import DONE_DATA, EventLog, seq_offset
+
+
+def build(path: Path, sizes: list[int]) -> tuple[int, list[int]]:
+    """A log of len(sizes) numbered events (data padded to the given sizes) and [DONE]; returns the
+    file's size and each event's offset."""
+    log = EventLog(path)
+    offsets = []
+    for seq, size in enumerate(sizes):
+        offsets.append(log.size)
+        data = orjson.dumps({"type": "response.output_text.delta", "sequence_number": seq, "delta": "x" * size})
+        log.append([(data, "response.output_text.delta")])
+    log.append([(DONE_DATA, None)])
+    log.close()
+    return log.size, offsets
+
+
+@pytest.fixture
+def sizes() -> list[int]:
+    rng = random.Random(7)
+    # small deltas, some events larger than the 4 KiB first read, one larger than 64 KiB
+    out = [rng.choice((1, 3, 20, 200, 5000)) for _ in range(600)]
+    out[300] = 70_000
+    return out
+
+
+def test_every_starting_point(tmp_path: Path, sizes: list[int]) -> None:
+    size, offsets = build(tmp_path / "log.txt", sizes)
+    fd = os.open(tmp_path / "log.txt", os.O_RDONLY)
+    try:
+        for after in range(-1, len(sizes)):
+            got = seq_offset(fd, size, after)
+            if after + 1 < len(offsets):
+                assert got == offsets[after + 1], after
+            else:
+                assert os.pread(fd, 100, got).endswith(b"data: [DONE]\n\n"), after  # only [DONE] is left
+        assert seq_offset(fd, size, 10**9) == seq_offset(fd, size, len(sizes) - 1)
+    finally:
+        os.close(fd)
+
+
+def test_reads_do_not_grow_with_the_starting_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    size, offsets = build(tmp_path / "log.txt", [10] * 100_000)  # ~10 MB
+    reads = [0]
+    real = os.pread
+
+    def counting(fd: int, n: int, at: int) -> bytes:
+        reads[0] += 1
+        return real(fd, n, at)
+
+    monkeypatch.setattr(store.os, "pread", counting)
+    fd = os.open(tmp_path / "log.txt", os.O_RDONLY)
+    try:
+        counts = []
+        for after in (5, 50_000, 99_990):
+            reads[0] = 0
+            assert seq_offset(fd, size, after) == offsets[after + 1]
+            counts.append(reads[0])
+    finally:
+        os.close(fd)
+    assert max(counts) <= 3 * 24, counts  # ~2 reads per halving of 10 MB, wherever the resume starts
+    assert max(counts) - min(counts) <= 12, counts
