@@ -199,11 +199,12 @@ def _repair_one(
     txt = rp.file(data_dir, "txt")
     is_stream = txt.exists()
     size, events = repair_event_log(txt) if is_stream else (0, [])
+    responses = _responses_log(doc, events)
     if doc.get("status") in status.TERMINAL:
         if is_stream:  # the crash came between the terminal status and the log's last event
             err = doc.get("error") if isinstance(doc.get("error"), dict) else {}
             error = (str(err.get("code")), str(err.get("message"))) if err else None
-            _append_ending(txt, size, events, str(doc["status"]), error)
+            _append_ending(txt, size, events, str(doc["status"]), error, doc, responses)
         return None, doc
     assembler = Assembler()
     for name, data in events:
@@ -219,29 +220,49 @@ def _repair_one(
     raw_path = rp.file(data_dir, "raw")
     if not raw_path.exists():
         write_atomic(raw_path, b"".join(b"data: " + d + b"\n\n" for name, d in events if name is None), True)
+    model = (doc.get("parameters") or {}).get("model", "")
+    model = model if isinstance(model, str) else ""
     if assembler.chunks:
-        model = (doc.get("parameters") or {}).get("model", "")
-        status.response_body(doc, assembler.completion(model if isinstance(model, str) else ""))
+        status.response_body(doc, assembler.completion(model))
+    elif responses is not None and responses.completion(model) is not None:
+        status.response_body(doc, responses.completion(model))
     request_at = (doc.get("request") or {}).get("request_at")
     since = float(request_at) if isinstance(request_at, (int, float)) else now
     status.finish(doc, state, error, now=now, since=since, raw_url=rp.url(public_url, "raw"))
     write_atomic(rp.file(data_dir, "json"), orjson.dumps(doc), True)
     if is_stream and stated is None:
-        _append_ending(txt, size, events, state, error)
+        _append_ending(txt, size, events, state, error, doc, responses)
     return doc, doc
 
 
+def _responses_log(doc: dict[str, Any], events: list[tuple[str | None, bytes]]) -> Any:
+    """For a request of the OpenAI-compatible face's Responses API, the state its log's events leave."""
+    oa = doc.get("openai")
+    if not isinstance(oa, dict) or oa.get("object") != "response":
+        return None
+    from .facade.translate import ResponsesFormat  # (the facade imports the jobs, which import this)
+
+    return ResponsesFormat.replayed(str(oa.get("id")), (doc.get("parameters") or {}).get("messages"), events)
+
+
 def _append_ending(
-    txt: Path, size: int, events: list[tuple[str | None, bytes]], state: str, error: tuple[str, str] | None
+    txt: Path,
+    size: int,
+    events: list[tuple[str | None, bytes]],
+    state: str,
+    error: tuple[str, str] | None,
+    doc: dict[str, Any],
+    responses: Any = None,
 ) -> None:
-    """Append the ending's last events to a log that lacks them (never a second `[DONE]`)."""
+    """Append the ending's last events to a log that lacks them (never a second `[DONE]`): the relay's
+    own, or the closing Responses events of a Responses request."""
     if events and events[-1][1] == DONE_DATA:
         return
     if state == "error" and error is None:
         error = status.INTERRUPTED
     log_file = EventLog(txt, size)
     try:
-        log_file.append(status.ending_events(state, error))
+        log_file.append(status.ending_events(state, error) if responses is None else responses.closing(doc))
         log_file.sync()
     finally:
         log_file.close()

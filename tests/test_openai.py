@@ -18,7 +18,18 @@ from pydantic import BaseModel
 
 from relay.facade.common import RESPONSE, parse_id
 
-from .conftest import TEST_KEY, Receiver, Relay, RelayFactory, parse_sse, until, wait_hits
+from .conftest import (
+    TEST_KEY,
+    Receiver,
+    Relay,
+    RelayFactory,
+    free_port,
+    parse_sse,
+    start_relay,
+    until,
+    wait_healthy,
+    wait_hits,
+)
 
 KEY_A = "relay-key-alpha-0001"
 KEY_B = "relay-key-bravo-0002"
@@ -375,3 +386,37 @@ async def test_webhooks_verify_with_the_sdk(make_relay: RelayFactory, receiver: 
         assert headers["X-Relay-Signature"].startswith("sha256=")
     finally:
         await client.close()
+
+
+async def test_a_response_cut_by_a_crash_is_repaired_as_failed_with_its_text(tmp_path: Path, upstream: Any) -> None:
+    port, data = free_port(), tmp_path / "data"
+    proc = start_relay(port, data, upstream)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                    default_headers={"X-OpenAI-API-Key": TEST_KEY})  # fmt: skip
+        stream = await client.responses.create(model="echo:pace=0.05", input=words(200), background=True, stream=True)
+        text, rid = [], ""
+        async for event in stream:
+            if event.type == "response.created":
+                rid = event.response.id
+            if event.type == "response.output_text.delta":
+                text.append(event.delta)
+                if len(text) == 10:
+                    break
+        proc.kill()  # kill -9 mid-answer
+        proc.wait()
+        proc = start_relay(port, data, upstream)
+        await wait_healthy(url, proc)
+        repaired = await client.responses.retrieve(rid)
+        assert repaired.status == "failed" and "interrupted" in repaired.error.message
+        assert repaired.output_text.startswith("".join(text)) and repaired.usage.model_dump()["estimated"] is True
+        events = [e async for e in await client.responses.retrieve(rid, stream=True)]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[-1].type == "response.failed" and events[-2].type == "response.output_item.done"
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == repaired.output_text
+        await client.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -433,6 +433,49 @@ class ResponsesFormat:
         self.seq += 1
         return data, kind
 
+    @classmethod
+    def replayed(cls, response_id: str, messages: Any, events: list[tuple[str | None, bytes]]) -> ResponsesFormat:
+        """The state a log's events leave (crash recovery: the log is all that is left of a run)."""
+        fmt = cls(response_id, messages if isinstance(messages, list) else [])
+        for _, data in events:
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(event, dict) or not isinstance(event.get("sequence_number"), int):
+                continue
+            fmt.seq = event["sequence_number"] + 1
+            kind = event.get("type")
+            if kind == "response.output_item.added" and isinstance(event.get("item"), dict):
+                state = {"index": len(fmt.items), "item": event["item"], "text": [], "args": []}
+                fmt.items.append(state)
+                if event["item"].get("type") == "message":
+                    fmt.message = state
+                else:
+                    fmt.calls[len(fmt.calls)] = state
+            elif kind == "response.output_text.delta" and fmt.message is not None:
+                fmt.message["text"].append(str(event.get("delta", "")))
+            elif kind == "response.function_call_arguments.delta":
+                for state in fmt.items:
+                    if state["item"].get("id") == event.get("item_id"):
+                        state["args"].append(str(event.get("delta", "")))
+        return fmt
+
+    def completion(self, model: str) -> dict[str, Any] | None:
+        """What the events so far amount to, as a `chat.completion` (for a repaired status document)."""
+        if not self.items:
+            return None
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.message["text"]) if self.message else None,
+        }
+        calls = [{"id": s["item"].get("call_id"), "type": "function", "function": {"name": s["item"].get("name", ""),
+                  "arguments": "".join(s["args"])}} for s in self.calls.values()]  # fmt: skip
+        if calls:
+            message["tool_calls"] = calls
+        return {"id": None, "object": "chat.completion", "created": None, "model": model,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": None}]}  # fmt: skip
+
     def _lifecycle(self, kind: str, job: Job) -> tuple[bytes, str]:
         return self._event(kind, response=response_object(job.doc, self.messages))
 
@@ -486,12 +529,15 @@ class ResponsesFormat:
         return out
 
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events:
-        """Close the open items (with what the assembled answer holds), then the outcome; computed once,
-        so a retried write of the ending appends the same events."""
+        return self.closing(job.doc)
+
+    def closing(self, doc: dict[str, Any]) -> Events:
+        """Close the open items (with what the assembled answer holds), then the outcome of the final
+        `doc`; computed once, so a retried write of the ending appends the same events."""
         if self._ending is not None:
             return self._ending
         out: Events = []
-        body = (job.doc.get("response") or {}).get("body")
+        body = (doc.get("response") or {}).get("body")
         final_items = {item["id"]: item for item in output_items(self.response_id, body, True)} if isinstance(
             body, dict) else {}  # fmt: skip
         for state in self.items:
@@ -514,9 +560,9 @@ class ResponsesFormat:
                                        output_index=state["index"], name=done["name"],
                                        arguments=done["arguments"]))  # fmt: skip
             out.append(self._event("response.output_item.done", output_index=state["index"], item=done))
-        final = response_status(job.doc)
+        final = response_status(doc)
         kind = {"completed": "response.completed", "failed": "response.failed"}.get(final, "response.incomplete")
-        out.append(self._lifecycle(kind, job))  # a cancelled response ends with response.incomplete
+        out.append(self._event(kind, response=response_object(doc, self.messages)))  # (cancelled: incomplete)
         out.append((DONE_DATA, None))
         self._ending = out
         return out
