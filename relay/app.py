@@ -10,8 +10,9 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
-from . import api, facade, janitor, ledger, operator, recovery, serve
+from . import api, janitor, ledger, operator, recovery, serve
 from .config import Config
+from .facade import routes as facade
 from .fanout import PUSHED
 from .http import CONFIG, MANAGER, METRICS, QUOTAS, READERS
 from .jobs import JobManager

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from . import fanout
 from .config import Config
+from .facade.errors import OpenAIError
 from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
 from .jobs import Job, JobManager
 from .paths import RequestPath, expired, parse_request_path
@@ -43,6 +44,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 NO_STORE = {"Cache-Control": "no-store"}
+OPENAI_PATHS = ("/v1/responses", "/v1/chat/", "/v1/models")  # errors there in OpenAI's shape (see facade)
 PREFLIGHT_HEADERS = (
     "Authorization, Content-Type, Last-Event-ID, "
     "X-OpenAI-API-Key, X-OpenAI-Organization, X-RapidAPI-Key, X-RapidAPI-Host"
@@ -406,6 +408,9 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.status == 404 and request.path.startswith(OPENAI_PATHS):
+            return OpenAIError(404, f"No such URL on this relay: {request.method} {request.path[:200]}",
+                               code="not_found").response()  # fmt: skip
         if exc.status == 404:
             return error(
                 404,

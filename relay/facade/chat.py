@@ -274,13 +274,17 @@ async def _pass_through(request: web.Request, payload: dict[str, Any]) -> web.St
                 resp = web.StreamResponse(headers={**headers, "X-Accel-Buffering": "no"})
                 await resp.prepare(request)
                 sent = 0
-                async for block in up.chunks:
-                    sent += len(block)
-                    if sent > limit:
-                        break
-                    async with asyncio.timeout(config.server_send_timeout_seconds):
-                        await resp.write(block)
-                await resp.write_eof()
+                try:
+                    async for block in up.chunks:
+                        sent += len(block)
+                        if sent > limit:
+                            break  # (the client sees the stream end without [DONE])
+                        async with asyncio.timeout(config.server_send_timeout_seconds):
+                            await resp.write(block)
+                    await resp.write_eof()
+                except (ConnectionError, RuntimeError, TimeoutError, UpstreamError):
+                    if request.transport is not None:
+                        request.transport.abort()  # the client went away or stopped reading; so does the upstream
                 return resp
     except UpstreamError as exc:
         raise _upstream_error(exc) from None
@@ -342,13 +346,15 @@ async def list_stored(request: web.Request) -> web.Response:
         if after is not None:
             ids = ids[ids.index(after) + 1 :] if after in ids else []
         objects = []
-        for object_id in ids[: limit + 1]:
+        for object_id in ids[:limit]:  # (at most `limit` status documents are read)
             try:
                 stored = await find(request, CHAT, object_id, who)
             except OpenAIError:
                 continue  # (expired files, not yet out of the index)
             objects.append(completion_object(stored.doc, _metadata(request, stored)))
-        return json_answer(page(objects, None, limit))
+        answer = page(objects, None, limit)
+        answer["has_more"] = len(ids) > limit
+        return json_answer(answer)
     except OpenAIError as exc:
         return exc.response()
 

@@ -94,6 +94,19 @@ async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list
     return list(history) + ([reply] if reply else [])
 
 
+CLEANUPS: set[asyncio.Task[None]] = set()
+
+
+def _closed(job: Job) -> None:
+    """A response ended: OpenAI's webhook event; and, for `store: false`, its files go (the answer was
+    built from memory; a reader still streaming keeps its open file)."""
+    _webhook(job)
+    if not job.doc["openai"]["echo"]["store"]:
+        task = asyncio.create_task(asyncio.to_thread(remove_files, job.manager.config, job.rp))
+        CLEANUPS.add(task)
+        task.add_done_callback(CLEANUPS.discard)
+
+
 def _webhook(job: Job) -> None:
     """OpenAI's webhook event for a response that ended: `{id, object: event, type, created_at, data}`."""
     url = job.manager.config.webhooks_openai_url
@@ -138,7 +151,7 @@ async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any]
     job = Job(manager, rp, stream=True, doc=doc, body=body, api_key=api_key, organization=organization,
               timeout=config.upstream_max_timeout, connect_timeout=5, key_label=who.label,
               log_format=translate.ResponsesFormat(response_id, messages))  # fmt: skip
-    job.on_close = _webhook
+    job.on_close = _closed
     await api.launch(manager, job)
     return job, echo, _relay_links(rp, config, authorization), payload.get("stream") is True
 
@@ -156,25 +169,12 @@ async def create(request: web.Request) -> web.StreamResponse:
         return exc.response()
     stored = Stored(job.rp, job.doc, job)
     if stream:
-        try:
-            return await _stream(request, stored, None, _headers(links))
-        finally:
-            if not echo["store"]:
-                await _forget(request, job)
+        return await _stream(request, stored, None, _headers(links))
     if not echo["background"]:
         await ended(job)
     obj = _object(stored)
     obj["relay"] = links  # an extra field the SDKs ignore; see docs/openai.md
-    answer = json_answer(obj, _headers(links))
-    if not echo["store"]:
-        await _forget(request, job)
-    return answer
-
-
-async def _forget(request: web.Request, job: Job) -> None:
-    """`store: false`: the files go once the answer has been given (the usage ledger keeps its line)."""
-    await ended(job)
-    await asyncio.to_thread(remove_files, request.app[CONFIG], job.rp)
+    return json_answer(obj, _headers(links))
 
 
 def _error(exc: HTTPError) -> web.Response:

@@ -15,6 +15,7 @@ import orjson
 
 from .. import ledger
 from ..store import DONE_DATA
+from ..upstream import UpstreamError
 from .errors import OpenAIError
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ WHY_REFUSED = {
     "top_logprobs": "logprobs are not translated to Responses events by this relay",
     "context_management": "the relay does not compact conversations",
 }
+MAX_CALLS = 128  # tool calls in one answer: each is an output item with events of its own at the end
 STATUS = {"queued": "queued", "streaming": "in_progress", "processing": "in_progress", "done": "completed",
           "error": "failed", "stop": "cancelled"}  # fmt: skip
 WEBHOOK_EVENT = {"completed": "response.completed", "failed": "response.failed",
@@ -518,6 +520,9 @@ class ResponsesFormat:
             fn = call.get("function") if isinstance(call.get("function"), dict) else {}
             state = self.calls.get(index)
             if state is None:
+                if len(self.calls) >= MAX_CALLS:
+                    raise UpstreamError("upstream_invalid_response", f"the upstream sent more than {MAX_CALLS} tool "
+                                        "calls in one answer")  # fmt: skip
                 item = _call_item(self.response_id, index, {"id": call.get("id"), "function": {
                     "name": fn.get("name"), "arguments": ""}}, "in_progress")  # fmt: skip
                 state = self.calls[index] = self._open(out, item)

@@ -1,0 +1,38 @@
+"""The routes of the OpenAI-compatible face, and what it loads at start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from ..http import CONFIG
+from . import chat, responses
+
+log = logging.getLogger("relay.openai")
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/responses", responses.create)
+    r.add_get("/v1/responses/{id}", responses.retrieve)
+    r.add_delete("/v1/responses/{id}", responses.delete)
+    r.add_post("/v1/responses/{id}/cancel", responses.cancel)
+    r.add_get("/v1/responses/{id}/input_items", responses.list_input_items)
+    r.add_post("/v1/chat/completions", chat.create)
+    r.add_get("/v1/chat/completions", chat.list_stored)
+    r.add_get("/v1/chat/completions/{id}", chat.retrieve)
+    r.add_post("/v1/chat/completions/{id}", chat.update)
+    r.add_delete("/v1/chat/completions/{id}", chat.delete)
+    r.add_get("/v1/chat/completions/{id}/messages", chat.messages)
+    r.add_get("/v1/models", chat.models)
+
+
+async def load(app: web.Application) -> None:
+    """At start: the index of stored chat completions (see `chat.ChatIndex`)."""
+    config = app[CONFIG]
+    index = chat.ChatIndex(config.data_dir)
+    count = await asyncio.to_thread(index.load, config.retention_max_age_days)
+    app[chat.INDEX] = index
+    log.info("openai: %d stored chat completion(s) in the index", count)

@@ -1,0 +1,112 @@
+"""Hostile input on the OpenAI-compatible paths: what a client or an upstream sends there is bounded like
+everywhere else, refused in OpenAI's error shape, and never holds the relay."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from .conftest import TEST_KEY, Relay, RelayFactory, until
+
+HEADERS = {"Content-Type": "application/json", "X-OpenAI-API-Key": TEST_KEY}
+
+
+async def post(relay: Relay, path: str, body: bytes) -> tuple[int, dict]:
+    async with relay.session.post(relay.url + path, data=body, headers=HEADERS) as r:
+        return r.status, orjson.loads(await r.read())
+
+
+def assert_openai_error(doc: dict, code: str | None = None) -> None:
+    assert set(doc) == {"error"} and set(doc["error"]) == {"message", "type", "param", "code"}, doc
+    assert isinstance(doc["error"]["message"], str) and doc["error"]["message"]
+    if code is not None:
+        assert doc["error"]["code"] == code, doc
+
+
+async def test_bodies_are_bounded_and_refused_in_openai_shape(relay: Relay) -> None:
+    for path in ("/v1/responses", "/v1/chat/completions"):
+        status, doc = await post(relay, path, b"[" * 100 + b"]" * 100)
+        assert status == 400
+        assert_openai_error(doc, "body_too_complex")
+        status, doc = await post(relay, path, b"{" + b'"a":' * 3)
+        assert status == 400
+        assert_openai_error(doc, "invalid_json")
+        status, doc = await post(relay, path, b'{"input": "' + b"x" * (5 * 1024 * 1024) + b'"}')
+        assert status == 413
+        assert_openai_error(doc, "body_too_large")
+    many = orjson.dumps({"model": "echo", "input": [{"role": "user", "content": "x"}] * 10_001})
+    status, doc = await post(relay, "/v1/responses", many)
+    assert status == 400 and "10000" in doc["error"]["message"]
+    status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo", "input": "x", "metadata": {
+        f"k{i}": "v" for i in range(17)}}))  # fmt: skip
+    assert status == 400 and doc["error"]["param"] == "metadata"
+    assert relay.upstream is not None and relay.upstream.state.total == 0
+
+
+async def test_resume_and_ids_refuse_what_is_not_theirs(relay: Relay) -> None:
+    status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo", "input": "x"}))
+    assert status == 200
+    for bad in ("-1", "1e9", "9" * 13, "x"):
+        async with relay.session.get(f"{relay.url}/v1/responses/{doc['id']}?stream=true&starting_after={bad}") as r:
+            assert r.status == 400
+            assert_openai_error(await r.json())
+    for bad in ("resp_", "resp_../../etc/passwd", "resp_1b" + "0" * 50, doc["id"].replace("resp_1", "resp_2"),
+                doc["id"][:-1] + "g", "chatcmpl-" + doc["id"][5:]):  # fmt: skip
+        async with relay.session.get(f"{relay.url}/v1/responses/{bad}") as r:
+            assert r.status == 404, bad
+            assert_openai_error(await r.json(), "not_found")
+
+
+@pytest.fixture
+async def many_calls_upstream() -> AsyncIterator[str]:
+    """An upstream whose answer opens a new tool call in every chunk."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(5000):
+            call = {"index": i, "id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            chunk = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {
+                "tool_calls": [call]}, "finish_reason": None}]}  # fmt: skip
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/v1"
+    await runner.cleanup()
+
+
+async def test_an_upstream_that_opens_thousands_of_tool_calls_fails_the_response(
+    make_relay: RelayFactory, many_calls_upstream: str
+) -> None:
+    relay = await make_relay(upstream_url=many_calls_upstream)
+    status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "m", "input": "x"}))
+    assert status == 200 and doc["status"] == "failed"
+    assert "128 tool calls" in doc["error"]["message"]
+    async with relay.session.get(f"{relay.url}/v1/responses/{doc['id']}?stream=true") as r:
+        text = (await r.read()).decode()
+    assert text.count('"type":"response.output_item.done"') == 128 and '"type":"response.failed"' in text
+
+
+async def test_a_client_that_leaves_a_passed_through_stream_closes_the_upstream_call(relay: Relay) -> None:
+    body = orjson.dumps(
+        {"model": "echo:pace=0.05", "stream": True, "messages": [{"role": "user", "content": "a " * 300}]}
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.post(relay.url + "/v1/chat/completions", data=body, headers=HEADERS) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            await r.content.readline()
+            await until(lambda: relay.upstream.state.open == 1, what="the upstream call is open")
+    await until(lambda: relay.upstream.state.open == 0, what="the upstream call is closed")
+    assert not list(relay.data_dir.glob("1/r/**/*.json"))  # nothing written for an unstored completion
