@@ -301,6 +301,39 @@ http {{
         entry.update({k: v for k, v in entry["uvloop"].items() if k != "res"}, relay=entry["uvloop"]["res"])
         self.results[f"W1 C={c}"] = entry
 
+    async def w7(self) -> None:
+        """The OpenAI-compatible face against the relay's own endpoint, in the same run: the same streams
+        (C requests of 200 chunks at 20 ms, one reader each), once through POST /v1/stream-chatgpt and its
+        stream URL, once through POST /v1/responses (background) and GET /v1/responses/{id}?stream=true,
+        which writes and serves Responses events. CPU per upstream chunk, each in a fresh relay process."""
+        c, chunks, pace = (50, 100, 0.02) if self.quick else (100, 200, 0.02)
+        delay = 1.0 + c / 250
+        model = f"echo:chunks={chunks},pace={pace},delay={delay}"
+        text = "the quick brown fox jumps over the lazy dog"
+        entry: dict[str, Any] = {"streams": c, "chunks": chunks}
+        for name in ("native", "facade", "native_again"):
+            relay = await self.start_relay(f"w7-{name}")
+            base = f"http://127.0.0.1:{relay.port}"
+            try:
+                cpu0 = cpu_seconds([relay.pid])
+                if name.startswith("native"):
+                    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+                    docs = await asyncio.gather(*(self.post(relay, body) for _ in range(c)))
+                    targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
+                else:
+                    body = {"model": model, "input": text, "background": True}
+                    docs = await asyncio.gather(*(self.post(relay, body, "/v1/responses") for _ in range(c)))
+                    targets = [{"url": f"{base}/v1/responses/{d['id']}?stream=true"} for d in docs]
+                res = await self.loadgen({"kind": "stream", "targets": targets, "expected": 0})
+                cpu = cpu_seconds([relay.pid]) - cpu0
+            finally:
+                relay.stop()
+            entry[name] = {"cpu_s": cpu, "cpu_us_per_chunk": cpu / (c * chunks) * 1e6, "events": res["events"],
+                           "failed": res["failed"], "duration_s": res["duration"]}  # fmt: skip
+        native = min(entry["native"]["cpu_us_per_chunk"], entry["native_again"]["cpu_us_per_chunk"])
+        entry["ratio"] = entry["facade"]["cpu_us_per_chunk"] / native
+        self.results["W7 OpenAI face"] = entry
+
     async def poll_operator(self, relay: Proc) -> None:
         """What the console's operator page does: the three admin endpoints, every second."""
         self.polls = 0
@@ -594,6 +627,8 @@ http {{
                 await self.idle_memory()
             if want("w6"):
                 await self.w6()
+            if want("w7"):
+                await self.w7()
         finally:
             assert self.upstream is not None
             self.upstream.stop()
@@ -693,6 +728,21 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
             used = r[f"{n}_node"]["cores_used"]
             lines.append(f"- {n} node(s): " + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
                          + f"; total {sum(used.values()):.2f}")  # fmt: skip
+    if "W7 OpenAI face" in results:
+        r = results["W7 OpenAI face"]
+        lines += ["", f"## W7: the OpenAI-compatible face ({r['streams']} streams of {r['chunks']} chunks at 20 ms, one reader each)", "",
+                  "The same streams through the relay's own endpoint (POST `/v1/stream-chatgpt`, its stream URL) and through "
+                  "the Responses API (POST `/v1/responses` in the background, `GET /v1/responses/{id}?stream=true`), each in "
+                  "a fresh relay process; the native run is made before and after the facade's, and the lower is kept.", "",
+                  "| endpoint | CPU µs per upstream chunk | events read | failed |", "|---|---|---|---|"]  # fmt: skip
+        for key, name in (
+            ("native", "native (first)"),
+            ("facade", "Responses API"),
+            ("native_again", "native (after)"),
+        ):
+            v = r[key]
+            lines.append(f"| {name} | {f(v['cpu_us_per_chunk'])} | {v['events']} | {v['failed']} |")
+        lines += ["", f"Facade against native: **{r['ratio']:.2f} ×** the CPU per chunk."]
     if "Idle readers" in results:
         r = results["Idle readers"]
         lines += [
@@ -715,7 +765,7 @@ def main() -> int:
         help=f"where the relays' data directories go (default {WORKDIR}: a disk like a VPS's /var/lib)",
     )
     parser.add_argument(
-        "--only", default="", help="comma-separated workloads to run (w1,w2,w3,w4,w5,idle); all by default"
+        "--only", default="", help="comma-separated workloads to run (w1,w2,w3,w4,w5,w6,w7,idle); all by default"
     )
     args = parser.parse_args()
     only = {w.strip().lower() for w in args.only.split(",") if w.strip()}

@@ -391,14 +391,16 @@ async def info(request: web.Request) -> web.Response:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """CORS preflights; aiohttp's own 404/405 and unexpected failures answer with the JSON error body."""
+    """CORS preflights; aiohttp's own 404/405 and unexpected failures answer with the JSON error body
+    (in OpenAI's shape on the OpenAI-compatible paths)."""
     if request.method == "OPTIONS":
         return await preflight(request)
+    answer = OpenAIError.answer if request.path.startswith(OPENAI_PATHS) else error
     try:
         return await handler(request)
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods - {"HEAD"}))
-        return error(
+        return answer(
             405,
             "method_not_allowed",
             f"{request.path} answers {allowed}, not {request.method}"
@@ -408,19 +410,17 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.status == 404 and request.path.startswith(OPENAI_PATHS):
-            return OpenAIError(404, f"No such URL on this relay: {request.method} {request.path[:200]}",
-                               code="not_found").response()  # fmt: skip
         if exc.status == 404:
-            return error(
+            return answer(
                 404,
                 "not_found",
                 "no such URL on this relay: requests are POST /v1/stream-chatgpt or POST /v1/async-chatgpt, "
-                "and their URLs are the ones in the answer; GET /healthz, /metrics and / (the console) exist too",
+                "and their URLs are the ones in the answer; POST /v1/responses and /v1/chat/completions speak "
+                "OpenAI's API; GET /healthz, /metrics and / (the console) exist too",
             )
-        return error(exc.status, "http_error", exc.reason)
+        return answer(exc.status, "http_error", exc.reason)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error(500, "internal_error", "the relay failed unexpectedly; see its log")
+        return answer(500, "internal_error", "the relay failed unexpectedly; see its log")

@@ -59,6 +59,9 @@ async def test_resume_and_ids_refuse_what_is_not_theirs(relay: Relay) -> None:
         async with relay.session.get(f"{relay.url}/v1/responses/{bad}") as r:
             assert r.status == 404, bad
             assert_openai_error(await r.json(), "not_found")
+    async with relay.session.put(f"{relay.url}/v1/responses/{doc['id']}") as r:
+        assert r.status == 405 and "DELETE" in r.headers["Allow"]
+        assert_openai_error(await r.json(), "method_not_allowed")
 
 
 @pytest.fixture

@@ -41,6 +41,11 @@ class OpenAIError(Exception):
         """The same refusal as the relay's own endpoints make, in OpenAI's shape."""
         return cls(exc.status, exc.message, code=exc.code, headers=exc.headers)
 
+    @classmethod
+    def answer(cls, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        """`http.error`'s signature, for the app's catch-all error answers."""
+        return cls(status, message, code=code, headers=headers).response()
+
     def response(self) -> web.Response:
         body: dict[str, Any] = {
             "error": {
