@@ -187,12 +187,12 @@ def test_json_logs(tmp_path: Path) -> None:
 def _codes_in_code() -> set[str]:
     """Every error code the relay can answer or end a request with, read from its source."""
     codes: set[str] = set()
-    for path in (ROOT / "relay").glob("*.py"):
+    for path in (ROOT / "relay").rglob("*.py"):
         if path.name == "devupstream.py":
             continue
         text = path.read_text()
         codes |= set(re.findall(r'HTTPError\(\s*\d{3},\s*"([a-z_]+)"', text))
-        codes |= set(re.findall(r'(?<![A-Za-z_])error\(\s*[^,()]+,\s*"([a-z_]+)"', text))
+        codes |= set(re.findall(r'(?<![A-Za-z_])(?:error|answer)\(\s*[^,()]+,\s*"([a-z_]+)"', text))
         codes |= set(re.findall(r'UpstreamError\(\s*"([a-z_]+)"', text))
         codes |= set(re.findall(r'\(?\s*"error",\s*\(\s*"([a-z_]+)"', text))
         codes |= set(re.findall(r'^INTERRUPTED = \("([a-z_]+)"', text, re.M))

@@ -113,3 +113,15 @@ async def test_a_client_that_leaves_a_passed_through_stream_closes_the_upstream_
             await until(lambda: relay.upstream.state.open == 1, what="the upstream call is open")
     await until(lambda: relay.upstream.state.open == 0, what="the upstream call is closed")
     assert not list(relay.data_dir.glob("1/r/**/*.json"))  # nothing written for an unstored completion
+
+
+def test_every_error_code_of_the_facade_is_documented() -> None:
+    import re
+
+    from .conftest import ROOT
+
+    used = set()
+    for path in (ROOT / "relay" / "facade").glob("*.py"):
+        used |= set(re.findall(r'code="([a-z_]+)"', path.read_text()))
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", (ROOT / "docs" / "openai.md").read_text(), re.M))
+    assert used and used <= documented, sorted(used - documented)
