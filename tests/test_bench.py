@@ -63,6 +63,23 @@ def test_bench_runs_intake_and_reports_it(tmp_path: Path) -> None:
     assert "POSTs/s" in out.stdout and "µs per request" in out.stdout
 
 
+def test_bench_compares_the_openai_face_with_the_native_endpoint(tmp_path: Path) -> None:
+    """`bench/run.py --only w7` (quick sizes): the same streams through both endpoints, every event read,
+    and the CPU ratio reported. The bound here is loose (a noisy shared machine, short runs); the target,
+    1.3 ×, is judged on the full run in docs/benchmarks.md."""
+    out = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--only", "w7", "--workdir", str(tmp_path),
+         "--json", str(tmp_path / "r.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((tmp_path / "r.json").read_text())["W7 OpenAI face"]
+    for run in ("native", "facade", "native_again"):
+        assert r[run]["failed"] == 0 and r[run]["events"] >= r["streams"] * r["chunks"], r
+    assert 0 < r["ratio"] < 2.0, r
+    assert "Facade against native" in out.stdout
+
+
 async def test_passthrough_reference_relays_a_stream(relay: Relay) -> None:
     """The W1 reference proxy passes the upstream's events through unchanged."""
     assert relay.upstream is not None
