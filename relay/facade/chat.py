@@ -33,6 +33,7 @@ from .common import (
     CHAT,
     Caller,
     Stored,
+    answering,
     caller,
     ended,
     find,
@@ -98,13 +99,13 @@ class ChatIndex:
 
     async def record(self, manager: JobManager, op: dict[str, Any]) -> None:
         """Apply `op` in memory and append it to the file (in the storage pool)."""
-        kind, object_id = op["op"], op["id"]
+        kind, cid = op["op"], op["id"]
         if kind == "add":
-            self.entries[object_id] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
-        elif kind == "metadata" and object_id in self.entries:
-            self.entries[object_id]["metadata"] = op["metadata"]
+            self.entries[cid] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
+        elif kind == "metadata" and cid in self.entries:
+            self.entries[cid]["metadata"] = op["metadata"]
         elif kind == "delete":
-            self.entries.pop(object_id, None)
+            self.entries.pop(cid, None)
         try:
             await manager.on_storage(self._append, op)
         except OSError as exc:
@@ -126,8 +127,8 @@ INDEX: web.AppKey[ChatIndex] = web.AppKey("chat_index")
 class ChatFormat:
     """A stored, streamed chat completion's log: the upstream's chunks under the relay's id."""
 
-    def __init__(self, object_id: str) -> None:
-        self.object_id = object_id
+    def __init__(self, cid: str) -> None:
+        self.cid = cid
 
     def opening(self, job: Job) -> Events:
         return []
@@ -136,7 +137,7 @@ class ChatFormat:
         return []
 
     def chunk(self, line: bytes, chunk: dict[str, Any]) -> Events:
-        chunk["id"] = self.object_id
+        chunk["id"] = self.cid
         return [(orjson.dumps(chunk), None)]
 
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events:
@@ -160,35 +161,31 @@ def _check(payload: dict[str, Any], config: Config) -> tuple[bool, bool, dict[st
     return payload.get("stream") is True, payload.get("store") is True, metadata
 
 
+@answering
 async def create(request: web.Request) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
-    try:
-        who = caller(request)
-        payload = None
+    who = caller(request)
+    payload = None
 
-        async def start() -> Job | None:
-            nonlocal payload
-            payload = await read_payload(request)
-            stream, store, metadata = _check(payload, config)
-            api_key, organization = api.upstream_key(request, config)
-            api.take_quota(request, who.entry)
-            if not store:
-                return None
-            return await _start_stored(request, who, payload, stream, metadata, api_key, organization)
+    async def start() -> Job | None:
+        nonlocal payload
+        payload = await read_payload(request)
+        stream, store, metadata = _check(payload, config)
+        api_key, organization = api.upstream_key(request, config)
+        api.take_quota(request, who.entry)
+        if not store:
+            return None
+        return await _start_stored(request, who, payload, stream, metadata, api_key, organization)
 
-        job = await api.in_slot(manager, start)
-        assert payload is not None
-        if job is None:
-            try:
-                return await _pass_through(request, payload)
-            finally:
-                manager.release_slot()
-        return await _answer_stored(request, job, payload.get("stream") is True)
-    except HTTPError as exc:
-        return OpenAIError.of(exc).response()
-    except OpenAIError as exc:
-        return exc.response()
+    job = await api.in_slot(manager, start)
+    assert payload is not None
+    if job is None:
+        try:
+            return await _pass_through(request, payload)
+        finally:
+            manager.release_slot()
+    return await _answer_stored(request, job, payload.get("stream") is True)
 
 
 async def _start_stored(request: web.Request, who: Caller, payload: dict[str, Any], stream: bool,
@@ -292,20 +289,18 @@ async def _pass_through(request: web.Request, payload: dict[str, Any]) -> web.St
         raise OpenAIError(504, "the upstream did not answer within [upstream] max_timeout", code="timeout") from None
 
 
+@answering
 async def retrieve(request: web.Request) -> web.Response:
-    try:
-        who = caller(request)
-        stored = await _find_done(request, who)
-        return json_answer(completion_object(stored.doc, _metadata(request, stored)))
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    stored = await _find_done(request, who)
+    return json_answer(completion_object(stored.doc, _metadata(request, stored)))
 
 
 async def _find_done(request: web.Request, who: Caller) -> Stored:
-    object_id = request.match_info["id"]
-    stored = await find(request, CHAT, object_id, who)
-    if stored.doc.get("status") != "done" or object_id not in request.app[INDEX].entries:
-        raise not_found("chat completion", object_id)  # (running, failed or deleted)
+    cid = request.match_info["id"]
+    stored = await find(request, CHAT, cid, who)
+    if stored.doc.get("status") != "done" or cid not in request.app[INDEX].entries:
+        raise not_found("chat completion", cid)  # (running, failed or deleted)
     return stored
 
 
@@ -314,94 +309,80 @@ def _metadata(request: web.Request, stored: Stored) -> dict[str, str]:
     return entry["metadata"] if entry else stored.doc["openai"].get("metadata", {})
 
 
+@answering
 async def messages(request: web.Request) -> web.Response:
-    try:
-        who = caller(request)
-        stored = await _find_done(request, who)
-        after, limit, order = paging(request)
-        object_id = stored.doc["openai"]["id"]
-        items = []
-        for i, message in enumerate(stored.messages or ()):
-            if isinstance(message, dict):
-                items.append({"id": f"{object_id}-{i}", "content_parts": None, **message})
-        if order == "desc":
-            items.reverse()
-        return json_answer(page(items, after, limit))
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    stored = await _find_done(request, who)
+    after, limit, order = paging(request)
+    cid = stored.doc["openai"]["id"]
+    items = []
+    for i, message in enumerate(stored.messages or ()):
+        if isinstance(message, dict):
+            items.append({"id": f"{cid}-{i}", "content_parts": None, **message})
+    if order == "desc":
+        items.reverse()
+    return json_answer(page(items, after, limit))
 
 
+@answering
 async def list_stored(request: web.Request) -> web.Response:
-    try:
-        who = caller(request)
-        config: Config = request.app[CONFIG]
-        after, limit, order = paging(request)
-        filters = {}
-        for key, value in request.query.items():
-            if key.startswith("metadata[") and key.endswith("]"):
-                filters[key[9:-1]] = value
-        ids = request.app[INDEX].listed(who.owner, request.query.get("model"), filters, config.retention_max_age_days)
-        if order == "desc":
-            ids.reverse()
-        if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
-        objects = []
-        for object_id in ids[:limit]:  # (at most `limit` status documents are read)
-            try:
-                stored = await find(request, CHAT, object_id, who)
-            except OpenAIError:
-                continue  # (expired files, not yet out of the index)
-            objects.append(completion_object(stored.doc, _metadata(request, stored)))
-        answer = page(objects, None, limit)
-        answer["has_more"] = len(ids) > limit
-        return json_answer(answer)
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    config: Config = request.app[CONFIG]
+    after, limit, order = paging(request)
+    filters = {}
+    for key, value in request.query.items():
+        if key.startswith("metadata[") and key.endswith("]"):
+            filters[key[9:-1]] = value
+    ids = request.app[INDEX].listed(who.owner, request.query.get("model"), filters, config.retention_max_age_days)
+    if order == "desc":
+        ids.reverse()
+    if after is not None:
+        ids = ids[ids.index(after) + 1 :] if after in ids else []
+    objects = []
+    for cid in ids[:limit]:  # (at most `limit` status documents are read)
+        try:
+            stored = await find(request, CHAT, cid, who)
+        except OpenAIError:
+            continue  # (expired files, not yet out of the index)
+        objects.append(completion_object(stored.doc, _metadata(request, stored)))
+    answer = page(objects, None, limit)
+    answer["has_more"] = len(ids) > limit
+    return json_answer(answer)
 
 
+@answering
 async def update(request: web.Request) -> web.Response:
-    try:
-        who = caller(request)
-        stored = await _find_done(request, who)
-        payload = await read_payload(request)
-        metadata = payload.get("metadata")
-        if metadata is None:
-            metadata = {}
-        check_metadata(metadata)
-        object_id = stored.doc["openai"]["id"]
-        await request.app[INDEX].record(request.app[MANAGER], {"op": "metadata", "id": object_id, "metadata": metadata})
-        return json_answer(completion_object(stored.doc, metadata))
-    except HTTPError as exc:
-        return OpenAIError.of(exc).response()
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    stored = await _find_done(request, who)
+    payload = await read_payload(request)
+    metadata = payload.get("metadata")
+    if metadata is None:
+        metadata = {}
+    check_metadata(metadata)
+    cid = stored.doc["openai"]["id"]
+    await request.app[INDEX].record(request.app[MANAGER], {"op": "metadata", "id": cid, "metadata": metadata})
+    return json_answer(completion_object(stored.doc, metadata))
 
 
+@answering
 async def delete(request: web.Request) -> web.Response:
-    try:
-        who = caller(request)
-        stored = await _find_done(request, who)
-        object_id = stored.doc["openai"]["id"]
-        await request.app[INDEX].record(request.app[MANAGER], {"op": "delete", "id": object_id})
-        await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
-        return json_answer({"object": "chat.completion.deleted", "id": object_id, "deleted": True})
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    stored = await _find_done(request, who)
+    cid = stored.doc["openai"]["id"]
+    await request.app[INDEX].record(request.app[MANAGER], {"op": "delete", "id": cid})
+    await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
+    return json_answer({"object": "chat.completion.deleted", "id": cid, "deleted": True})
 
 
+@answering
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models: the upstream's list, as it is (at most MODELS_LIMIT bytes)."""
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
+    caller(request)
+    api_key, organization = api.upstream_key(request, config)
     try:
-        caller(request)
-        api_key, organization = api.upstream_key(request, config)
-        try:
-            status_code, data = await manager.upstream.get("/models", api_key, organization, MODELS_LIMIT)
-        except UpstreamError as exc:
-            raise _upstream_error(exc) from None
-        return web.Response(body=data, status=status_code, content_type="application/json")
-    except HTTPError as exc:
-        return OpenAIError.of(exc).response()
-    except OpenAIError as exc:
-        return exc.response()
+        status_code, data = await manager.upstream.get("/models", api_key, organization, MODELS_LIMIT)
+    except UpstreamError as exc:
+        raise _upstream_error(exc) from None
+    return web.Response(body=data, status=status_code, content_type="application/json")

@@ -9,8 +9,10 @@ status document holds `openai.owner`, a hash of that key's name; another key get
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -139,6 +141,25 @@ async def ended(job: Job) -> None:
     """Wait until a job has ended (its terminal status is on disk and its readers were told)."""
     if job.task is not None and not job.task.done():
         await asyncio.shield(job.task)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def answering(handler: Handler) -> Handler:
+    """A handler of these paths whose refusals (OpenAIError, or the relay's HTTPError from shared checks)
+    answer in OpenAI's error shape."""
+
+    @functools.wraps(handler)
+    async def run(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HTTPError as exc:
+            return OpenAIError.of(exc).response()
+        except OpenAIError as exc:
+            return exc.response()
+
+    return run
 
 
 def json_answer(doc: Any, headers: dict[str, str] | None = None) -> web.Response:

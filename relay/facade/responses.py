@@ -30,6 +30,7 @@ from .common import (
     RESPONSE,
     Caller,
     Stored,
+    answering,
     caller,
     ended,
     find,
@@ -208,16 +209,14 @@ async def _stream(
         os.close(fd)
 
 
+@answering
 async def retrieve(request: web.Request) -> web.StreamResponse:
-    try:
-        who = caller(request)
-        stored = await find(request, RESPONSE, request.match_info["id"], who)
-        if request.query.get("stream") in ("true", "1", "True"):
-            after = _starting_after(request)
-            return await _stream(request, stored, after)
-        return json_answer(_object(stored))
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    stored = await find(request, RESPONSE, request.match_info["id"], who)
+    if request.query.get("stream") in ("true", "1", "True"):
+        after = _starting_after(request)
+        return await _stream(request, stored, after)
+    return json_answer(_object(stored))
 
 
 def _starting_after(request: web.Request) -> int | None:
@@ -230,45 +229,39 @@ def _starting_after(request: web.Request) -> int | None:
     return int(value)
 
 
+@answering
 async def cancel(request: web.Request) -> web.Response:
     """Cancel a running response (idempotent): it ends `cancelled` with the output and usage so far."""
-    try:
-        who = caller(request)
-        stored = await find(request, RESPONSE, request.match_info["id"], who)
-        job = stored.job
-        if job is not None:
-            job.cancel("stop")
-            await job.status_settled.wait()
-            return json_answer(_object(stored))
-        state = translate.response_status(stored.doc)
-        if state not in ("cancelled", "queued", "in_progress"):
-            raise OpenAIError(400, f"Cannot cancel a response with status '{state}'.", code="invalid_state")
+    who = caller(request)
+    stored = await find(request, RESPONSE, request.match_info["id"], who)
+    job = stored.job
+    if job is not None:
+        job.cancel("stop")
+        await job.status_settled.wait()
         return json_answer(_object(stored))
-    except OpenAIError as exc:
-        return exc.response()
+    state = translate.response_status(stored.doc)
+    if state not in ("cancelled", "queued", "in_progress"):
+        raise OpenAIError(400, f"Cannot cancel a response with status '{state}'.", code="invalid_state")
+    return json_answer(_object(stored))
 
 
+@answering
 async def delete(request: web.Request) -> web.Response:
-    try:
-        who = caller(request)
-        stored = await find(request, RESPONSE, request.match_info["id"], who)
-        if stored.job is not None:
-            stored.job.cancel("stop")
-            await ended(stored.job)
-        await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
-        return json_answer({"id": stored.doc["openai"]["id"], "object": "response.deleted", "deleted": True})
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    stored = await find(request, RESPONSE, request.match_info["id"], who)
+    if stored.job is not None:
+        stored.job.cancel("stop")
+        await ended(stored.job)
+    await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
+    return json_answer({"id": stored.doc["openai"]["id"], "object": "response.deleted", "deleted": True})
 
 
+@answering
 async def list_input_items(request: web.Request) -> web.Response:
-    try:
-        who = caller(request)
-        stored = await find(request, RESPONSE, request.match_info["id"], who)
-        after, limit, order = paging(request, default_order="desc")
-        items = list(stored.doc["openai"].get("input") or [])
-        if order == "desc":
-            items.reverse()
-        return json_answer(page(items, after, limit))
-    except OpenAIError as exc:
-        return exc.response()
+    who = caller(request)
+    stored = await find(request, RESPONSE, request.match_info["id"], who)
+    after, limit, order = paging(request, default_order="desc")
+    items = list(stored.doc["openai"].get("input") or [])
+    if order == "desc":
+        items.reverse()
+    return json_answer(page(items, after, limit))
