@@ -75,6 +75,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for rp, doc, webhook_url in repaired:
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), rp.request_id)
+        facade.repaired(app, webhooks, rp, doc)
     loaded = manager.book.load(config.data_dir)  # the operator page's recent history, from the ledger's tail
     log.info("usage: %d request(s) of the last 24 hours read from the ledger", loaded)
     app[BOOK] = manager.book

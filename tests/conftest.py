@@ -333,12 +333,18 @@ async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float =
 
 
 def start_relay(
-    port: int, data: Path, upstream: Upstream, *extra: str, grace: float = 1, reserve: int = 8 * 1024 * 1024
+    port: int,
+    data: Path,
+    upstream: Upstream,
+    *extra: str,
+    grace: float = 1,
+    reserve: int = 8 * 1024 * 1024,
+    toml: str = "",
 ) -> subprocess.Popen[bytes]:
     cfg = data.parent / f"relay-{port}.toml"
     cfg.write_text(
         f'[server]\nshutdown_grace_seconds = {grace}\n[upstream]\ndefault_model = "echo"\n'
-        f"[storage]\nreserve_bytes = {reserve}\n"
+        f"[storage]\nreserve_bytes = {reserve}\n" + toml
     )
     return subprocess.Popen(
         [sys.executable, "relay.py", "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data),

@@ -388,9 +388,12 @@ async def test_webhooks_verify_with_the_sdk(make_relay: RelayFactory, receiver: 
         await client.close()
 
 
-async def test_a_response_cut_by_a_crash_is_repaired_as_failed_with_its_text(tmp_path: Path, upstream: Any) -> None:
+async def test_a_response_cut_by_a_crash_is_repaired_as_failed_with_its_text(
+    tmp_path: Path, upstream: Any, receiver: Receiver
+) -> None:
     port, data = free_port(), tmp_path / "data"
-    proc = start_relay(port, data, upstream)
+    hooks = f'[webhooks]\nopenai_url = "{receiver.url}/crash"\nallow_private_addresses = true\nsecret = "{WHSEC}"\n'
+    proc = start_relay(port, data, upstream, toml=hooks)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_healthy(url, proc)
@@ -407,8 +410,12 @@ async def test_a_response_cut_by_a_crash_is_repaired_as_failed_with_its_text(tmp
                     break
         proc.kill()  # kill -9 mid-answer
         proc.wait()
-        proc = start_relay(port, data, upstream)
+        proc = start_relay(port, data, upstream, toml=hooks)
         await wait_healthy(url, proc)
+        await wait_hits(receiver, "crash", 1)  # reported once the restart has finished it
+        headers, body = receiver.hits["crash"][0]
+        event = client.webhooks.unwrap(body, headers, secret=WHSEC)
+        assert event.type == "response.failed" and event.data.id == rid
         repaired = await client.responses.retrieve(rid)
         assert repaired.status == "failed" and "interrupted" in repaired.error.message
         assert repaired.output_text.startswith("".join(text)) and repaired.usage.model_dump()["estimated"] is True

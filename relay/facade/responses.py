@@ -25,6 +25,7 @@ from ..jobs import Job, JobManager
 from ..paths import RequestPath
 from ..serve import follow, open_file
 from ..store import seq_offset
+from ..webhooks import WebhookSender
 from . import translate
 from .common import (
     RESPONSE,
@@ -109,16 +110,20 @@ def _closed(job: Job) -> None:
 
 
 def _webhook(job: Job) -> None:
-    """OpenAI's webhook event for a response that ended: `{id, object: event, type, created_at, data}`."""
-    url = job.manager.config.webhooks_openai_url
-    oa = job.doc["openai"]
-    kind = translate.WEBHOOK_EVENT.get(translate.response_status(job.doc))
+    report_ended(job.manager.config, job.manager.webhooks, job.doc, job.rp.request_id)
+
+
+def report_ended(config: Config, webhooks: WebhookSender, doc: dict[str, Any], request_id: str) -> None:
+    """OpenAI's webhook event for a response that ended (`[webhooks] openai_url`): `{id, object: event,
+    type, created_at, data: {id}}`. Also for one that a restart finished after a crash."""
+    url = config.webhooks_openai_url
+    kind = translate.WEBHOOK_EVENT.get(translate.response_status(doc))
     if not url or kind is None:
         return
     event_id = "evt_" + uuid.uuid4().hex
     body = orjson.dumps({"id": event_id, "object": "event", "created_at": int(time.time()), "type": kind,
-                         "data": {"id": oa["id"]}})  # fmt: skip
-    job.manager.webhooks.post_later(url, body, "application/json", job.rp.request_id, event_id)
+                         "data": {"id": doc["openai"]["id"]}})  # fmt: skip
+    webhooks.post_later(url, body, "application/json", request_id, event_id)
 
 
 async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any], dict[str, str], bool]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiohttp import web
 
 from ..http import CONFIG
+from ..paths import RequestPath
+from ..webhooks import WebhookSender
 from . import chat, responses
 
 log = logging.getLogger("relay.openai")
@@ -27,6 +30,13 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/chat/completions/{id}", chat.delete)
     r.add_get("/v1/chat/completions/{id}/messages", chat.messages)
     r.add_get("/v1/models", chat.models)
+
+
+def repaired(app: web.Application, webhooks: WebhookSender, rp: RequestPath, doc: dict[str, Any]) -> None:
+    """A request that a restart finished after a crash: a response's webhook event is sent now."""
+    oa = doc.get("openai")
+    if isinstance(oa, dict) and oa.get("object") == "response":
+        responses.report_ended(app[CONFIG], webhooks, doc, rp.request_id)
 
 
 async def load(app: web.Application) -> None:
