@@ -13,6 +13,7 @@ from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 from . import api, janitor, ledger, operator, recovery, serve
 from .config import Config
 from .facade import routes as facade
+from .facade.common import drain
 from .fanout import PUSHED
 from .http import CONFIG, MANAGER, METRICS, QUOTAS, READERS
 from .jobs import JobManager
@@ -92,6 +93,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
+    await drain()  # the chat index's last lines, files of unstored responses
     await webhooks.close()  # (the jobs ended in _shutdown, before the server stopped its handlers)
     await upstream.close()
 

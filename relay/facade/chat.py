@@ -37,6 +37,7 @@ from .common import (
     caller,
     ended,
     find,
+    in_background,
     json_answer,
     object_id,
     page,
@@ -60,6 +61,7 @@ class ChatIndex:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "openai" / "chat-completions.jsonl"
         self.entries: dict[str, dict[str, Any]] = {}  # id → {id, created, model, owner, metadata}
+        self._lock = asyncio.Lock()
 
     def load(self, max_age_days: float, now: float | None = None) -> int:
         """In a worker thread at start: the live entries; the file rewritten with only those."""
@@ -97,8 +99,8 @@ class ChatIndex:
         finally:
             os.close(fd)
 
-    async def record(self, manager: JobManager, op: dict[str, Any]) -> None:
-        """Apply `op` in memory and append it to the file (in the storage pool)."""
+    def record(self, op: dict[str, Any]) -> None:
+        """Apply `op` in memory at once, and append it to the file in the storage pool."""
         kind, cid = op["op"], op["id"]
         if kind == "add":
             self.entries[cid] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
@@ -106,8 +108,13 @@ class ChatIndex:
             self.entries[cid]["metadata"] = op["metadata"]
         elif kind == "delete":
             self.entries.pop(cid, None)
+        in_background(self._write(op))
+
+    async def _write(self, op: dict[str, Any]) -> None:
+        """One line, in the order the changes were made (one write at a time)."""
         try:
-            await manager.on_storage(self._append, op)
+            async with self._lock:
+                await asyncio.to_thread(self._append, op)
         except OSError as exc:
             log.error("cannot write the chat completion index: %s", exc.strerror)
 
@@ -212,9 +219,7 @@ async def _start_stored(request: web.Request, who: Caller, payload: dict[str, An
         if job.doc.get("status") == "done":
             entry = {"op": "add", "id": cid, "created": created_at, "model": body["model"], "owner": who.owner,
                      "metadata": metadata}  # fmt: skip
-            task = asyncio.create_task(index.record(manager, entry))
-            manager.retries.add(task)
-            task.add_done_callback(manager.retries.discard)
+            index.record(entry)
 
     job.on_close = indexed
     await api.launch(manager, job)
@@ -360,7 +365,7 @@ async def update(request: web.Request) -> web.Response:
         metadata = {}
     check_metadata(metadata)
     cid = stored.doc["openai"]["id"]
-    await request.app[INDEX].record(request.app[MANAGER], {"op": "metadata", "id": cid, "metadata": metadata})
+    request.app[INDEX].record({"op": "metadata", "id": cid, "metadata": metadata})
     return json_answer(completion_object(stored.doc, metadata))
 
 
@@ -369,7 +374,7 @@ async def delete(request: web.Request) -> web.Response:
     who = caller(request)
     stored = await _find_done(request, who)
     cid = stored.doc["openai"]["id"]
-    await request.app[INDEX].record(request.app[MANAGER], {"op": "delete", "id": cid})
+    request.app[INDEX].record({"op": "delete", "id": cid})
     await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
     return json_answer({"object": "chat.completion.deleted", "id": cid, "deleted": True})
 

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import hashlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -135,6 +135,22 @@ def remove_files(config: Config, rp: RequestPath) -> None:
             rp.file(config.data_dir, ext).unlink(missing_ok=True)
         except OSError:
             pass
+
+
+BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def in_background(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run `coro` on its own (an index line, removing files), keeping a reference until it is done."""
+    task = asyncio.create_task(coro)
+    BACKGROUND.add(task)
+    task.add_done_callback(BACKGROUND.discard)
+
+
+async def drain(seconds: float = 5.0) -> None:
+    """At shutdown, after the jobs: let what runs on its own finish (index lines, file removals)."""
+    if BACKGROUND:
+        await asyncio.wait(list(BACKGROUND), timeout=seconds)
 
 
 async def ended(job: Job) -> None:

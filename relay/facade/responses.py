@@ -35,6 +35,7 @@ from .common import (
     caller,
     ended,
     find,
+    in_background,
     json_answer,
     object_id,
     page,
@@ -96,17 +97,12 @@ async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list
     return list(history) + ([reply] if reply else [])
 
 
-CLEANUPS: set[asyncio.Task[None]] = set()
-
-
 def _closed(job: Job) -> None:
     """A response ended: OpenAI's webhook event; and, for `store: false`, its files go (the answer was
     built from memory; a reader still streaming keeps its open file)."""
     _webhook(job)
     if not job.doc["openai"]["echo"]["store"]:
-        task = asyncio.create_task(asyncio.to_thread(remove_files, job.manager.config, job.rp))
-        CLEANUPS.add(task)
-        task.add_done_callback(CLEANUPS.discard)
+        in_background(asyncio.to_thread(remove_files, job.manager.config, job.rp))
 
 
 def _webhook(job: Job) -> None:
