@@ -129,6 +129,8 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
             if not isinstance(call_id, str):
                 raise _invalid(f"{where}.call_id", "must be the call_id of the function call")
             out.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(output, f"{where}.output")})
+        elif kind == "message":
+            raise _invalid(f"{where}.role", "a message item needs a role (user, assistant, system or developer)")
         elif kind == "reasoning":
             raise _unsupported(f"{where}.type", "reasoning items are produced by OpenAI's reasoning models "
                                "only; a chat-completions upstream cannot take them back")  # fmt: skip
