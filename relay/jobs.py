@@ -534,16 +534,26 @@ class Job:
         self._settled()
         await self._held()
         if self.events is not None and not self._tail_written:
-            fmt = self.log_format
-            tail = ending_events(status, error) if fmt is None else fmt.ending(self, status, error)
-            events = self.events
             try:
-                self._with_reserve(lambda: events.append(tail))
+                if self.log_format is None:
+                    self._append_tail(ending_events(status, error))
+                else:  # a format's closing events may repeat the whole answer: encoded and written off the loop
+                    await self.manager.on_storage(self._append_closing, self.log_format, status, error)
                 self._tail_written = True
                 self._announce()
             except OSError as exc:
                 problems.append(f".txt: {exc.strerror}")
         return problems
+
+    def _append_tail(self, tail: Events) -> None:
+        events = self.events
+        assert events is not None
+        self._with_reserve(lambda: events.append(tail))
+
+    def _append_closing(self, fmt: LogFormat, status: str, error: tuple[str, str] | None) -> None:
+        """In a worker thread: the format's last events (each encoded in its own step, so the loop gets
+        the GIL between them), appended. Readers look at the log's size, which moves last."""
+        self._append_tail(fmt.ending(self, status, error))
 
     def _ending_files(self, write_raw: bool, durable: bool) -> str | None:
         """In a worker thread: `.raw` (when asked), then the terminal status. Returns a problem, or None.
