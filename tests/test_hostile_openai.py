@@ -137,3 +137,27 @@ async def test_a_response_as_large_as_the_limits_allow_does_not_hold_the_loop(ma
     assert status == 200 and doc["status"] == "completed", doc.get("error")
     assert len(doc["output"][0]["content"][0]["text"]) >= 15 * 1024 * 1024
     assert probe.worst < 0.25, f"loop held {probe.worst:.3f}s"
+
+
+async def test_wrong_values_are_refused_naming_the_field(relay: Relay) -> None:
+    cases = [
+        ({"input": []}, "input"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"type": "message", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0]"),
+        ({"input": [{"type": "function_call", "call_id": "c"}]}, "input[0]"),
+        ({"input": "x", "tools": {"type": "function"}}, "tools"),
+        ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),
+        ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
+        ({"input": "x", "stream": "yes"}, "stream"),
+        ({"input": "x", "instructions": ["a"]}, "instructions"),
+        ({"input": "x", "model": 5}, "model"),
+        ({"input": "x", "previous_response_id": 5}, "previous_response_id"),
+        ({}, "input"),
+    ]
+    for body, param in cases:
+        status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo", **body}))
+        assert status == 400, (body, doc)
+        assert_openai_error(doc)
+        assert doc["error"]["param"] == param and param in doc["error"]["message"], (body, doc)
+    assert relay.upstream is not None and relay.upstream.state.total == 0

@@ -42,7 +42,7 @@ WEBHOOK_EVENT = {"completed": "response.completed", "failed": "response.failed",
 
 
 def _invalid(param: str, message: str) -> OpenAIError:
-    return OpenAIError(400, message, param=param, code="invalid_value")
+    return OpenAIError(400, f"Invalid '{param}': {message}.", param=param, code="invalid_value")
 
 
 def _unsupported(param: str, message: str) -> OpenAIError:
