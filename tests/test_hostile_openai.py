@@ -128,14 +128,15 @@ def test_every_error_code_of_the_facade_is_documented() -> None:
 
 
 async def test_a_response_as_large_as_the_limits_allow_does_not_hold_the_loop(make_relay: RelayFactory) -> None:
-    """A 15 MiB answer: its closing events repeat the text four times (as OpenAI's stream does), about
-    60 MiB of JSON, encoded and written off the loop, one event at a time."""
-    relay = await make_relay(upstream_max_event_bytes=16 * 1024 * 1024, upstream_max_response_bytes=20 * 1024 * 1024)
+    """A 15 MiB answer in 15,000 events of 1 KiB, sent as fast as the upstream can: its closing events repeat
+    the text four times (as OpenAI's stream does), about 60 MiB of JSON, encoded and written off the loop,
+    one event at a time."""
+    relay = await make_relay(upstream_max_response_bytes=20 * 1024 * 1024)
+    word = "x" * 1024
     async with LoopProbe(relay) as probe:
-        status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo:huge_event=15728640",
-                                                                         "input": "x"}))  # fmt: skip
+        status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo:chunks=15000", "input": word}))
     assert status == 200 and doc["status"] == "completed", doc.get("error")
-    assert len(doc["output"][0]["content"][0]["text"]) >= 15 * 1024 * 1024
+    assert len(doc["output"][0]["content"][0]["text"]) == 15_000 * 1024
     assert probe.worst < 0.25, f"loop held {probe.worst:.3f}s"
 
 

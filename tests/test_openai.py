@@ -427,3 +427,33 @@ async def test_a_response_cut_by_a_crash_is_repaired_as_failed_with_its_text(
     finally:
         proc.kill()
         proc.wait()
+
+
+def ledger_lines(relay: Relay) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for f in sorted((relay.data_dir / "usage").glob("*.jsonl"))
+            for line in f.read_bytes().splitlines()]  # fmt: skip
+
+
+async def test_passed_through_completions_are_in_the_usage_ledger(relay: Relay, client: openai.AsyncOpenAI) -> None:
+    ask = [{"role": "user", "content": "one two three four five"}]
+    plain = await client.chat.completions.create(model="echo", messages=ask)
+    streamed = [c async for c in await client.chat.completions.create(model="echo", messages=ask, stream=True)]
+    with_usage = {"include_usage": True}
+    counted = [
+        c async for c in await client.chat.completions.create(model="echo", messages=ask, stream=True,
+                                                              stream_options=with_usage)
+    ]  # fmt: skip
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="echo:fail=429", messages=ask)
+    await until(lambda: len(ledger_lines(relay)) == 4, what="four ledger lines")
+    lines = ledger_lines(relay)
+    assert all(line["endpoint"] == "/v1/chat/completions" and line["key"] == "open" for line in lines)
+    assert plain.usage is not None and streamed[-1].usage is None and counted[-1].usage is not None
+    reported = [line for line in lines if line["outcome"] == "done" and not line["estimated"]]
+    assert [line["completion_tokens"] for line in reported] == [5, 5]  # the upstream's own usage
+    assert reported[0]["total_tokens"] == plain.usage.total_tokens
+    estimated = [line for line in lines if line["estimated"]]
+    assert len(estimated) == 2
+    assert any(line["outcome"] == "done" and line["completion_tokens"] == 5 for line in estimated)  # one per event
+    assert any(line["outcome"] == "error" and line["code"] == "upstream_error" for line in estimated)
+    assert not list(relay.data_dir.glob("1/r/**/*.json"))  # still nothing else written

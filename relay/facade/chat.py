@@ -1,9 +1,10 @@
 """Chat Completions on the OpenAI-compatible face: POST /v1/chat/completions, stored completions, models.
 
 Without `store: true` a chat completion is passed through to the upstream as it is (bounded in size
-and time, nothing written). With it, it runs as a relay request (files in the dated layout, private),
-its id becomes the relay's `chatcmpl-…` (which names where it lives), and it can be retrieved, listed,
-its messages listed, its metadata updated, and deleted, by the key that created it, until it expires.
+and time; nothing written but its usage-ledger line). With it, it runs as a relay request (files in the
+dated layout, private), its id becomes the relay's `chatcmpl-…` (which names where it lives), and it can
+be retrieved, listed, its messages listed, its metadata updated, and deleted, by the key that created it,
+until it expires.
 
 Listing needs an index: `data_dir/openai/chat-completions.jsonl`, one line per stored completion, per
 metadata update and per deletion, read once at start (and compacted then); kept in memory.
@@ -14,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .. import api, status
+from .. import api, ledger, status
 from ..config import Config
 from ..http import CONFIG, MANAGER, HTTPError
 from ..jobs import Events, Job, JobManager
@@ -189,7 +192,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     assert payload is not None
     if job is None:
         try:
-            return await _pass_through(request, payload)
+            return await _pass_through(request, payload, who)
         finally:
             manager.release_slot()
     return await _answer_stored(request, job, payload.get("stream") is True)
@@ -250,8 +253,76 @@ def completion_object(doc: dict[str, Any], metadata: dict[str, str] | None = Non
     return body
 
 
-async def _pass_through(request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
-    """An unstored chat completion: the upstream's answer as it comes, nothing written."""
+USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+TAIL = 8192  # bytes of a passed-through answer kept to find its usage (the upstream puts it last)
+
+
+class Passage:
+    """What the usage ledger needs of a passed-through completion, gathered as its bytes go by: the tail
+    (where the upstream's `usage` is, when it reports one) and the number of stream events (about one
+    token each, for an estimate when it does not)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.first: float | None = None
+        self.tail = b""
+        self.events = 0
+        self.outcome, self.code = "done", None
+
+    def saw(self, block: bytes) -> None:
+        if self.first is None:
+            self.first = time.time()
+        self.events += block.count(b"data: ") - block.count(b"data: [DONE]")
+        self.tail = (self.tail + block)[-TAIL:]
+
+    def usage(self) -> dict[str, Any] | None:
+        found = None
+        for m in USAGE_RE.finditer(self.tail):
+            found = m.group(1)
+        try:
+            usage = orjson.loads(found) if found else None
+        except orjson.JSONDecodeError:
+            return None
+        return usage if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int) else None
+
+    def line(self, config: Config, who: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        doc: dict[str, Any] = {
+            "status": self.outcome,
+            "error": {"code": self.code} if self.code else None,
+            "authorization": {"access": "private"},  # (nothing of it is kept to be opened)
+            "request": {"endpoint": ENDPOINT, "total_time": round(now - self.started, 3)},
+            "response": {"body": {"usage": self.usage()}},
+        }
+        ttft = self.first - self.started if self.first else None
+        line = ledger.entry(doc, request_id=str(uuid.uuid4()), node=config.server_node_id, key=who.label, path="",
+                            ttft=ttft, now=now, params=body)  # fmt: skip
+        if line["estimated"]:  # no usage reported: the prompt from its text, the answer from its events
+            line["completion_tokens"] = max(self.events - 2, 0)  # (less the role and finish chunks)
+            line["total_tokens"] = line["prompt_tokens"] + line["completion_tokens"]
+        return line
+
+
+def _record(request: web.Request, who: Caller, body: dict[str, Any], passage: Passage) -> None:
+    """The usage ledger's line of a passed-through completion (written in the background)."""
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    line = passage.line(config, who, body)
+
+    async def write() -> None:
+        try:
+            await manager.on_storage(ledger.append, config.data_dir, line, config.storage_fsync)
+        except (OSError, RuntimeError) as exc:
+            log.error("cannot write a usage ledger line: %s", exc)
+            return
+        manager.counted(line)
+
+    in_background(write())
+
+
+async def _pass_through(request: web.Request, payload: dict[str, Any], who: Caller) -> web.StreamResponse:
+    """An unstored chat completion: the upstream's answer as it comes. Nothing of it is written but its
+    line in the usage ledger (tokens as the upstream reported them, else estimated)."""
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
     api_key, organization = api.upstream_key(request, config)
@@ -260,6 +331,7 @@ async def _pass_through(request: web.Request, payload: dict[str, Any]) -> web.St
     body = {k: v for k, v in payload.items() if k not in NOT_FORWARDED}
     body["model"] = body.get("model") or config.upstream_default_model
     limit = config.upstream_max_response_bytes
+    passage = Passage()
     try:
         async with asyncio.timeout(config.upstream_max_timeout):
             async with manager.upstream.open(body, stream=stream, api_key=api_key, organization=organization,
@@ -272,6 +344,7 @@ async def _pass_through(request: web.Request, payload: dict[str, Any]) -> web.St
                         data += block
                         if len(data) > limit:
                             raise UpstreamError("upstream_response_too_large", "the upstream answer is too large")
+                    passage.saw(bytes(data[-TAIL:]))
                     return web.Response(body=bytes(data), headers=headers)
                 resp = web.StreamResponse(headers={**headers, "X-Accel-Buffering": "no"})
                 await resp.prepare(request)
@@ -280,18 +353,29 @@ async def _pass_through(request: web.Request, payload: dict[str, Any]) -> web.St
                     async for block in up.chunks:
                         sent += len(block)
                         if sent > limit:
+                            passage.outcome, passage.code = "error", "upstream_response_too_large"
                             break  # (the client sees the stream end without [DONE])
+                        passage.saw(block)
                         async with asyncio.timeout(config.server_send_timeout_seconds):
                             await resp.write(block)
                     await resp.write_eof()
-                except (ConnectionError, RuntimeError, TimeoutError, UpstreamError):
+                except UpstreamError as exc:
+                    passage.outcome, passage.code = "error", exc.code
                     if request.transport is not None:
-                        request.transport.abort()  # the client went away or stopped reading; so does the upstream
+                        request.transport.abort()
+                except (ConnectionError, RuntimeError, TimeoutError):
+                    passage.outcome = "stop"  # the client went away or stopped reading; so does the upstream
+                    if request.transport is not None:
+                        request.transport.abort()
                 return resp
     except UpstreamError as exc:
+        passage.outcome, passage.code = "error", exc.code
         raise _upstream_error(exc) from None
     except TimeoutError:
+        passage.outcome, passage.code = "error", "timeout"
         raise OpenAIError(504, "the upstream did not answer within [upstream] max_timeout", code="timeout") from None
+    finally:
+        _record(request, who, body, passage)
 
 
 @answering
