@@ -113,6 +113,10 @@ async def test_a_client_that_leaves_a_passed_through_stream_closes_the_upstream_
             await until(lambda: relay.upstream.state.open == 1, what="the upstream call is open")
     await until(lambda: relay.upstream.state.open == 0, what="the upstream call is closed")
     assert not list(relay.data_dir.glob("1/r/**/*.json"))  # nothing written for an unstored completion
+    ledger = relay.data_dir / "usage"
+    await until(lambda: any(ledger.glob("*.jsonl")), what="its usage line")
+    (line,) = [orjson.loads(x) for f in ledger.glob("*.jsonl") for x in f.read_bytes().splitlines()]
+    assert line["outcome"] == "stop" and line["estimated"] and line["completion_tokens"] < 300
 
 
 def test_every_error_code_of_the_facade_is_documented() -> None:
