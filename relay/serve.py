@@ -326,11 +326,13 @@ async def _send(resp: web.StreamResponse, data: bytes, seconds: float) -> None:
 
 
 async def preflight(request: web.Request) -> web.Response:
+    """The contract's methods on the relay's own URLs; DELETE too on the OpenAI-compatible paths."""
+    methods = "GET, POST, DELETE, OPTIONS" if request.path.startswith(OPENAI_PATHS) else "GET, POST, OPTIONS"
     return web.Response(
         status=204,
         headers={
             "Access-Control-Allow-Headers": PREFLIGHT_HEADERS,
-            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Methods": methods,
             "Access-Control-Max-Age": "600",
         },
     )

@@ -218,7 +218,12 @@ async def test_cors_on_post_and_preflight(relay: Relay) -> None:
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
         assert {"authorization", "content-type", "last-event-id", "x-openai-api-key"} <= allowed
-        assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE, OPTIONS"  # (DELETE: /v1/responses/{id})
+        assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+    async with relay.session.options(  # the OpenAI-compatible paths have DELETE too
+        relay.url + "/v1/responses/resp_x",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"},
+    ) as r:
+        assert r.status == 204 and r.headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE, OPTIONS"
     status, headers, doc = await relay.post(msg("cors"), headers={"Origin": "https://app.example"})
     assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
     status, headers, body = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
