@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,20 +176,50 @@ async def _send_fd(request: web.Request, fd: int, content_type: str) -> web.Stre
     headers = {**NO_STORE, "Content-Type": content_type}
     if size <= READ_BLOCK:
         return web.Response(body=os.pread(fd, size, 0), headers=headers)
-    resp = web.StreamResponse(headers=headers)
+
+    async def read(offset: int, n: int) -> bytes:
+        return await asyncio.to_thread(os.pread, fd, n, offset)
+
+    return await _send_blocks(request, web.StreamResponse(headers=headers), size, read)
+
+
+async def send_bytes(
+    request: web.Request, data: bytes, headers: dict[str, str], status: int = 200
+) -> web.StreamResponse:
+    """An answer already in memory (an OpenAI object, a passed-through answer): small ones at once,
+    large ones in blocks, so that a reader that takes nothing is dropped like any other."""
+    if len(data) <= READ_BLOCK:
+        return web.Response(body=data, status=status, headers=headers)
+    view = memoryview(data)
+
+    async def read(offset: int, n: int) -> bytes:
+        return view[offset : offset + n]  # type: ignore[return-value]
+
+    return await _send_blocks(request, web.StreamResponse(status=status, headers=headers), len(data), read)
+
+
+async def _send_blocks(
+    request: web.Request, resp: web.StreamResponse, size: int, read: Callable[[int, int], Awaitable[bytes]]
+) -> web.StreamResponse:
+    """Send `size` bytes READ_BLOCK at a time, each taken by the reader within [server]
+    send_timeout_seconds; a reader that stalls or leaves is cut off."""
     resp.content_length = size
     await resp.prepare(request)
     if request.method == "HEAD":
         return resp
     offset = 0
     seconds = request.app[CONFIG].server_send_timeout_seconds
-    while offset < size:
-        block = await asyncio.to_thread(os.pread, fd, min(READ_BLOCK, size - offset), offset)
-        if not block:
-            break
-        await _send(resp, block, seconds)
-        offset += len(block)
-    await resp.write_eof()
+    try:
+        while offset < size:
+            block = await read(offset, min(READ_BLOCK, size - offset))
+            if not block:
+                break
+            await _send(resp, block, seconds)
+            offset += len(block)
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError, TimeoutError):
+        if request.transport is not None:
+            request.transport.abort()
     return resp
 
 

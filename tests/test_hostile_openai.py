@@ -3,6 +3,8 @@ everywhere else, refused in OpenAI's error shape, and never holds the relay."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -166,3 +168,27 @@ async def test_wrong_values_are_refused_naming_the_field(relay: Relay) -> None:
         assert_openai_error(doc)
         assert doc["error"]["param"] == param and param in doc["error"]["message"], (body, doc)
     assert relay.upstream is not None and relay.upstream.state.total == 0
+
+
+async def test_readers_that_never_read_a_large_object_are_dropped(make_relay: RelayFactory) -> None:
+    """A Response object of ~8 MiB, asked for by clients that never read: each is cut off after the send
+    timeout, holding at most one block beyond what the kernel takes, as on the relay's own URLs."""
+    relay = await make_relay(server_send_timeout_seconds=2, server_header_timeout_seconds=2,
+                             upstream_max_response_bytes=20 * 1024 * 1024)  # fmt: skip
+    status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo:chunks=8000", "input": "x" * 1024}))
+    assert status == 200 and doc["status"] == "completed"
+    server = relay.runner.server
+    assert server is not None
+    readers = []
+    for _ in range(10):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", relay.config.server_port))
+        s.sendall(f"GET /v1/responses/{doc['id']} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+        readers.append(s)  # and never read
+    await asyncio.sleep(1)
+    buffers = [t.get_write_buffer_size() for t in server._connections.values()]  # type: ignore[attr-defined]
+    assert len(buffers) >= 10 and max(buffers) <= 2 * 256 * 1024, buffers  # not the whole 8 MiB object
+    await until(lambda: not server._connections, timeout=20, what="stalled readers dropped")  # type: ignore[attr-defined]
+    for s in readers:
+        s.close()

@@ -29,7 +29,7 @@ from ..config import Config
 from ..http import CONFIG, MANAGER, HTTPError
 from ..jobs import Events, Job, JobManager
 from ..paths import RequestPath
-from ..serve import follow, open_file
+from ..serve import follow, open_file, send_bytes
 from ..status import ending_events
 from ..upstream import UpstreamError
 from .common import (
@@ -243,7 +243,7 @@ async def _answer_stored(request: web.Request, job: Job, stream: bool) -> web.St
         code = (doc.get("response") or {}).get("status_code")
         status_code = code if isinstance(code, int) and 400 <= code < 600 else 502
         raise OpenAIError(status_code, str(err.get("message", "the request failed")), code=err.get("code"))
-    return json_answer(completion_object(doc))
+    return await json_answer(request, completion_object(doc))
 
 
 def completion_object(doc: dict[str, Any], metadata: dict[str, str] | None = None) -> dict[str, Any]:
@@ -345,7 +345,7 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
                         if len(data) > limit:
                             raise UpstreamError("upstream_response_too_large", "the upstream answer is too large")
                     passage.saw(bytes(data[-TAIL:]))
-                    return web.Response(body=bytes(data), headers=headers)
+                    return await send_bytes(request, bytes(data), headers)
                 resp = web.StreamResponse(headers={**headers, "X-Accel-Buffering": "no"})
                 await resp.prepare(request)
                 sent = 0
@@ -382,7 +382,7 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
 async def retrieve(request: web.Request) -> web.Response:
     who = caller(request)
     stored = await _find_done(request, who)
-    return json_answer(completion_object(stored.doc, _metadata(request, stored)))
+    return await json_answer(request, completion_object(stored.doc, _metadata(request, stored)))
 
 
 async def _find_done(request: web.Request, who: Caller) -> Stored:
@@ -410,7 +410,7 @@ async def messages(request: web.Request) -> web.Response:
             items.append({"id": f"{cid}-{i}", "content_parts": None, **message})
     if order == "desc":
         items.reverse()
-    return json_answer(page(items, after, limit))
+    return await json_answer(request, page(items, after, limit))
 
 
 @answering
@@ -436,7 +436,7 @@ async def list_stored(request: web.Request) -> web.Response:
         objects.append(completion_object(stored.doc, _metadata(request, stored)))
     answer = page(objects, None, limit)
     answer["has_more"] = len(ids) > limit
-    return json_answer(answer)
+    return await json_answer(request, answer)
 
 
 @answering
@@ -450,7 +450,7 @@ async def update(request: web.Request) -> web.Response:
     check_metadata(metadata)
     cid = stored.doc["openai"]["id"]
     request.app[INDEX].record({"op": "metadata", "id": cid, "metadata": metadata})
-    return json_answer(completion_object(stored.doc, metadata))
+    return await json_answer(request, completion_object(stored.doc, metadata))
 
 
 @answering
@@ -460,7 +460,7 @@ async def delete(request: web.Request) -> web.Response:
     cid = stored.doc["openai"]["id"]
     request.app[INDEX].record({"op": "delete", "id": cid})
     await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
-    return json_answer({"object": "chat.completion.deleted", "id": cid, "deleted": True})
+    return await json_answer(request, {"object": "chat.completion.deleted", "id": cid, "deleted": True})
 
 
 @answering
@@ -474,4 +474,4 @@ async def models(request: web.Request) -> web.Response:
         status_code, data = await manager.upstream.get("/models", api_key, organization, MODELS_LIMIT)
     except UpstreamError as exc:
         raise _upstream_error(exc) from None
-    return web.Response(body=data, status=status_code, content_type="application/json")
+    return await send_bytes(request, data, {"Content-Type": "application/json"}, status_code)

@@ -25,6 +25,7 @@ from ..config import Config
 from ..http import CONFIG, MANAGER, HTTPError
 from ..jobs import Job, JobManager
 from ..paths import RequestPath, expired
+from ..serve import send_bytes
 from ..store import read_json_under
 from .errors import OpenAIError, not_found
 
@@ -178,9 +179,10 @@ def answering(handler: Handler) -> Handler:
     return run
 
 
-def json_answer(doc: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), content_type="application/json",
-                        headers={"Cache-Control": "no-store", **(headers or {})})  # fmt: skip
+async def json_answer(request: web.Request, doc: Any, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """An OpenAI object as the answer (a large one in blocks, see `serve.send_bytes`)."""
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})}
+    return await send_bytes(request, orjson.dumps(doc), headers)
 
 
 def paging(request: web.Request, default_order: str = "asc") -> tuple[str | None, int, str]:

@@ -176,7 +176,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         await ended(job)
     obj = _object(stored)
     obj["relay"] = links  # an extra field the SDKs ignore; see docs/openai.md
-    return json_answer(obj, _headers(links))
+    return await json_answer(request, obj, _headers(links))
 
 
 def _error(exc: HTTPError) -> web.Response:
@@ -217,7 +217,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     if request.query.get("stream") in ("true", "1", "True"):
         after = _starting_after(request)
         return await _stream(request, stored, after)
-    return json_answer(_object(stored))
+    return await json_answer(request, _object(stored))
 
 
 def _starting_after(request: web.Request) -> int | None:
@@ -239,11 +239,11 @@ async def cancel(request: web.Request) -> web.Response:
     if job is not None:
         job.cancel("stop")
         await job.status_settled.wait()
-        return json_answer(_object(stored))
+        return await json_answer(request, _object(stored))
     state = translate.response_status(stored.doc)
     if state not in ("cancelled", "queued", "in_progress"):
         raise OpenAIError(400, f"Cannot cancel a response with status '{state}'.", code="invalid_state")
-    return json_answer(_object(stored))
+    return await json_answer(request, _object(stored))
 
 
 @answering
@@ -254,7 +254,7 @@ async def delete(request: web.Request) -> web.Response:
         stored.job.cancel("stop")
         await ended(stored.job)
     await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
-    return json_answer({"id": stored.doc["openai"]["id"], "object": "response.deleted", "deleted": True})
+    return await json_answer(request, {"id": stored.doc["openai"]["id"], "object": "response.deleted", "deleted": True})
 
 
 @answering
@@ -265,4 +265,4 @@ async def list_input_items(request: web.Request) -> web.Response:
     items = list(stored.doc["openai"].get("input") or [])
     if order == "desc":
         items.reverse()
-    return json_answer(page(items, after, limit))
+    return await json_answer(request, page(items, after, limit))
