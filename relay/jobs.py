@@ -552,8 +552,14 @@ class Job:
 
     def _append_closing(self, fmt: LogFormat, status: str, error: tuple[str, str] | None) -> None:
         """In a worker thread: the format's last events (each encoded in its own step, so the loop gets
-        the GIL between them), appended. Readers look at the log's size, which moves last."""
-        self._append_tail(fmt.ending(self, status, error))
+        the GIL between them), appended. Readers look at the log's size, which moves last. Should the
+        format fail (a bug), the relay's own ending is written, so the stream still ends with [DONE]."""
+        try:
+            tail = fmt.ending(self, status, error)
+        except Exception:
+            log.exception("request %s: cannot make its closing events; writing the relay's own", self.rp.request_id)
+            tail = ending_events(status, error)
+        self._append_tail(tail)
 
     def _ending_files(self, write_raw: bool, durable: bool) -> str | None:
         """In a worker thread: `.raw` (when asked), then the terminal status. Returns a problem, or None.

@@ -224,8 +224,8 @@ def _repair_one(
     model = model if isinstance(model, str) else ""
     if assembler.chunks:
         status.response_body(doc, assembler.completion(model))
-    elif responses is not None and responses.completion(model) is not None:
-        status.response_body(doc, responses.completion(model))
+    elif responses is not None and (rebuilt := responses.completion(model)) is not None:
+        status.response_body(doc, rebuilt)
     request_at = (doc.get("request") or {}).get("request_at")
     since = float(request_at) if isinstance(request_at, (int, float)) else now
     status.finish(doc, state, error, now=now, since=since, raw_url=rp.url(public_url, "raw"))

@@ -208,13 +208,14 @@ class WebhookSender:
         secret is set, with `X-Relay-Signature` and the Standard Webhooks headers (the same `webhook-id`
         on every attempt, so a receiver can drop a repeat)."""
         headers = {"Content-Type": content_type}
+        if self.secret:
+            headers["X-Relay-Signature"] = sign(self.secret, body)
         literal = _literal(urlsplit(url).hostname or "")
         if literal is not None and not self.resolver.allow_private and not address_allowed(literal):
             log.warning("request %s: webhook refused: non-public address", request_id)
             return False
         for attempt in range(1, self.attempts + 1):
-            if self.secret:
-                headers["X-Relay-Signature"] = sign(self.secret, body)
+            if self.secret:  # (signed at each attempt: the timestamp is the attempt's)
                 headers.update(standard_headers(self.secret, msg_id, body))
             try:
                 async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as resp:

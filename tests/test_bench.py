@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from .conftest import TEST_KEY, Relay, free_port, msg
 
@@ -47,16 +48,22 @@ def test_loadgen_counts_gaps_and_reordering() -> None:
     assert len(stats["delays"]) == 5
 
 
-def test_bench_runs_intake_and_reports_it(tmp_path: Path) -> None:
-    """`bench/run.py --only w4` end to end (quick sizes): relay, dev upstream and load generator as real
-    processes; the report carries the POST rate, its latency, and the CPU per request."""
+def run_bench(tmp_path: Path, workload: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`bench/run.py --quick --only <workload>` as a real process: its output and its JSON results."""
     out = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--only", "w4", "--workdir", str(tmp_path),
+        [sys.executable, "bench/run.py", "--quick", "--only", workload, "--workdir", str(tmp_path),
          "--json", str(tmp_path / "r.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads((tmp_path / "r.json").read_text())["W4 intake"]
+    return out, json.loads((tmp_path / "r.json").read_text())
+
+
+def test_bench_runs_intake_and_reports_it(tmp_path: Path) -> None:
+    """`bench/run.py --only w4` end to end (quick sizes): relay, dev upstream and load generator as real
+    processes; the report carries the POST rate, its latency, and the CPU per request."""
+    out, results = run_bench(tmp_path, "w4")
+    result = results["W4 intake"]
     assert result["posts"]["ok"] == 500 and result["posts"]["failed"] == 0
     assert 0 < result["posts"]["p50_ms"] <= result["posts"]["p99_ms"]
     assert result["cpu_us_per_request"] > 0
@@ -67,13 +74,8 @@ def test_bench_compares_the_openai_face_with_the_native_endpoint(tmp_path: Path)
     """`bench/run.py --only w7` (quick sizes): the same streams through both endpoints, every event read,
     and the CPU ratio reported. The bound here is loose (a noisy shared machine, short runs); the target,
     1.3 ×, is judged on the full run in docs/benchmarks.md."""
-    out = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--only", "w7", "--workdir", str(tmp_path),
-         "--json", str(tmp_path / "r.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads((tmp_path / "r.json").read_text())["W7 OpenAI face"]
+    out, results = run_bench(tmp_path, "w7")
+    r = results["W7 OpenAI face"]
     for run in ("native", "facade", "native_again"):
         assert r[run]["failed"] == 0 and r[run]["events"] >= r["streams"] * r["chunks"], r
     assert 0 < r["ratio"] < 2.0, r

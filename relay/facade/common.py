@@ -23,6 +23,7 @@ from aiohttp import web
 from .. import api, ledger
 from ..config import Config
 from ..http import CONFIG, MANAGER, HTTPError
+from ..janitor import EXTENSIONS
 from ..jobs import Job, JobManager
 from ..paths import RequestPath, expired
 from ..serve import send_bytes
@@ -131,9 +132,9 @@ async def find(request: web.Request, prefix: str, object_id: str, who: Caller) -
 
 def remove_files(config: Config, rp: RequestPath) -> None:
     """In a worker thread: a request's files (DELETE of a stored object, or `store: false`)."""
-    for ext in ("json", "txt", "raw"):
+    for ext in EXTENSIONS:  # (the janitor's, for the same files)
         try:
-            rp.file(config.data_dir, ext).unlink(missing_ok=True)
+            (config.data_dir / (rp.base + ext)).unlink(missing_ok=True)
         except OSError:
             pass
 

@@ -100,13 +100,9 @@ async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list
 def _closed(job: Job) -> None:
     """A response ended: OpenAI's webhook event; and, for `store: false`, its files go (the answer was
     built from memory; a reader still streaming keeps its open file)."""
-    _webhook(job)
+    report_ended(job.manager.config, job.manager.webhooks, job.doc, job.rp.request_id)
     if not job.doc["openai"]["echo"]["store"]:
         in_background(asyncio.to_thread(remove_files, job.manager.config, job.rp))
-
-
-def _webhook(job: Job) -> None:
-    report_ended(job.manager.config, job.manager.webhooks, job.doc, job.rp.request_id)
 
 
 def report_ended(config: Config, webhooks: WebhookSender, doc: dict[str, Any], request_id: str) -> None:
@@ -165,7 +161,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         job, echo, links, stream = await api.in_slot(manager, lambda: _start(request, who))
     except HTTPError as exc:
         manager.metrics.requests.labels(ENDPOINT, "refused").inc()
-        return _error(exc)
+        return OpenAIError.of(exc).response()
     except OpenAIError as exc:
         manager.metrics.requests.labels(ENDPOINT, "refused").inc()
         return exc.response()
@@ -177,10 +173,6 @@ async def create(request: web.Request) -> web.StreamResponse:
     obj = _object(stored)
     obj["relay"] = links  # an extra field the SDKs ignore; see docs/openai.md
     return await json_answer(request, obj, _headers(links))
-
-
-def _error(exc: HTTPError) -> web.Response:
-    return OpenAIError.of(exc).response()
 
 
 def _object(stored: Stored) -> dict[str, Any]:
