@@ -78,13 +78,7 @@ class ChatIndex:
         for line in raw.splitlines():
             lines += 1
             try:
-                op = orjson.loads(line)
-                if op.get("op") == "add":
-                    entries[op["id"]] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
-                elif op.get("op") == "metadata" and op.get("id") in entries:
-                    entries[op["id"]]["metadata"] = op["metadata"]
-                elif op.get("op") == "delete":
-                    entries.pop(op.get("id"), None)
+                _apply(entries, orjson.loads(line))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a torn last line after a crash
         self.entries = {k: v for k, v in entries.items() if v["created"] >= cutoff}
@@ -104,13 +98,7 @@ class ChatIndex:
 
     def record(self, op: dict[str, Any]) -> None:
         """Apply `op` in memory at once, and append it to the file in the storage pool."""
-        kind, cid = op["op"], op["id"]
-        if kind == "add":
-            self.entries[cid] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
-        elif kind == "metadata" and cid in self.entries:
-            self.entries[cid]["metadata"] = op["metadata"]
-        elif kind == "delete":
-            self.entries.pop(cid, None)
+        _apply(self.entries, op)
         in_background(self._write(op))
 
     async def _write(self, op: dict[str, Any]) -> None:
@@ -129,6 +117,19 @@ class ChatIndex:
             if e["owner"] == owner and e["created"] >= cutoff and (model is None or e["model"] == model)
             and all(e["metadata"].get(k) == v for k, v in metadata.items())
         ]  # fmt: skip
+
+
+def _apply(entries: dict[str, dict[str, Any]], op: dict[str, Any]) -> None:
+    """One line of the index (added, metadata replaced, deleted), read back or made now."""
+    kind, cid = op["op"], op["id"]
+    if kind == "add":
+        if not isinstance(op["created"], (int, float)):
+            raise TypeError("created")
+        entries[cid] = {k: op[k] for k in ("id", "created", "model", "owner", "metadata")}
+    elif kind == "metadata" and cid in entries:
+        entries[cid]["metadata"] = op["metadata"]
+    elif kind == "delete":
+        entries.pop(cid, None)
 
 
 INDEX: web.AppKey[ChatIndex] = web.AppKey("chat_index")
