@@ -18,8 +18,14 @@ def rel_file(relay: Relay, url: str) -> Path:
     return relay.data_dir / url[len(relay.url) + 1 :]
 
 
-def file_events(relay: Relay, doc: dict) -> list:
-    return parse_sse(rel_file(relay, doc["endpoints"]["stream_events_url"]).read_text())
+async def file_events(relay: Relay, doc: dict) -> list:
+    """The events of the request's `.txt` file once its stream has ended. The terminal status is written
+    before the stream's last events (docs/api.md), so a client that saw the status read its stream to the
+    close first, as this does; the file then holds everything."""
+    url = doc["endpoints"]["stream_events_url"]
+    code, _, _ = await read_stream(relay.session, url)
+    assert code in (200, 204), code
+    return parse_sse(rel_file(relay, url).read_text())
 
 
 async def test_files_on_disk_follow_the_contract(relay: Relay) -> None:
@@ -94,7 +100,7 @@ async def test_assembled_completion_with_n_usage_and_max_tokens(relay: Relay) ->
     assert body["choices"][1]["message"]["content"] == "(1) alpha beta "
     assert all(c["finish_reason"] == "length" for c in body["choices"])
     assert body["usage"]["completion_tokens"] == 9
-    events = file_events(relay, doc)
+    events = await file_events(relay, doc)
     assert text_of(events, 2) == "(2) alpha beta "
 
 
@@ -112,7 +118,7 @@ async def test_tool_calls_are_assembled(relay: Relay) -> None:
 async def test_every_chunk_event_keeps_a_delta(relay: Relay) -> None:
     doc = await relay.start(msg("x y"))
     await relay.wait_status(doc["endpoints"]["status_url"])
-    for e in file_events(relay, doc)[:-1]:
+    for e in (await file_events(relay, doc))[:-1]:
         chunk = orjson.loads(e.data)
         assert chunk["object"] == "chat.completion.chunk"
         for c in chunk["choices"]:
@@ -126,7 +132,7 @@ async def upstream_failure(relay: Relay, body: dict, code: str, endpoint: str = 
     assert final["error"]["code"] == code, final["error"]
     assert final["error"]["message"]
     if endpoint == "/v1/stream-chatgpt":
-        events = file_events(relay, doc)
+        events = await file_events(relay, doc)
         assert events[-1].data == "[DONE]"
         assert events[-2].event == "error"
         assert orjson.loads(events[-2].data)["error"]["code"] == code
@@ -207,7 +213,7 @@ async def test_stream_without_done_but_finished_is_done(relay: Relay) -> None:
     doc = await relay.start(msg("no done here", model="echo:no_done"))
     final = await relay.wait_status(doc["endpoints"]["status_url"])
     assert final["status"] == "done"
-    assert file_events(relay, doc)[-1].data == "[DONE]"
+    assert (await file_events(relay, doc))[-1].data == "[DONE]"
 
 
 async def test_non_streaming_answer_to_stream_request_is_a_clear_error(relay: Relay) -> None:
