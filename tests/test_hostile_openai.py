@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+
+from relay.facade.chat import INDEX
 
 from .conftest import TEST_KEY, LoopProbe, Relay, RelayFactory, until
 
@@ -192,3 +195,34 @@ async def test_readers_that_never_read_a_large_object_are_dropped(make_relay: Re
     await until(lambda: not server._connections, timeout=20, what="stalled readers dropped")  # type: ignore[attr-defined]
     for s in readers:
         s.close()
+
+
+async def test_listing_a_large_index_of_stored_completions_does_not_hold_the_loop(make_relay: RelayFactory,
+                                                                                 tmp_path) -> None:  # fmt: skip
+    """400,000 stored completions on the node, half of them the caller's: a list call whose filter matches
+    none of them scans all of the caller's entries, in steps that give the loop back; the newest page is
+    found without a scan."""
+    from relay.facade.common import owner_of
+
+    data = tmp_path / "big"
+    (data / "openai").mkdir(parents=True)
+    now, mine, theirs = time.time(), owner_of("open"), owner_of("someone")
+    lines = (orjson.dumps({"op": "add", "id": f"chatcmpl-gone{i:06d}", "created": now - 86400 + i * 0.1,
+                           "model": "echo", "owner": mine if i % 2 else theirs, "metadata": {"n": str(i)}})
+             for i in range(400_000))  # fmt: skip
+    (data / "openai" / "chat-completions.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    relay = await make_relay(data_dir=data)
+    status, stored = await post(relay, "/v1/chat/completions", orjson.dumps(
+        {"model": "echo", "messages": [{"role": "user", "content": "kept"}], "store": True}))  # fmt: skip
+    assert status == 200, stored
+    async with LoopProbe(relay) as probe:
+        for _ in range(3):
+            async with relay.session.get(relay.url + "/v1/chat/completions?metadata[n]=none", headers=HEADERS) as r:
+                assert r.status == 200
+                assert orjson.loads(await r.read()) == {"object": "list", "data": [], "first_id": None,
+                                                        "last_id": None, "has_more": False}  # fmt: skip
+    assert probe.worst < 0.25, f"loop held {probe.worst:.3f}s"
+    await until(lambda: relay.app[INDEX].entries.get(stored["id"]) is not None, what="the stored completion indexed")
+    async with relay.session.get(relay.url + "/v1/chat/completions?order=desc&limit=1", headers=HEADERS) as r:
+        page = orjson.loads(await r.read())
+    assert [c["id"] for c in page["data"]] == [stored["id"]] and page["has_more"] is True

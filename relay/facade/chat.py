@@ -13,6 +13,7 @@ metadata update and per deletion, read once at start (and compacted then); kept 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import re
@@ -59,11 +60,18 @@ MODELS_LIMIT = 1024 * 1024  # bytes of the upstream's model list that are read
 
 
 class ChatIndex:
-    """The stored chat completions of this node, for listing (see the module's docstring)."""
+    """The stored chat completions of this node, for listing (see the module's docstring).
+
+    Besides the entries by id, each owner's keys `(created, id)` are kept sorted, so a list call finds
+    its place (`after`) by bisection and reads only that caller's entries, in order, until its page is
+    full; a scan that filters many out gives the loop back every SCAN_STEP entries."""
+
+    SCAN_STEP = 2048
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "openai" / "chat-completions.jsonl"
         self.entries: dict[str, dict[str, Any]] = {}  # id → {id, created, model, owner, metadata}
+        self._owned: dict[str, list[tuple[float, str]]] = {}  # owner → sorted (created, id)
         self._lock = asyncio.Lock()
 
     def load(self, max_age_days: float, now: float | None = None) -> int:
@@ -82,6 +90,12 @@ class ChatIndex:
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a torn last line after a crash
         self.entries = {k: v for k, v in entries.items() if v["created"] >= cutoff}
+        owned: dict[str, list[tuple[float, str]]] = {}
+        for e in self.entries.values():
+            owned.setdefault(e["owner"], []).append((e["created"], e["id"]))
+        for keys in owned.values():
+            keys.sort()
+        self._owned = owned
         if lines > len(self.entries):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_bytes(b"".join(orjson.dumps({"op": "add", **e}) + b"\n" for e in self.entries.values()))
@@ -98,8 +112,25 @@ class ChatIndex:
 
     def record(self, op: dict[str, Any]) -> None:
         """Apply `op` in memory at once, and append it to the file in the storage pool."""
+        old = self.entries.get(op["id"])
         _apply(self.entries, op)
+        new = self.entries.get(op["id"])
+        if old is not None and new is not old:
+            self._unlink(old)
+        if new is not None and new is not old:
+            bisect.insort(self._owned.setdefault(new["owner"], []), (new["created"], new["id"]))
         in_background(self._write(op))
+
+    def _unlink(self, entry: dict[str, Any]) -> None:
+        keys = self._owned.get(entry["owner"])
+        if keys is None:
+            return
+        key = (entry["created"], entry["id"])
+        i = bisect.bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            del keys[i]
+        if not keys:
+            del self._owned[entry["owner"]]
 
     async def _write(self, op: dict[str, Any]) -> None:
         """One line, in the order the changes were made (one write at a time)."""
@@ -109,14 +140,53 @@ class ChatIndex:
         except OSError as exc:
             log.error("cannot write the chat completion index: %s", exc.strerror)
 
-    def listed(self, owner: str, model: str | None, metadata: dict[str, str], max_age_days: float) -> list[str]:
-        cutoff = time.time() - max_age_days * 86400
-        return [
-            e["id"]
-            for e in sorted(self.entries.values(), key=lambda e: e["created"])
-            if e["owner"] == owner and e["created"] >= cutoff and (model is None or e["model"] == model)
-            and all(e["metadata"].get(k) == v for k, v in metadata.items())
-        ]  # fmt: skip
+    def _expire(self, owner: str, cutoff: float) -> None:
+        """Forget the owner's entries older than `cutoff` (the oldest come first); their files are the
+        janitor's, and the file's lines go at the next start's compaction."""
+        keys = self._owned.get(owner)
+        if not keys or keys[0][0] >= cutoff:
+            return
+        end = bisect.bisect_left(keys, (cutoff, ""))
+        for _, cid in keys[:end]:
+            self.entries.pop(cid, None)
+        del keys[:end]
+        if not keys:
+            del self._owned[owner]
+
+    async def listed(
+        self, owner: str, *, model: str | None, metadata: dict[str, str], max_age_days: float,
+        after: str | None, limit: int, descending: bool,
+    ) -> tuple[list[str], bool]:  # fmt: skip
+        """The owner's ids that pass the filters, oldest first (or newest first), starting after the id
+        `after` (none when `after` is not one of the owner's); at most `limit`, and whether more follow."""
+        self._expire(owner, time.time() - max_age_days * 86400)
+        last: tuple[float, str] | None = None
+        if after is not None:
+            entry = self.entries.get(after)
+            if entry is None or entry["owner"] != owner:
+                return [], False
+            last = (entry["created"], entry["id"])
+        found: list[str] = []
+        while True:
+            keys = self._owned.get(owner, [])
+            if descending:
+                end = len(keys) if last is None else bisect.bisect_left(keys, last)
+                step = keys[max(0, end - self.SCAN_STEP) : end][::-1]
+            else:
+                start = 0 if last is None else bisect.bisect_right(keys, last)
+                step = keys[start : start + self.SCAN_STEP]
+            for key in step:
+                e = self.entries[key[1]]
+                if (model is None or e["model"] == model) and all(
+                    e["metadata"].get(k) == v for k, v in metadata.items()
+                ):
+                    if len(found) == limit:
+                        return found, True
+                    found.append(e["id"])
+            if len(step) < self.SCAN_STEP:
+                return found, False
+            last = step[-1]
+            await asyncio.sleep(0)  # the loop's turn; the keys may change meanwhile, so the place is found again
 
 
 def _apply(entries: dict[str, dict[str, Any]], op: dict[str, Any]) -> None:
@@ -423,20 +493,19 @@ async def list_stored(request: web.Request) -> web.Response:
     for key, value in request.query.items():
         if key.startswith("metadata[") and key.endswith("]"):
             filters[key[9:-1]] = value
-    ids = request.app[INDEX].listed(who.owner, request.query.get("model"), filters, config.retention_max_age_days)
-    if order == "desc":
-        ids.reverse()
-    if after is not None:
-        ids = ids[ids.index(after) + 1 :] if after in ids else []
+    ids, more = await request.app[INDEX].listed(
+        who.owner, model=request.query.get("model"), metadata=filters, max_age_days=config.retention_max_age_days,
+        after=after, limit=limit, descending=order == "desc",
+    )  # fmt: skip
     objects = []
-    for cid in ids[:limit]:  # (at most `limit` status documents are read)
+    for cid in ids:  # (at most `limit` status documents are read)
         try:
             stored = await find(request, CHAT, cid, who)
         except OpenAIError:
             continue  # (expired files, not yet out of the index)
         objects.append(completion_object(stored.doc, _metadata(request, stored)))
     answer = page(objects, None, limit)
-    answer["has_more"] = len(ids) > limit
+    answer["has_more"] = more
     return await json_answer(request, answer)
 
 
