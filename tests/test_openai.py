@@ -286,7 +286,12 @@ async def test_stored_chat_completions(relay: Relay, client: openai.AsyncOpenAI)
     chunks = [c async for c in streamed]
     sid = chunks[0].id
     assert all(c.id == sid for c in chunks) and sid.startswith("chatcmpl-")
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed and kept"
+    assert all(c.choices and c.usage is None for c in chunks)  # no usage chunk: the client did not ask for it
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "streamed and kept"
+    counted = [c async for c in await ask("counted", store=True, stream=True, stream_options={"include_usage": True})]
+    assert not counted[-1].choices and counted[-1].usage is not None and counted[-1].usage.completion_tokens == 1
+    assert all(c.choices for c in counted[:-1])
+    assert (await client.chat.completions.retrieve(sid)).usage.completion_tokens == 3  # kept all the same
     plain = await ask("not kept")
     assert plain.choices[0].message.content == "not kept"
     assert x.choices[0].message.content == "about x" and x.id.startswith("chatcmpl-")
@@ -294,7 +299,7 @@ async def test_stored_chat_completions(relay: Relay, client: openai.AsyncOpenAI)
     assert got.choices[0].message.content == "about x" and got.metadata == {"topic": "x"}
     listed = [c.id async for c in client.chat.completions.list(metadata={"topic": "x"})]
     assert listed == [x.id, sid]
-    assert [c.id async for c in client.chat.completions.list(order="desc", limit=1)][0] == sid
+    assert [c.id async for c in client.chat.completions.list(order="desc", limit=1)][0] == counted[0].id
     assert [c.id async for c in client.chat.completions.list(model="other")] == []
     messages = [m async for m in client.chat.completions.messages.list(y.id)]
     assert [(m.role, m.content) for m in messages] == [("user", "about y")]
@@ -307,7 +312,7 @@ async def test_stored_chat_completions(relay: Relay, client: openai.AsyncOpenAI)
         await client.chat.completions.retrieve(x.id)
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.retrieve(plain.id)  # never stored
-    assert [c.id async for c in client.chat.completions.list()] == [y.id, sid]
+    assert [c.id async for c in client.chat.completions.list()] == [y.id, sid, counted[0].id]
 
 
 async def test_the_chat_index_is_read_back_at_start(make_relay: RelayFactory, tmp_path: Path) -> None:

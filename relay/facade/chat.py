@@ -206,10 +206,14 @@ INDEX: web.AppKey[ChatIndex] = web.AppKey("chat_index")
 
 
 class ChatFormat:
-    """A stored, streamed chat completion's log: the upstream's chunks under the relay's id."""
+    """A stored, streamed chat completion's log: the upstream's chunks under the relay's id. The relay
+    asks the upstream for usage on every stream (`[upstream] include_usage`) so that the stored object
+    has it; a client that did not ask for it (`stream_options.include_usage`) does not get it, as from
+    OpenAI: no usage-only last chunk (code reading `chunk.choices[0]` would fail on it), no `usage` field."""
 
-    def __init__(self, cid: str) -> None:
+    def __init__(self, cid: str, usage: bool) -> None:
         self.cid = cid
+        self.usage = usage
 
     def opening(self, job: Job) -> Events:
         return []
@@ -219,6 +223,10 @@ class ChatFormat:
 
     def chunk(self, line: bytes, chunk: dict[str, Any]) -> Events:
         chunk["id"] = self.cid
+        if not self.usage and chunk.get("usage") is not None:
+            if not chunk.get("choices"):
+                return []
+            chunk = {k: v for k, v in chunk.items() if k != "usage"}  # (the assembler keeps the original)
         return [(orjson.dumps(chunk), None)]
 
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events:
@@ -273,7 +281,8 @@ async def _start_stored(request: web.Request, who: Caller, payload: dict[str, An
                         metadata: dict[str, str], api_key: str, organization: str | None) -> Job:  # fmt: skip
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
-    created_at = int(time.time())
+    created = time.time()  # the index's order: of creation, to the microsecond (ids break no ties)
+    created_at = int(created)
     rp = RequestPath.new(config.server_node_id, True, created_at)
     cid = object_id(CHAT, rp)
     body = {k: v for k, v in payload.items() if k not in NOT_FORWARDED}
@@ -286,12 +295,12 @@ async def _start_stored(request: web.Request, who: Caller, payload: dict[str, An
     doc["openai"] = {"object": "chat.completion", "id": cid, "owner": who.owner, "metadata": metadata}
     job = Job(manager, rp, stream=stream, doc=doc, body=body, api_key=api_key, organization=organization,
               timeout=config.upstream_max_timeout, connect_timeout=5, key_label=who.label,
-              log_format=ChatFormat(cid) if stream else None)  # fmt: skip
+              log_format=ChatFormat(cid, _usage_asked(payload)) if stream else None)  # fmt: skip
     index = request.app[INDEX]
 
     def indexed(job: Job) -> None:
         if job.doc.get("status") == "done":
-            entry = {"op": "add", "id": cid, "created": created_at, "model": body["model"], "owner": who.owner,
+            entry = {"op": "add", "id": cid, "created": created, "model": body["model"], "owner": who.owner,
                      "metadata": metadata}  # fmt: skip
             index.record(entry)
 
@@ -315,6 +324,11 @@ async def _answer_stored(request: web.Request, job: Job, stream: bool) -> web.St
         status_code = code if isinstance(code, int) and 400 <= code < 600 else 502
         raise OpenAIError(status_code, str(err.get("message", "the request failed")), code=err.get("code"))
     return await json_answer(request, completion_object(doc))
+
+
+def _usage_asked(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def completion_object(doc: dict[str, Any], metadata: dict[str, str] | None = None) -> dict[str, Any]:
