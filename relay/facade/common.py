@@ -13,9 +13,10 @@ import functools
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -34,6 +35,7 @@ _ID_RE = re.compile(
     r"(?P<node>[1-9][0-9]{0,5})(?P<access>[bv])(?P<ts>[0-9]{10})"
     r"(?P<u>[0-9a-f]{8})(?P<v>[0-9a-f]{4})(?P<w>4[0-9a-f]{3})(?P<x>[89ab][0-9a-f]{3})(?P<y>[0-9a-f]{12})"
 )
+T = TypeVar("T")
 RESPONSE = "resp_"
 CHAT = "chatcmpl-"
 
@@ -121,7 +123,7 @@ async def find(request: web.Request, prefix: str, object_id: str, who: Caller) -
         if expired(rp, config.retention_max_age_days):
             raise not_found(kind, object_id)
         try:
-            doc = await asyncio.to_thread(read_json_under, config.data_dir, rp.rel("json"))
+            doc = await off_loop(request, read_json_under, config.data_dir, rp.rel("json"))
         except (FileNotFoundError, ValueError):
             raise not_found(kind, object_id) from None
     oa = doc.get("openai") if isinstance(doc, dict) else None
@@ -181,9 +183,22 @@ def answering(handler: Handler) -> Handler:
 
 
 async def json_answer(request: web.Request, doc: Any, headers: dict[str, str] | None = None) -> web.StreamResponse:
-    """An OpenAI object as the answer (a large one in blocks, see `serve.send_bytes`)."""
+    """An OpenAI object as the answer, encoded off the loop (`off_loop`) and sent, a large one in blocks
+    (see `serve.send_bytes`)."""
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})}
-    return await send_bytes(request, orjson.dumps(doc), headers)
+    return await send_bytes(request, await off_loop(request, orjson.dumps, doc), headers)
+
+
+WORKER: web.AppKey[ThreadPoolExecutor] = web.AppKey("openai_worker", ThreadPoolExecutor)
+
+
+async def off_loop(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)` in the face's own worker thread: reading a stored object and encoding an answer.
+    A Response object can be as large as the answer (16 MiB), and orjson holds the GIL while it parses
+    or encodes one; in a single thread these run one after the other, so the loop gets the GIL between
+    two of them however many clients ask at once (in the default pool several would take turns
+    with each other before the loop's)."""
+    return await asyncio.get_running_loop().run_in_executor(request.app[WORKER], fn, *args)
 
 
 def paging(request: web.Request, default_order: str = "asc") -> tuple[str | None, int, str]:

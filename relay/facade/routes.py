@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from ..http import CONFIG
 from ..paths import RequestPath
 from ..webhooks import WebhookSender
 from . import chat, responses
+from .common import WORKER
 
 log = logging.getLogger("relay.openai")
 
@@ -30,6 +32,12 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/chat/completions/{id}", chat.delete)
     r.add_get("/v1/chat/completions/{id}/messages", chat.messages)
     r.add_get("/v1/models", chat.models)
+    app[WORKER] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-openai")
+    app.on_cleanup.append(_stop_worker)
+
+
+async def _stop_worker(app: web.Application) -> None:
+    app[WORKER].shutdown(wait=False, cancel_futures=True)
 
 
 def repaired(app: web.Application, webhooks: WebhookSender, rp: RequestPath, doc: dict[str, Any]) -> None:
