@@ -32,7 +32,7 @@ from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
 from .jobs import Job, JobManager
 from .paths import RequestPath, expired, parse_request_path
 from .security import bearer, token_matches
-from .status import public_view
+from .status import authorization_span, public_bytes
 from .store import event_end, open_under, read_json_under
 
 log = logging.getLogger("relay.serve")
@@ -56,26 +56,36 @@ def _not_found() -> HTTPError:
     return HTTPError(404, "not_found", "no such request here: the URL is wrong, or the request has expired")
 
 
-async def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> tuple[dict[str, Any], Any]:
-    """The stored token hashes of a request, and its status document when it had to be read from disk
-    (None for a running request, whose hashes are in memory)."""
+async def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> dict[str, Any]:
+    """The stored token hashes of a request: in memory while it runs, else from the head of its status
+    document on disk (see `_read_auth`)."""
     job = manager.get(rp.request_id)
     if job is not None and job.rp == rp:
-        return job.doc["authorization"], None
-    doc = await _read_status(config, rp)
-    auth = doc.get("authorization")
-    return (auth if isinstance(auth, dict) else {}), doc
-
-
-async def _read_status(config: Config, rp: RequestPath) -> dict[str, Any]:
-    """A request's status document from disk, read and parsed in a worker thread."""
+        return job.doc["authorization"]
     try:
-        doc = await asyncio.to_thread(read_json_under, config.data_dir, rp.rel("json"))
+        return await asyncio.to_thread(_read_auth, config.data_dir, rp.rel("json"))
     except (FileNotFoundError, ValueError):
         raise _not_found() from None
+
+
+AUTH_HEAD = 16 * 1024  # bytes of a status document that hold its authorization object
+
+
+def _read_auth(data_dir: Path, rel: str) -> dict[str, Any]:
+    """In a worker thread: the authorization object of a status document on disk, from its first bytes,
+    so that checking a token never parses an answer of many MiB (the whole file only when unusual)."""
+    fd = open_under(data_dir, rel)
+    try:
+        span = authorization_span(os.pread(fd, AUTH_HEAD, 0))
+    finally:
+        os.close(fd)
+    if span is not None:
+        return span[2]
+    doc = read_json_under(data_dir, rel)
     if not isinstance(doc, dict):
-        raise _not_found()
-    return doc
+        raise ValueError("not a status document")
+    auth = doc.get("authorization")
+    return auth if isinstance(auth, dict) else {}
 
 
 async def open_file(config: Config, rp: RequestPath, ext: str) -> int:
@@ -110,8 +120,8 @@ def _check_token(request: web.Request, auth: dict[str, Any], kind: str) -> None:
     raise HTTPError(403, "forbidden", "the token does not open this URL")
 
 
-async def _locate(request: web.Request) -> tuple[RequestPath, str, Any]:
-    """The request a URL names, its kind, and (for a private one read from disk) its status document."""
+async def _locate(request: web.Request) -> tuple[RequestPath, str]:
+    """The request a URL names, and its kind; a private one's token checked."""
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
     parsed = parse_request_path(request.rel_url.raw_path)
@@ -122,17 +132,15 @@ async def _locate(request: web.Request) -> tuple[RequestPath, str, Any]:
         raise _not_found()
     if manager.get(rp.request_id) is None and expired(rp, config.retention_max_age_days):
         raise _not_found()
-    stored = None
     if rp.private:
-        auth, stored = await _stored_auth(manager, config, rp)
-        _check_token(request, auth, kind)
-    return rp, kind, stored
+        _check_token(request, await _stored_auth(manager, config, rp), kind)
+    return rp, kind
 
 
 async def handle_file(request: web.Request) -> web.StreamResponse:
     """Dispatch every `/<node>/r/…` URL."""
     try:
-        rp, kind, stored = await _locate(request)
+        rp, kind = await _locate(request)
         if kind == "stop":
             if request.method not in ("GET", "POST"):
                 raise HTTPError(405, "method_not_allowed", "use GET or POST on a stop URL")
@@ -141,20 +149,14 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
             raise HTTPError(405, "method_not_allowed", "this URL only answers GET")
         if kind == "txt":
             return await _events(request, rp)
-        return await _plain(request, rp, kind, stored)
+        return await _plain(request, rp, kind)
     except HTTPError as exc:
         return exc.response()
 
 
-async def _plain(request: web.Request, rp: RequestPath, kind: str, stored: Any) -> web.StreamResponse:
+async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
     if kind == "json":
-        if rp.private:
-            doc = stored  # already read to check the token, unless the request is running
-            if doc is None:
-                doc = await _read_status(config, rp)
-            doc = public_view(doc)
-            return web.Response(body=orjson.dumps(doc), content_type="application/json", headers=NO_STORE)
         content_type = "application/json"
     else:
         content_type = "text/plain; charset=utf-8" if await _exists(config, rp, "txt") else "application/json"
@@ -165,20 +167,52 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str, stored: Any) 
             raise HTTPError(404, "not_ready", "the raw upstream response is written when the request ends") from None
         raise _not_found() from None
     try:
+        if kind == "json" and rp.private:
+            return await _private_status(request, fd)
         return await _send_fd(request, fd, content_type)
     finally:
         os.close(fd)
 
 
-async def _send_fd(request: web.Request, fd: int, content_type: str) -> web.StreamResponse:
-    """Serve an opened regular file: small ones in one answer, large ones in blocks read off the loop."""
+async def _private_status(request: web.Request, fd: int) -> web.StreamResponse:
+    """A private status document without its token hashes: the file as it is, its authorization object
+    (in its first bytes) replaced, so that nothing parses or encodes the answer it holds per reader."""
+    head = await asyncio.to_thread(os.pread, fd, AUTH_HEAD, 0)
+    span = authorization_span(head)
+    if span is None:  # not a document the relay wrote in its usual order: parsed whole
+        try:
+            data = await asyncio.to_thread(_public_status, fd)
+        except ValueError:
+            raise _not_found() from None
+        return await send_bytes(request, data, {**NO_STORE, "Content-Type": "application/json"})
+    start, end, auth = span
+    shown = head[:start] + orjson.dumps({"access": auth.get("access", "private")})
+    return await _send_fd(request, fd, "application/json", prefix=shown, skip=end)
+
+
+def _public_status(fd: int) -> bytes:
+    """In a worker thread: `public_bytes` of the whole status document behind `fd`."""
     size = os.fstat(fd).st_size
+    try:
+        return public_bytes(os.pread(fd, size, 0))
+    except (orjson.JSONDecodeError, TypeError, AttributeError):
+        raise ValueError("not a status document") from None
+
+
+async def _send_fd(
+    request: web.Request, fd: int, content_type: str, prefix: bytes = b"", skip: int = 0
+) -> web.StreamResponse:
+    """Serve an opened regular file (`prefix` in place of its first `skip` bytes): small ones in one
+    answer, large ones in blocks read off the loop."""
+    size = os.fstat(fd).st_size - skip + len(prefix)
     headers = {**NO_STORE, "Content-Type": content_type}
     if size <= READ_BLOCK:
-        return web.Response(body=os.pread(fd, size, 0), headers=headers)
+        return web.Response(body=prefix + os.pread(fd, size - len(prefix), skip), headers=headers)
 
     async def read(offset: int, n: int) -> bytes:
-        return await asyncio.to_thread(os.pread, fd, n, offset)
+        if offset < len(prefix):
+            return prefix[offset : offset + n]
+        return await asyncio.to_thread(os.pread, fd, n, skip + offset - len(prefix))
 
     return await _send_blocks(request, web.StreamResponse(headers=headers), size, read)
 

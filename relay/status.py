@@ -168,6 +168,40 @@ def public_view(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "authorization": {"access": auth.get("access", "private")}}
 
 
+AUTH_KEY = b'"authorization":'
+
+
+def authorization_span(data: bytes) -> tuple[int, int, dict[str, Any]] | None:
+    """Where the top-level `authorization` object of an encoded status document is, and what it holds,
+    without parsing the rest (which holds the whole conversation and answer). The keys before it are
+    scalars without braces or brackets (the order of `queued`), and its value is flat; both are checked,
+    so any other document gives None (parse it whole then)."""
+    i = data.find(AUTH_KEY)
+    if i <= 0 or data[:1] != b"{" or data.count(b"{", 0, i) != 1 or data.find(b"[", 0, i) != -1:
+        return None
+    start = i + len(AUTH_KEY)
+    end = data.find(b"}", start) + 1
+    if data[start : start + 1] != b"{" or end == 0:
+        return None
+    try:
+        value = orjson.loads(data[start:end])
+    except orjson.JSONDecodeError:
+        return None
+    return (start, end, value) if isinstance(value, dict) else None
+
+
+def public_bytes(data: bytes) -> bytes:
+    """`public_view` of an encoded status document, as bytes: the authorization object replaced in place
+    when it can be found (see `authorization_span`), else the document parsed, viewed and encoded."""
+    span = authorization_span(data)
+    if span is None:
+        return orjson.dumps(public_view(orjson.loads(data)))
+    start, end, auth = span
+    if set(auth) <= {"access"}:
+        return data
+    return data[:start] + orjson.dumps({"access": auth.get("access", "private")}) + data[end:]
+
+
 def ending_events(status: str, error: tuple[str, str] | None) -> list[tuple[bytes, str | None]]:
     """The last events of a stream's log for an ending: `event: error` / `event: stop`, then `[DONE]`."""
     events: list[tuple[bytes, str | None]] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -374,3 +375,47 @@ async def test_a_parent_whose_history_is_a_million_tiny_arrays_is_refused_withou
     second = await relay.start({"messages": [{"role": "user", "content": "two"}], "from_status_url": status_url})
     child = await relay.wait_status(second["endpoints"]["status_url"])
     assert child["status"] == "done" and len(child["parameters"]["messages"]) == 3
+
+
+READERS_SCRIPT = """
+import asyncio, sys
+import aiohttp
+
+async def main(url, header, n):
+    name, _, value = header.partition(": ")
+    async with aiohttp.ClientSession() as s:
+        async def one():
+            async with s.get(url, headers={name: value}) as r:
+                assert r.status == 200, r.status
+                async for _ in r.content.iter_chunked(1 << 20):
+                    pass
+        await asyncio.gather(*(one() for _ in range(n)))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def readers(url: str, header: str, n: int) -> None:
+    """`n` clients in another process read `url` at once, to the end."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", READERS_SCRIPT, url, header, str(n))
+    assert await asyncio.wait_for(proc.wait(), 120) == 0
+
+
+async def test_many_readers_of_a_large_private_status_do_not_hold_the_loop(make_relay: RelayFactory) -> None:
+    """A private status document holds the whole answer (here 15 MiB). Checking a token reads only the
+    document's first bytes, and serving it sends the file's bytes with the authorization object replaced:
+    nothing parses or encodes the answer per reader (20 readers at once held the loop 0.5-1.2 s when each
+    did), and no reader holds a copy of it."""
+    relay = await make_relay(upstream_max_response_bytes=20 * 1024 * 1024)
+    doc = await relay.start(msg("x" * 1024, model="echo:chunks=15000", access="private"))
+    auth = f"Bearer {doc['authorization']['bearer_token']}"
+    status_url = doc["endpoints"]["status_url"]
+    await relay.wait_status(status_url, timeout=60, headers={"Authorization": auth})
+    async with LoopProbe(relay) as probe:
+        await readers(status_url, f"Authorization: {auth}", 20)
+    assert probe.worst < LOOP_BOUND, f"loop held {probe.worst:.3f}s"
+    async with relay.session.get(status_url, headers={"Authorization": auth}) as r:
+        served = await r.read()
+    on_disk = orjson.loads((relay.data_dir / status_url[len(relay.url) + 1 :]).read_bytes())
+    assert orjson.loads(served) == {**on_disk, "authorization": {"access": "private"}}
+    assert len(on_disk["response"]["body"]["choices"][0]["message"]["content"]) == 15_000 * 1024

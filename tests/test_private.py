@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import orjson
 import pytest
 from yarl import URL
 
@@ -185,3 +186,39 @@ async def test_cors_preflight_and_headers_on_every_generated_url(relay: Relay) -
     async with relay.session.get(stream, headers=origin) as r:
         assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
         await r.read()
+
+
+async def test_a_private_status_is_served_as_the_file_without_its_hashes(relay: Relay) -> None:
+    """The served status document is the file's, with the token hashes taken out and nothing else changed,
+    whatever the conversation holds (text that looks like the authorization key, nested objects named so)."""
+    tricky = 'x "authorization":{"bearer_token_sha256":"00"} } { ['
+    doc = await start_private(relay, tricky, conversation_id="conv-1", metadata={"authorization": {"a": "}"}})
+    token = doc["authorization"]["bearer_token"]
+    final = await relay.wait_status(doc["endpoints"]["status_url"], headers=bearer(token))
+    on_disk = orjson.loads((relay.data_dir / doc["endpoints"]["status_url"][len(relay.url) + 1 :]).read_bytes())
+    assert on_disk["authorization"]["bearer_token_sha256"]  # the hashes are in the file ...
+    assert final == {**on_disk, "authorization": {"access": "private"}}  # ... and only they are left out
+    assert final["parameters"]["messages"][0]["content"] == tricky
+    async with relay.session.get(doc["endpoints"]["status_url"], headers=bearer(token)) as r:
+        served = await r.read()
+    assert r.status == 200 and on_disk["authorization"]["bearer_token_sha256"].encode() not in served
+
+
+def test_the_authorization_object_is_found_only_where_it_is_safe_to_cut() -> None:
+    from relay.status import authorization_span, public_bytes, public_view
+
+    auth = {"access": "private", "bearer_token_sha256": "ab" * 32}
+    plain = {"status": "done", "created_at": 1, "conversation_id": "c", "README": "r", "authorization": auth,
+             "parameters": {"authorization": {"x": 1}}}  # fmt: skip
+    data = orjson.dumps(plain)
+    span = authorization_span(data)
+    assert span is not None and span[2] == auth
+    assert orjson.loads(public_bytes(data)) == public_view(plain)
+    moved = {"parameters": {"authorization": {"x": "}"}}, "authorization": auth}  # an object before it
+    assert authorization_span(orjson.dumps(moved)) is None
+    assert orjson.loads(public_bytes(orjson.dumps(moved))) == public_view(moved)  # parsed whole instead
+    assert authorization_span(orjson.dumps({"a": [1], "authorization": auth})) is None
+    assert authorization_span(orjson.dumps({"authorization": "text"})) is None
+    assert public_bytes(orjson.dumps({"authorization": {"access": "public"}, "x": 1})) == orjson.dumps(
+        {"authorization": {"access": "public"}, "x": 1}
+    )
