@@ -455,3 +455,27 @@ async def wait_hits(rec: Receiver, name: str, count: int, timeout: float = 10) -
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{name}: {len(rec.hits[name])} hits, wanted {count}")
+
+
+READERS_SCRIPT = """
+import asyncio, sys
+import aiohttp
+
+async def main(url, header, n):
+    name, _, value = header.partition(": ")
+    async with aiohttp.ClientSession() as s:
+        async def one():
+            async with s.get(url, headers={name: value}) as r:
+                assert r.status == 200, r.status
+                async for _ in r.content.iter_chunked(1 << 20):
+                    pass
+        await asyncio.gather(*(one() for _ in range(n)))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def readers(url: str, header: str, n: int) -> None:
+    """`n` clients in another process read `url` at once, to the end."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", READERS_SCRIPT, url, header, str(n))
+    assert await asyncio.wait_for(proc.wait(), 120) == 0

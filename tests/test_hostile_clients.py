@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,19 @@ import pytest
 
 from relay.fanout import PUSH_BUFFER_LIMIT
 
-from .conftest import TEST_KEY, LoopProbe, Relay, RelayFactory, held, msg, open_fds, parse_sse, read_stream, until
+from .conftest import (
+    TEST_KEY,
+    LoopProbe,
+    Relay,
+    RelayFactory,
+    held,
+    msg,
+    open_fds,
+    parse_sse,
+    read_stream,
+    readers,
+    until,
+)
 
 LOOP_BOUND = 0.25  # seconds; the target is ~50 ms, the bound is generous for a shared, noisy machine
 
@@ -375,30 +386,6 @@ async def test_a_parent_whose_history_is_a_million_tiny_arrays_is_refused_withou
     second = await relay.start({"messages": [{"role": "user", "content": "two"}], "from_status_url": status_url})
     child = await relay.wait_status(second["endpoints"]["status_url"])
     assert child["status"] == "done" and len(child["parameters"]["messages"]) == 3
-
-
-READERS_SCRIPT = """
-import asyncio, sys
-import aiohttp
-
-async def main(url, header, n):
-    name, _, value = header.partition(": ")
-    async with aiohttp.ClientSession() as s:
-        async def one():
-            async with s.get(url, headers={name: value}) as r:
-                assert r.status == 200, r.status
-                async for _ in r.content.iter_chunked(1 << 20):
-                    pass
-        await asyncio.gather(*(one() for _ in range(n)))
-
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
-"""
-
-
-async def readers(url: str, header: str, n: int) -> None:
-    """`n` clients in another process read `url` at once, to the end."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", READERS_SCRIPT, url, header, str(n))
-    assert await asyncio.wait_for(proc.wait(), 120) == 0
 
 
 async def test_many_readers_of_a_large_private_status_do_not_hold_the_loop(make_relay: RelayFactory) -> None:

@@ -239,7 +239,11 @@ async def test_errors_raise_the_sdk_classes_and_objects_belong_to_their_key(keye
         with pytest.raises(openai.NotFoundError):  # chaining from another key's response
             await b.responses.create(model="echo", input="x", previous_response_id=mine.id)
         assert (await a.responses.cancel(mine.id)).status == "cancelled"
+        assert (await a.responses.retrieve(mine.id)).status == "cancelled"  # its answer is now kept ...
+        with pytest.raises(openai.NotFoundError):
+            await b.responses.retrieve(mine.id)  # ... for its owner only
         stored = await a.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}], store=True)
+        assert (await a.chat.completions.retrieve(stored.id)).id == stored.id
         with pytest.raises(openai.NotFoundError):
             await b.chat.completions.retrieve(stored.id)
         assert [c.id async for c in b.chat.completions.list()] == []
@@ -303,8 +307,10 @@ async def test_stored_chat_completions(relay: Relay, client: openai.AsyncOpenAI)
     assert [c.id async for c in client.chat.completions.list(model="other")] == []
     messages = [m async for m in client.chat.completions.messages.list(y.id)]
     assert [(m.role, m.content) for m in messages] == [("user", "about y")]
+    assert (await client.chat.completions.retrieve(y.id)).metadata == {"topic": "y"}
     updated = await client.chat.completions.update(y.id, metadata={"topic": "x", "reviewed": "yes"})
     assert updated.metadata == {"topic": "x", "reviewed": "yes"}
+    assert (await client.chat.completions.retrieve(y.id)).metadata == {"topic": "x", "reviewed": "yes"}
     assert [c.id async for c in client.chat.completions.list(metadata={"reviewed": "yes"})] == [y.id]
     deleted = await client.chat.completions.delete(x.id)
     assert deleted.deleted is True and deleted.id == x.id

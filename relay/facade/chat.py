@@ -34,6 +34,7 @@ from ..serve import follow, open_file, send_bytes
 from ..status import ending_events
 from ..upstream import UpstreamError
 from .common import (
+    ANSWERS,
     CHAT,
     Caller,
     Stored,
@@ -44,10 +45,12 @@ from .common import (
     in_background,
     json_answer,
     object_id,
+    off_loop,
     page,
     paging,
     read_payload,
     remove_files,
+    stored_answer,
 )
 from .errors import OpenAIError, not_found
 from .translate import check_metadata
@@ -466,8 +469,12 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
 @answering
 async def retrieve(request: web.Request) -> web.Response:
     who = caller(request)
-    stored = await _find_done(request, who)
-    return await json_answer(request, completion_object(stored.doc, _metadata(request, stored)))
+
+    async def make() -> tuple[bytes, bool]:
+        stored = await _find_done(request, who)
+        return await off_loop(request, orjson.dumps, completion_object(stored.doc, _metadata(request, stored))), True
+
+    return await stored_answer(request, CHAT, who, make)
 
 
 async def _find_done(request: web.Request, who: Caller) -> Stored:
@@ -534,6 +541,7 @@ async def update(request: web.Request) -> web.Response:
     check_metadata(metadata)
     cid = stored.doc["openai"]["id"]
     request.app[INDEX].record({"op": "metadata", "id": cid, "metadata": metadata})
+    request.app[ANSWERS].drop(cid)
     return await json_answer(request, completion_object(stored.doc, metadata))
 
 
@@ -543,6 +551,7 @@ async def delete(request: web.Request) -> web.Response:
     stored = await _find_done(request, who)
     cid = stored.doc["openai"]["id"]
     request.app[INDEX].record({"op": "delete", "id": cid})
+    request.app[ANSWERS].drop(cid)
     await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
     return await json_answer(request, {"object": "chat.completion.deleted", "id": cid, "deleted": True})
 

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -224,3 +225,93 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str
     data = items[:limit]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}  # fmt: skip
+
+
+JSON_HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+ANSWERS_BYTES = 64 * 1024 * 1024  # the encoded objects kept in all (see `Answers`)
+
+
+class Answers:
+    """The encoded answers of GETs of stored objects, by object id, with the owner's hash.
+
+    Objects that have ended change only by a DELETE or a metadata update, which `drop` them; they are
+    kept (up to ANSWERS_BYTES in all, least recently used out first), so that a client polling a finished
+    response of 16 MiB costs a lookup, not a parse and an encoding each time. GETs of one object that
+    arrive while its answer is being made wait for that one and share it (a running object's too: the
+    same moment's snapshot), instead of making one each."""
+
+    def __init__(self, limit: int = ANSWERS_BYTES) -> None:
+        self.limit = limit
+        self.size = 0
+        self._kept: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._making: dict[str, asyncio.Future[tuple[str, bytes]]] = {}
+
+    def drop(self, object_id: str) -> None:
+        old = self._kept.pop(object_id, None)
+        if old is not None:
+            self.size -= len(old[1])
+
+    def _keep(self, object_id: str, owner: str, data: bytes) -> None:
+        if len(data) > self.limit // 3:
+            return
+        self.drop(object_id)
+        self._kept[object_id] = (owner, data)
+        self.size += len(data)
+        while self.size > self.limit:
+            _, (_, old) = self._kept.popitem(last=False)
+            self.size -= len(old)
+
+    async def answer(
+        self, object_id: str, owner: str, make: Callable[[], Awaitable[tuple[bytes, bool]]]
+    ) -> bytes | None:
+        """The caller's answer for `object_id`: kept, shared with a GET making it now, or made by `make`
+        (which returns the bytes and whether the object has ended; it raises for a caller it is not for).
+        None when a kept or shared answer is another owner's: the caller then finds it for itself."""
+        kept = self._kept.get(object_id)
+        if kept is not None:
+            self._kept.move_to_end(object_id)
+            return kept[1] if kept[0] == owner else None
+        making = self._making.get(object_id)
+        if making is not None:
+            try:
+                shared = await asyncio.shield(making)
+            except Exception:
+                return await make_alone(make)
+            return shared[1] if shared[0] == owner else None
+        future: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
+        self._making[object_id] = future
+        try:
+            data, ended = await make()
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()  # (retrieved: waiters make their own)
+            raise
+        finally:
+            self._making.pop(object_id, None)
+        future.set_result((owner, data))
+        if ended:
+            self._keep(object_id, owner, data)
+        return data
+
+
+async def make_alone(make: Callable[[], Awaitable[tuple[bytes, bool]]]) -> bytes:
+    return (await make())[0]
+
+
+ANSWERS: web.AppKey[Answers] = web.AppKey("openai_answers", Answers)
+
+
+async def stored_answer(
+    request: web.Request, prefix: str, who: Caller, make: Callable[[], Awaitable[tuple[bytes, bool]]]
+) -> web.StreamResponse:
+    """A GET of the stored object named in the URL, through `Answers`; when the answer at hand is not
+    the caller's, `make` is called for it, and refuses it (404) as `find` does."""
+    config: Config = request.app[CONFIG]
+    object_id = request.match_info["id"]
+    rp = parse_id(prefix, object_id)
+    data = None
+    if rp is not None and not expired(rp, config.retention_max_age_days):  # (a kept one may have expired)
+        data = await request.app[ANSWERS].answer(object_id, who.owner, make)
+    if data is None:
+        data = await make_alone(make)
+    return await send_bytes(request, data, JSON_HEADERS)

@@ -28,6 +28,7 @@ from ..store import seq_offset
 from ..webhooks import WebhookSender
 from . import translate
 from .common import (
+    ANSWERS,
     RESPONSE,
     Caller,
     Stored,
@@ -38,11 +39,13 @@ from .common import (
     in_background,
     json_answer,
     object_id,
+    off_loop,
     page,
     paging,
     parse_id,
     read_payload,
     remove_files,
+    stored_answer,
 )
 from .errors import OpenAIError, not_found
 
@@ -205,11 +208,17 @@ async def _stream(
 @answering
 async def retrieve(request: web.Request) -> web.StreamResponse:
     who = caller(request)
-    stored = await find(request, RESPONSE, request.match_info["id"], who)
     if request.query.get("stream") in ("true", "1", "True"):
         after = _starting_after(request)
+        stored = await find(request, RESPONSE, request.match_info["id"], who)
         return await _stream(request, stored, after)
-    return await json_answer(request, _object(stored))
+
+    async def make() -> tuple[bytes, bool]:
+        stored = await find(request, RESPONSE, request.match_info["id"], who)
+        ended = stored.job is None and stored.doc.get("status") in status.TERMINAL
+        return await off_loop(request, orjson.dumps, _object(stored)), ended and stored.doc["openai"]["echo"]["store"]
+
+    return await stored_answer(request, RESPONSE, who, make)
 
 
 def _starting_after(request: web.Request) -> int | None:
@@ -245,6 +254,7 @@ async def delete(request: web.Request) -> web.Response:
     if stored.job is not None:
         stored.job.cancel("stop")
         await ended(stored.job)
+    request.app[ANSWERS].drop(stored.doc["openai"]["id"])
     await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
     return await json_answer(request, {"id": stored.doc["openai"]["id"], "object": "response.deleted", "deleted": True})
 

@@ -13,7 +13,7 @@ from ..http import CONFIG
 from ..paths import RequestPath
 from ..webhooks import WebhookSender
 from . import chat, responses
-from .common import WORKER
+from .common import ANSWERS, WORKER, Answers
 
 log = logging.getLogger("relay.openai")
 
@@ -33,6 +33,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/chat/completions/{id}/messages", chat.messages)
     r.add_get("/v1/models", chat.models)
     app[WORKER] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-openai")
+    app[ANSWERS] = Answers()
     app.on_cleanup.append(_stop_worker)
 
 
