@@ -98,6 +98,8 @@ class LogFormat(Protocol):
 
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events: ...  # the doc is final
 
+    def closing_at(self, job: Job, offset: int) -> None: ...  # the closing events will start at `offset`
+
 
 class Job:
     """A running request. Readers hold a reference to follow its event log."""
@@ -518,6 +520,8 @@ class Job:
     def _ending_doc(self, status: str, error: tuple[str, str] | None, now: float) -> None:
         if self.stream and (self.assembler.chunks or status == "done"):
             response_body(self.doc, self.assembler.completion(self.body["model"]))
+        if self.log_format is not None and self.events is not None and not self._tail_written:
+            self.log_format.closing_at(self, self.events.size)  # (recorded in the final doc)
         finish_doc(self.doc, status, error, now=now, since=self.started_at, processed_at=self.processed_at)
 
     async def _write_ending(self, status: str, error: tuple[str, str] | None) -> list[str]:

@@ -58,12 +58,12 @@ def _not_found() -> HTTPError:
 
 async def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> dict[str, Any]:
     """The stored token hashes of a request: in memory while it runs, else from the head of its status
-    document on disk (see `_read_auth`)."""
+    document on disk (see `read_auth`)."""
     job = manager.get(rp.request_id)
     if job is not None and job.rp == rp:
         return job.doc["authorization"]
     try:
-        return await asyncio.to_thread(_read_auth, config.data_dir, rp.rel("json"))
+        return await asyncio.to_thread(read_auth, config.data_dir, rp.rel("json"))
     except (FileNotFoundError, ValueError):
         raise _not_found() from None
 
@@ -71,7 +71,7 @@ async def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> 
 AUTH_HEAD = 16 * 1024  # bytes of a status document that hold its authorization object
 
 
-def _read_auth(data_dir: Path, rel: str) -> dict[str, Any]:
+def read_auth(data_dir: Path, rel: str) -> dict[str, Any]:
     """In a worker thread: the authorization object of a status document on disk, from its first bytes,
     so that checking a token never parses an answer of many MiB (the whole file only when unusual)."""
     fd = open_under(data_dir, rel)

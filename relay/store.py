@@ -260,10 +260,25 @@ def _sequence_number(fd: int, start: int) -> int | None:
     return n
 
 
-def seq_offset(fd: int, size: int, after: int) -> int:
+def seq_offset(fd: int, size: int, after: int, tail: tuple[int, int] | None = None) -> int:
     """Where the first event with a `sequence_number` greater than `after` starts in a log of events
     numbered in order (`size` when there is none): a binary search over byte offsets, so a resume
-    reads a few blocks whatever its position (about 2 × log2(size / 4 KiB) reads)."""
+    reads a few blocks whatever its position (about 2 × log2(size / 4 KiB) reads).
+
+    A search that lands inside a large event reads on to its end, and a finished response's closing
+    events may each repeat its whole answer: `tail`, (the first closing event's number, its offset),
+    confines the search to the events before them, and the closing events are walked from there."""
+    if tail is not None and 0 <= tail[1] <= size:
+        first, at = tail
+        if after >= first:
+            start = at
+            while start < size:
+                seq = _sequence_number(fd, start)
+                if seq is None or seq > after:
+                    break
+                start = _event_start(fd, start + 1, size)
+            return start
+        size = at  # (an event starts there: the search's answer is at most `at`)
     lo, hi = 0, size  # events starting before lo are <= after; events starting at or after hi are > after
     while lo < hi:
         mid = (lo + hi) // 2

@@ -248,3 +248,29 @@ async def test_many_clients_polling_a_large_finished_response_do_not_hold_the_lo
         assert r.status == 200
     async with relay.session.get(url, headers=HEADERS) as r:
         assert r.status == 404
+
+
+async def test_many_resumes_at_the_end_of_a_large_response_do_not_hold_the_loop(make_relay: RelayFactory) -> None:
+    """A 15 MiB response's closing events repeat its answer four times. Twenty clients resume its stream
+    at once after its last delta: each finds its place from the status document's first bytes and a
+    search among the small events, not by parsing the document or reading through the closing events
+    (which read ~180 MB per resume and held the loop 0.9-1.5 s). Each still gets the closing events."""
+    relay = await make_relay(upstream_max_response_bytes=20 * 1024 * 1024)
+    status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo:chunks=15000", "input": "x" * 1024}))
+    assert status == 200 and doc["status"] == "completed"
+
+    async def resumed(after: int) -> list[dict]:
+        async with relay.session.get(f"{url}&starting_after={after}", headers=HEADERS) as r:
+            body = await r.read()
+        return [orjson.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
+
+    url = f"{relay.url}/v1/responses/{doc['id']}?stream=true"
+    last_delta = max(e["sequence_number"] for e in await resumed(14_990) if e["type"].endswith(".delta"))
+    async with LoopProbe(relay) as probe:
+        await readers(f"{url}&starting_after={last_delta}", f"X-OpenAI-API-Key: {TEST_KEY}", 20)
+    assert probe.worst < 0.25, f"loop held {probe.worst:.3f}s"
+    events = await resumed(last_delta)
+    assert [e["type"] for e in events] == ["response.output_text.done", "response.content_part.done",
+                                           "response.output_item.done", "response.completed"]  # fmt: skip
+    assert [e["sequence_number"] for e in events] == list(range(last_delta + 1, last_delta + 5))
+    assert [e["type"] for e in await resumed(last_delta + 2)] == ["response.output_item.done", "response.completed"]

@@ -73,3 +73,42 @@ def test_reads_do_not_grow_with_the_starting_point(tmp_path: Path, monkeypatch: 
         os.close(fd)
     assert max(counts) <= 3 * 24, counts  # ~2 reads per halving of 10 MB, wherever the resume starts
     assert max(counts) - min(counts) <= 12, counts
+
+
+def test_large_closing_events_are_not_read_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished response's log: many small deltas, then closing events that each repeat the whole answer
+    (4 × 4 MiB here). Given where they start, a resume reads a few KiB before them and, among them, reads
+    through only the closing events it skips; every starting point is still found."""
+    sizes = [10] * 20_000 + [4 * 1024 * 1024] * 4
+    size, offsets = build(tmp_path / "log.txt", sizes)
+    tail = (20_000, offsets[20_000])
+    read = [0]
+    real = os.pread
+
+    def counting(fd: int, n: int, at: int) -> bytes:
+        data = real(fd, n, at)
+        read[0] += len(data)
+        return data
+
+    fd = os.open(tmp_path / "log.txt", os.O_RDONLY)
+    try:
+        expected = {after: offsets[after + 1] if after + 1 < len(offsets) else None for after in
+                    (-1, 0, 5, 10_000, 19_998, 19_999, 20_000, 20_001, 20_002, 20_003, 10**6)}  # fmt: skip
+        for after, want in expected.items():
+            monkeypatch.setattr(store.os, "pread", counting)
+            read[0] = 0
+            got = seq_offset(fd, size, after, tail)
+            monkeypatch.setattr(store.os, "pread", real)
+            if want is None:
+                assert os.pread(fd, 100, got).endswith(b"data: [DONE]\n\n"), after
+            else:
+                assert got == want, after
+            skipped = max(0, min(after, 20_003) - 20_000 + 1)  # closing events walked through
+            assert read[0] <= skipped * 10 * 1024 * 1024 + 256 * 1024, (after, read[0])
+        read[0] = 0
+        monkeypatch.setattr(store.os, "pread", counting)
+        seq_offset(fd, size, 19_999)  # without `tail`: the search reads through the large events
+        assert read[0] > 8 * 1024 * 1024
+    finally:
+        monkeypatch.setattr(store.os, "pread", real)
+        os.close(fd)

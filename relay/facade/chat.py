@@ -46,6 +46,7 @@ from .common import (
     json_answer,
     object_id,
     off_loop,
+    owned,
     page,
     paging,
     read_payload,
@@ -235,6 +236,9 @@ class ChatFormat:
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events:
         return ending_events(status, error)
 
+    def closing_at(self, job: Job, offset: int) -> None:
+        pass
+
 
 def _upstream_error(exc: UpstreamError) -> OpenAIError:
     code = exc.status_code if exc.status_code and 400 <= exc.status_code < 600 else 502
@@ -292,6 +296,7 @@ async def _start_stored(request: web.Request, who: Caller, payload: dict[str, An
     body["model"] = body.get("model") or config.upstream_default_model
     endpoints = api.permalinks(rp, config.public_url, stream)
     _, stored_auth, _ = api.tokens(True, stream, endpoints)
+    stored_auth.update(owned(CHAT, who))
     doc = status.queued(created_at=created_at, conversation_id=cid, endpoint=ENDPOINT, authorization=stored_auth,
                         endpoints=endpoints, timeout=config.upstream_max_timeout, connect_timeout=5,
                         parameters=body)  # fmt: skip

@@ -28,7 +28,7 @@ from ..http import CONFIG, MANAGER, HTTPError
 from ..janitor import EXTENSIONS
 from ..jobs import Job, JobManager
 from ..paths import RequestPath, expired
-from ..serve import send_bytes
+from ..serve import read_auth, send_bytes
 from ..store import read_json_under
 from .errors import OpenAIError, not_found
 
@@ -39,6 +39,8 @@ _ID_RE = re.compile(
 T = TypeVar("T")
 RESPONSE = "resp_"
 CHAT = "chatcmpl-"
+KINDS = {RESPONSE: "response", CHAT: "chat.completion"}  # the `object` of each kind
+NAMES = {RESPONSE: "response", CHAT: "chat completion"}  # as error messages name them
 
 
 def object_id(prefix: str, rp: RequestPath) -> str:
@@ -112,7 +114,7 @@ async def find(request: web.Request, prefix: str, object_id: str, who: Caller) -
     """The stored object `object_id` of the caller; 404 for anything else (unknown, expired, another key's)."""
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
-    kind = "response" if prefix == RESPONSE else "chat completion"
+    kind = NAMES[prefix]
     rp = parse_id(prefix, object_id)
     if rp is None or rp.node_id != config.server_node_id:
         raise not_found(kind, object_id)
@@ -131,6 +133,42 @@ async def find(request: web.Request, prefix: str, object_id: str, who: Caller) -
     if not isinstance(oa, dict) or oa.get("id") != object_id or oa.get("owner") != who.owner:
         raise not_found(kind, object_id)
     return Stored(rp, doc, job)
+
+
+def owned(prefix: str, who: Caller) -> dict[str, str]:
+    """What the stored `authorization` of a new object keeps besides its token hashes: its kind and its
+    owner, so that `find_owned` can check them from the document's first bytes (never shown to clients)."""
+    return {"openai": KINDS[prefix], "owner": who.owner}
+
+
+async def find_owned(
+    request: web.Request, prefix: str, object_id: str, who: Caller
+) -> tuple[RequestPath, Job | None, dict[str, Any]]:
+    """Where the caller's stored object `object_id` lives, its job while it runs, and its stored
+    authorization object; 404 as `find`. It reads only the head of the status document
+    (`serve.read_auth`), not the answer it holds: a resumed stream or a DELETE of a 16 MiB response
+    parses nothing large. A document without the kind and owner in its authorization object (made before
+    they were kept there) is read whole by `find`."""
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    rp = parse_id(prefix, object_id)
+    if rp is None or rp.node_id != config.server_node_id:
+        raise not_found(NAMES[prefix], object_id)
+    job = manager.get(rp.request_id)
+    if job is None or job.rp != rp or "openai" not in job.doc:
+        if expired(rp, config.retention_max_age_days):
+            raise not_found(NAMES[prefix], object_id)
+        try:
+            auth = await asyncio.to_thread(read_auth, config.data_dir, rp.rel("json"))
+        except (FileNotFoundError, ValueError):
+            raise not_found(NAMES[prefix], object_id) from None
+        if "owner" in auth:
+            if auth.get("openai") != KINDS[prefix] or auth.get("owner") != who.owner:
+                raise not_found(NAMES[prefix], object_id)
+            return rp, None, auth
+    stored = await find(request, prefix, object_id, who)
+    auth = stored.doc.get("authorization")
+    return stored.rp, stored.job, auth if isinstance(auth, dict) else {}
 
 
 def remove_files(config: Config, rp: RequestPath) -> None:

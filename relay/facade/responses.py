@@ -36,10 +36,12 @@ from .common import (
     caller,
     ended,
     find,
+    find_owned,
     in_background,
     json_answer,
     object_id,
     off_loop,
+    owned,
     page,
     paging,
     parse_id,
@@ -142,6 +144,7 @@ async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any]
     response_id = object_id(RESPONSE, rp)
     endpoints = api.permalinks(rp, config.public_url, True)
     authorization, stored_auth, _ = api.tokens(True, True, endpoints)
+    stored_auth.update(owned(RESPONSE, who))
     body = {"model": body.pop("model"), "messages": messages, **body}
     doc = status.queued(created_at=created_at, conversation_id=response_id, endpoint=ENDPOINT,
                         authorization=stored_auth, endpoints=endpoints, timeout=config.upstream_max_timeout,
@@ -170,7 +173,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         return exc.response()
     stored = Stored(job.rp, job.doc, job)
     if stream:
-        return await _stream(request, stored, None, _headers(links))
+        return await _stream(request, job.rp, job, None, _headers(links))
     if not echo["background"]:
         await ended(job)
     obj = _object(stored)
@@ -188,18 +191,22 @@ def _object(stored: Stored) -> dict[str, Any]:
 
 
 async def _stream(
-    request: web.Request, stored: Stored, after: int | None, headers: dict[str, str] | None = None
-) -> web.StreamResponse:
-    """The response's events after sequence number `after` (all of them for None), then live ones."""
+    request: web.Request, rp: RequestPath, job: Job | None, after: int | None, headers: dict[str, str] | None = None,
+    tail: Any = None,
+) -> web.StreamResponse:  # fmt: skip
+    """The response's events after sequence number `after` (all of them for None), then live ones; `tail`
+    is where its closing events start, once it has ended (see `ResponsesFormat.closing_at`)."""
     config: Config = request.app[CONFIG]
     try:
-        fd = await open_file(config, stored.rp, "txt")
+        fd = await open_file(config, rp, "txt")
     except FileNotFoundError:
-        raise not_found("response", stored.doc["openai"]["id"]) from None
+        raise not_found("response", object_id(RESPONSE, rp)) from None
     try:
-        job = stored.job if stored.job is not None and stored.job.events is not None else None
+        job = job if job is not None and job.events is not None else None
         size = job.size if job is not None else os.fstat(fd).st_size
-        offset = 0 if after is None else await asyncio.to_thread(seq_offset, fd, size, after)
+        valid = isinstance(tail, list) and len(tail) == 2 and all(type(n) is int for n in tail)
+        closing = (tail[0], tail[1]) if valid else None
+        offset = 0 if after is None else await asyncio.to_thread(seq_offset, fd, size, after, closing)
         return await follow(request, fd, offset, job, headers, blank=b"")
     finally:
         os.close(fd)
@@ -210,8 +217,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     who = caller(request)
     if request.query.get("stream") in ("true", "1", "True"):
         after = _starting_after(request)
-        stored = await find(request, RESPONSE, request.match_info["id"], who)
-        return await _stream(request, stored, after)
+        rp, job, auth = await find_owned(request, RESPONSE, request.match_info["id"], who)
+        return await _stream(request, rp, job, after, tail=auth.get("log_tail"))
 
     async def make() -> tuple[bytes, bool]:
         stored = await find(request, RESPONSE, request.match_info["id"], who)
@@ -250,13 +257,14 @@ async def cancel(request: web.Request) -> web.Response:
 @answering
 async def delete(request: web.Request) -> web.Response:
     who = caller(request)
-    stored = await find(request, RESPONSE, request.match_info["id"], who)
-    if stored.job is not None:
-        stored.job.cancel("stop")
-        await ended(stored.job)
-    request.app[ANSWERS].drop(stored.doc["openai"]["id"])
-    await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
-    return await json_answer(request, {"id": stored.doc["openai"]["id"], "object": "response.deleted", "deleted": True})
+    rid = request.match_info["id"]
+    rp, job, _ = await find_owned(request, RESPONSE, rid, who)
+    if job is not None:
+        job.cancel("stop")
+        await ended(job)
+    request.app[ANSWERS].drop(rid)
+    await asyncio.to_thread(remove_files, request.app[CONFIG], rp)
+    return await json_answer(request, {"id": rid, "object": "response.deleted", "deleted": True})
 
 
 @answering
