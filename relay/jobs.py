@@ -32,7 +32,7 @@ from .refresh import START_WITHIN, StatusWriter
 from .status import TERMINAL, ending_events, public_view, raw_written, response_body
 from .status import finish as finish_doc
 from .status import started as start_doc
-from .store import DONE_DATA, EventLog, Reserve, write_atomic, write_json_atomic
+from .store import DONE_DATA, EventLog, Reserve, event_size, write_atomic, write_json_atomic
 from .upstream import Upstream, UpstreamError
 from .webhooks import WebhookSender
 
@@ -98,7 +98,7 @@ class LogFormat(Protocol):
 
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events: ...  # the doc is final
 
-    def closing_at(self, job: Job, offset: int) -> None: ...  # the closing events will start at `offset`
+    def closing_at(self, job: Job, offsets: list[int]) -> None: ...  # where the events of `ending` will start
 
 
 class Job:
@@ -520,8 +520,6 @@ class Job:
     def _ending_doc(self, status: str, error: tuple[str, str] | None, now: float) -> None:
         if self.stream and (self.assembler.chunks or status == "done"):
             response_body(self.doc, self.assembler.completion(self.body["model"]))
-        if self.log_format is not None and self.events is not None and not self._tail_written:
-            self.log_format.closing_at(self, self.events.size)  # (recorded in the final doc)
         finish_doc(self.doc, status, error, now=now, since=self.started_at, processed_at=self.processed_at)
 
     async def _write_ending(self, status: str, error: tuple[str, str] | None) -> list[str]:
@@ -532,7 +530,9 @@ class Job:
         if not self._status_written:
             write_raw = not self._raw_tried and (not error or error[0] != "storage_error")  # a full disk: status first
             self._raw_tried = True  # a `.raw` that cannot be written is left out, not retried
-            problem = await self.manager.on_storage(self._ending_files, write_raw, self.manager.config.storage_fsync)
+            problem = await self.manager.on_storage(
+                self._ending_files, write_raw, self.manager.config.storage_fsync, status, error
+            )
             if problem:
                 problems.append(problem)
         self._settled()
@@ -554,6 +554,19 @@ class Job:
         assert events is not None
         self._with_reserve(lambda: events.append(tail))
 
+    def _mark_closing(self, fmt: LogFormat, at: int, status: str, error: tuple[str, str] | None) -> None:
+        """Make the format's closing events now (it keeps them for `_append_closing`) and tell it where each
+        will start, for the terminal status to record. A format that fails here fails again there."""
+        try:
+            tail = fmt.ending(self, status, error)
+        except Exception:
+            return
+        offsets = []
+        for data, name in tail:
+            offsets.append(at)
+            at += event_size(at, data, name)
+        fmt.closing_at(self, offsets)
+
     def _append_closing(self, fmt: LogFormat, status: str, error: tuple[str, str] | None) -> None:
         """In a worker thread: the format's last events (each encoded in its own step, so the loop gets
         the GIL between them), appended. Readers look at the log's size, which moves last. Should the
@@ -565,9 +578,11 @@ class Job:
             tail = ending_events(status, error)
         self._append_tail(tail)
 
-    def _ending_files(self, write_raw: bool, durable: bool) -> str | None:
+    def _ending_files(self, write_raw: bool, durable: bool, status: str, error: tuple[str, str] | None) -> str | None:
         """In a worker thread: `.raw` (when asked), then the terminal status. Returns a problem, or None.
         Raises (orjson) for a status that cannot be encoded: the caller then ends as internal_error."""
+        if self.log_format is not None and self.events is not None and not self._tail_written:
+            self._mark_closing(self.log_format, self.events.size, status, error)
         if write_raw:
             try:
                 write_atomic(self.raw_path, bytes(self.raw), durable, sync_parent=False)  # the status syncs the folder

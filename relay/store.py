@@ -154,6 +154,11 @@ def encode_event(offset: int, data: bytes, event: str | None = None) -> bytes:
     return head + b"data: " + data + b"\n\n"
 
 
+def event_size(offset: int, data: bytes, event: str | None = None) -> int:
+    """len(encode_event(offset, data, event)), without making it."""
+    return len(b"id: %d\n" % offset) + (len(event.encode()) + 8 if event else 0) + 6 + len(data) + 2
+
+
 class EventLog:
     """The append-only `.txt` of one running request. Only the owning job writes to it."""
 
@@ -260,25 +265,20 @@ def _sequence_number(fd: int, start: int) -> int | None:
     return n
 
 
-def seq_offset(fd: int, size: int, after: int, tail: tuple[int, int] | None = None) -> int:
+def seq_offset(fd: int, size: int, after: int, tail: list[int] | None = None) -> int:
     """Where the first event with a `sequence_number` greater than `after` starts in a log of events
     numbered in order (`size` when there is none): a binary search over byte offsets, so a resume
     reads a few blocks whatever its position (about 2 × log2(size / 4 KiB) reads).
 
     A search that lands inside a large event reads on to its end, and a finished response's closing
-    events may each repeat its whole answer: `tail`, (the first closing event's number, its offset),
-    confines the search to the events before them, and the closing events are walked from there."""
-    if tail is not None and 0 <= tail[1] <= size:
-        first, at = tail
+    events may each repeat its whole answer. `tail` is [the first closing event's number, then where
+    each closing event starts] (numbered in order; the last one, `[DONE]`, is not): the search is then
+    confined to the events before them, and a resume among them needs no read at all."""
+    if tail is not None and len(tail) >= 2 and tail[1] <= size:
+        first, starts = tail[0], tail[1:]
         if after >= first:
-            start = at
-            while start < size:
-                seq = _sequence_number(fd, start)
-                if seq is None or seq > after:
-                    break
-                start = _event_start(fd, start + 1, size)
-            return start
-        size = at  # (an event starts there: the search's answer is at most `at`)
+            return starts[min(after - first + 1, len(starts) - 1)]
+        size = starts[0]  # (an event starts there: the search's answer is at most that)
     lo, hi = 0, size  # events starting before lo are <= after; events starting at or after hi are > after
     while lo < hi:
         mid = (lo + hi) // 2

@@ -461,21 +461,26 @@ READERS_SCRIPT = """
 import asyncio, sys
 import aiohttp
 
-async def main(url, header, n):
+async def main(url, header, n, limit):
     name, _, value = header.partition(": ")
     async with aiohttp.ClientSession() as s:
         async def one():
             async with s.get(url, headers={name: value}) as r:
                 assert r.status == 200, r.status
-                async for _ in r.content.iter_chunked(1 << 20):
-                    pass
+                got = 0
+                async for block in r.content.iter_chunked(1 << 16):
+                    got += len(block)
+                    if limit and got >= limit:
+                        r.close()
+                        break
         await asyncio.gather(*(one() for _ in range(n)))
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 """
 
 
-async def readers(url: str, header: str, n: int) -> None:
-    """`n` clients in another process read `url` at once, to the end."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", READERS_SCRIPT, url, header, str(n))
+async def readers(url: str, header: str, n: int, limit: int = 0) -> None:
+    """`n` clients in another process read `url` at once, to the end (or their first `limit` bytes)."""
+    args = (url, header, str(n), str(limit))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", READERS_SCRIPT, *args)
     assert await asyncio.wait_for(proc.wait(), 120) == 0

@@ -252,9 +252,9 @@ async def test_many_clients_polling_a_large_finished_response_do_not_hold_the_lo
 
 async def test_many_resumes_at_the_end_of_a_large_response_do_not_hold_the_loop(make_relay: RelayFactory) -> None:
     """A 15 MiB response's closing events repeat its answer four times. Twenty clients resume its stream
-    at once after its last delta: each finds its place from the status document's first bytes and a
-    search among the small events, not by parsing the document or reading through the closing events
-    (which read ~180 MB per resume and held the loop 0.9-1.5 s). Each still gets the closing events."""
+    at once, after its last delta and among its closing events, and read its first 64 KiB: each finds its
+    place from the status document's first bytes, not by parsing the document or reading through the
+    closing events (which read ~180 MB per resume and held the loop 0.9-1.5 s). The events are right."""
     relay = await make_relay(upstream_max_response_bytes=20 * 1024 * 1024)
     status, doc = await post(relay, "/v1/responses", orjson.dumps({"model": "echo:chunks=15000", "input": "x" * 1024}))
     assert status == 200 and doc["status"] == "completed"
@@ -267,7 +267,8 @@ async def test_many_resumes_at_the_end_of_a_large_response_do_not_hold_the_loop(
     url = f"{relay.url}/v1/responses/{doc['id']}?stream=true"
     last_delta = max(e["sequence_number"] for e in await resumed(14_990) if e["type"].endswith(".delta"))
     async with LoopProbe(relay) as probe:
-        await readers(f"{url}&starting_after={last_delta}", f"X-OpenAI-API-Key: {TEST_KEY}", 20)
+        for after in (last_delta, last_delta + 2):
+            await readers(f"{url}&starting_after={after}", f"X-OpenAI-API-Key: {TEST_KEY}", 20, limit=64 * 1024)
     assert probe.worst < 0.25, f"loop held {probe.worst:.3f}s"
     events = await resumed(last_delta)
     assert [e["type"] for e in events] == ["response.output_text.done", "response.content_part.done",

@@ -77,11 +77,12 @@ def test_reads_do_not_grow_with_the_starting_point(tmp_path: Path, monkeypatch: 
 
 def test_large_closing_events_are_not_read_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A finished response's log: many small deltas, then closing events that each repeat the whole answer
-    (4 × 4 MiB here). Given where they start, a resume reads a few KiB before them and, among them, reads
-    through only the closing events it skips; every starting point is still found."""
+    (4 × 4 MiB here). Given where they start, a resume reads a few KiB before them, and nothing to resume
+    among them; every starting point is still found. Without, a search reads through them."""
     sizes = [10] * 20_000 + [4 * 1024 * 1024] * 4
     size, offsets = build(tmp_path / "log.txt", sizes)
-    tail = (20_000, offsets[20_000])
+    done_at = next(d for d in range(size - 64, size) if d + len(store.encode_event(d, DONE_DATA)) == size)
+    tail = [20_000, *offsets[20_000:], done_at]  # (what a finished response's status document records)
     read = [0]
     real = os.pread
 
@@ -92,19 +93,16 @@ def test_large_closing_events_are_not_read_through(tmp_path: Path, monkeypatch: 
 
     fd = os.open(tmp_path / "log.txt", os.O_RDONLY)
     try:
-        expected = {after: offsets[after + 1] if after + 1 < len(offsets) else None for after in
+        assert os.pread(fd, 100, done_at).endswith(b"data: [DONE]\n\n")
+        expected = {after: offsets[after + 1] if after + 1 < len(offsets) else done_at for after in
                     (-1, 0, 5, 10_000, 19_998, 19_999, 20_000, 20_001, 20_002, 20_003, 10**6)}  # fmt: skip
         for after, want in expected.items():
             monkeypatch.setattr(store.os, "pread", counting)
             read[0] = 0
             got = seq_offset(fd, size, after, tail)
             monkeypatch.setattr(store.os, "pread", real)
-            if want is None:
-                assert os.pread(fd, 100, got).endswith(b"data: [DONE]\n\n"), after
-            else:
-                assert got == want, after
-            skipped = max(0, min(after, 20_003) - 20_000 + 1)  # closing events walked through
-            assert read[0] <= skipped * 10 * 1024 * 1024 + 256 * 1024, (after, read[0])
+            assert got == want == seq_offset(fd, size, after), after  # the same place as a plain search
+            assert read[0] <= 256 * 1024, (after, read[0])
         read[0] = 0
         monkeypatch.setattr(store.os, "pread", counting)
         seq_offset(fd, size, 19_999)  # without `tail`: the search reads through the large events
@@ -112,3 +110,9 @@ def test_large_closing_events_are_not_read_through(tmp_path: Path, monkeypatch: 
     finally:
         monkeypatch.setattr(store.os, "pread", real)
         os.close(fd)
+
+
+def test_event_size_is_the_encoded_length() -> None:
+    for offset in (0, 9, 10, 123_456_789):
+        for data, name in ((b"x", None), (b'{"a":1}', "response.completed"), (DONE_DATA, None)):
+            assert store.event_size(offset, data, name) == len(store.encode_event(offset, data, name))

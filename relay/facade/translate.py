@@ -538,12 +538,12 @@ class ResponsesFormat:
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events:
         return self.closing(job.doc)
 
-    def closing_at(self, job: Job, offset: int) -> None:
-        """Where the closing events will start, and the first one's number: kept in the stored authorization
-        object, in the status document's first bytes (`serve.read_auth`), so that a resume searches only the
-        small events before them and walks the few large ones (each may repeat the whole answer) from there
-        (`store.seq_offset`)."""
-        job.doc["authorization"]["log_tail"] = [self.seq, offset]
+    def closing_at(self, job: Job, offsets: list[int]) -> None:
+        """Where the closing events will start, after the first one's number: kept in the stored
+        authorization object, in the status document's first bytes (`serve.read_auth`), so that a resume
+        searches only the small events before them, and finds one among them (each may repeat the whole
+        answer) without reading it (`store.seq_offset`)."""
+        job.doc["authorization"]["log_tail"] = [self.seq - len(offsets) + 1, *offsets]
 
     def closing(self, doc: dict[str, Any]) -> Events:
         """Close the open items (with what the assembled answer holds), then the outcome of the final
