@@ -459,12 +459,13 @@ async def test_passed_through_completions_are_in_the_usage_ledger(relay: Relay, 
     await until(lambda: len(ledger_lines(relay)) == 4, what="four ledger lines")
     lines = ledger_lines(relay)
     assert all(line["endpoint"] == "/v1/chat/completions" and line["key"] == "open" for line in lines)
-    assert plain.usage is not None and streamed[-1].usage is None and counted[-1].usage is not None
+    assert plain.usage is not None and counted[-1].usage is not None and not counted[-1].choices
+    # the relay asked for usage on the stream whose client did not: that client does not get the usage chunk
+    assert all(c.choices and c.usage is None for c in streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == "one two three four five"
     reported = [line for line in lines if line["outcome"] == "done" and not line["estimated"]]
-    assert [line["completion_tokens"] for line in reported] == [5, 5]  # the upstream's own usage
+    assert [line["completion_tokens"] for line in reported] == [5, 5, 5]  # the upstream's own usage, all three
     assert reported[0]["total_tokens"] == plain.usage.total_tokens
     estimated = [line for line in lines if line["estimated"]]
-    assert len(estimated) == 2
-    assert any(line["outcome"] == "done" and line["completion_tokens"] == 5 for line in estimated)  # one per event
-    assert any(line["outcome"] == "error" and line["code"] == "upstream_error" for line in estimated)
+    assert len(estimated) == 1 and estimated[0]["outcome"] == "error" and estimated[0]["code"] == "upstream_error"
     assert not list(relay.data_dir.glob("1/r/**/*.json"))  # still nothing else written

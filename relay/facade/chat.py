@@ -236,7 +236,7 @@ class ChatFormat:
     def ending(self, job: Job, status: str, error: tuple[str, str] | None) -> Events:
         return ending_events(status, error)
 
-    def closing_at(self, job: Job, offset: int) -> None:
+    def closing_at(self, job: Job, offsets: list[int]) -> None:
         pass
 
 
@@ -350,6 +350,55 @@ USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 TAIL = 8192  # bytes of a passed-through answer kept to find its usage (the upstream puts it last)
 
 
+class HiddenUsage:
+    """A passed-through stream whose client did not ask for usage though the relay did (so that the
+    usage ledger has the upstream's own count, not an estimate): the usage-only last chunk (no `choices`)
+    is held back, as OpenAI would not have sent it; every other event goes through byte for byte. Events
+    are passed on whole: the bytes after a block's last event boundary wait for the next block (a client
+    cannot use half an event anyway), and what is left at the end goes out as it is."""
+
+    BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+    SMALL = 64 * 1024  # a usage-only chunk is a few hundred bytes; larger events are never parsed
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, block: bytes) -> bytes:
+        data = self.pending + block
+        end = -1
+        for m in self.BOUNDARY.finditer(data, max(0, len(self.pending) - 3)):
+            end = m.end()
+        if end < 0:
+            self.pending = data
+            return b""
+        ready, self.pending = data[:end], data[end:]
+        if b'"usage"' not in ready:
+            return ready
+        kept, at = [], 0
+        for m in self.BOUNDARY.finditer(ready):
+            event = ready[at : m.end()]
+            if not self._usage_only(event):
+                kept.append(event)
+            at = m.end()
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+    def _usage_only(self, event: bytes) -> bool:
+        if len(event) > self.SMALL or b'"usage"' not in event:
+            return False
+        lines = [line for line in re.split(rb"\r\n|\n|\r", event) if line.startswith(b"data:")]
+        if len(lines) != 1:
+            return False
+        try:
+            chunk = orjson.loads(lines[0][5:])
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(chunk, dict) and chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
 class Passage:
     """What the usage ledger needs of a passed-through completion, gathered as its bytes go by: the tail
     (where the upstream's `usage` is, when it reports one) and the number of stream events (about one
@@ -420,7 +469,9 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
     manager: JobManager = request.app[MANAGER]
     api_key, organization = api.upstream_key(request, config)
     stream = payload.get("stream") is True
-    include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+    asked = _usage_asked(payload)
+    include_usage = asked or config.upstream_include_usage  # (the ledger wants the upstream's count)
+    hidden = HiddenUsage() if stream and include_usage and not asked else None
     body = {k: v for k, v in payload.items() if k not in NOT_FORWARDED}
     body["model"] = body.get("model") or config.upstream_default_model
     limit = config.upstream_max_response_bytes
@@ -449,8 +500,14 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
                             passage.outcome, passage.code = "error", "upstream_response_too_large"
                             break  # (the client sees the stream end without [DONE])
                         passage.saw(block)
+                        if hidden is not None:
+                            block = hidden.feed(block)
+                            if not block:
+                                continue
                         async with asyncio.timeout(config.server_send_timeout_seconds):
                             await resp.write(block)
+                    if hidden is not None and hidden.pending:
+                        await resp.write(hidden.flush())
                     await resp.write_eof()
                 except UpstreamError as exc:
                     passage.outcome, passage.code = "error", exc.code
