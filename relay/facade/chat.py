@@ -502,13 +502,14 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
                         passage.saw(block)
                         if hidden is not None:
                             block = hidden.feed(block)
-                            if not block:
-                                continue
-                        async with asyncio.timeout(config.server_send_timeout_seconds):
-                            await resp.write(block)
-                    if hidden is not None and hidden.pending:
-                        await resp.write(hidden.flush())
-                    await resp.write_eof()
+                        if block:
+                            async with asyncio.timeout(config.server_send_timeout_seconds):
+                                await resp.write(block)
+                    rest = hidden.flush() if hidden is not None else b""
+                    async with asyncio.timeout(config.server_send_timeout_seconds):
+                        if rest:
+                            await resp.write(rest)
+                        await resp.write_eof()
                 except UpstreamError as exc:
                     passage.outcome, passage.code = "error", exc.code
                     if request.transport is not None:
