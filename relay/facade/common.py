@@ -221,11 +221,13 @@ def answering(handler: Handler) -> Handler:
     return run
 
 
+JSON_HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+
+
 async def json_answer(request: web.Request, doc: Any, headers: dict[str, str] | None = None) -> web.StreamResponse:
     """An OpenAI object as the answer, encoded off the loop (`off_loop`) and sent, a large one in blocks
     (see `serve.send_bytes`)."""
-    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})}
-    return await send_bytes(request, await off_loop(request, orjson.dumps, doc), headers)
+    return await send_bytes(request, await off_loop(request, orjson.dumps, doc), {**JSON_HEADERS, **(headers or {})})
 
 
 WORKER: web.AppKey[ThreadPoolExecutor] = web.AppKey("openai_worker", ThreadPoolExecutor)
@@ -265,7 +267,6 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str
             "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}  # fmt: skip
 
 
-JSON_HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 ANSWERS_BYTES = 64 * 1024 * 1024  # the encoded objects kept in all (see `Answers`)
 
 
