@@ -7,7 +7,9 @@ crash recovery finishes it with the same `finish` as a job does, so the wire for
     created_at        epoch seconds of the POST
     conversation_id   the parent's, else the request's own id
     README            one sentence on what this state means (README below)
-    authorization     {"access"} (+ token hashes on disk, never shown: see `public_view`)
+    authorization     {"access"} (+ on disk, never shown, see `public_view`: the token hashes; for an
+                      object of the OpenAI face its kind, its owner's hash and where its closing events
+                      start. Flat, and in the document's first bytes: see `authorization_span`)
     endpoints         status_url, stream_events_url, stop_url (while running), response_raw_url (at the
                       end, when `.raw` was written), from_status_url (chained)
     request           endpoint, request_at (the POST), processed_at (upstream call started),
