@@ -38,3 +38,17 @@ def test_a_stream_without_a_usage_chunk_or_a_final_blank_line_is_passed_unchange
     body = b'data: {"choices":[{"delta":{"content":"usage"}}],"usage":{"total_tokens":1}}\n\ndata: [DONE]'
     hidden = HiddenUsage()
     assert hidden.feed(body[:30]) + hidden.feed(body[30:]) + hidden.flush() == body
+
+
+def test_one_huge_event_in_many_blocks_is_not_copied_per_block() -> None:
+    """16 MiB without an event boundary, in 4 KiB blocks (a hostile upstream): held until it ends, in
+    time linear in its size."""
+    import time
+
+    hidden = HiddenUsage()
+    block = b"x" * 4096
+    started = time.process_time()
+    for _ in range(4096):
+        assert hidden.feed(block) == b""
+    assert hidden.feed(b"\n\n") == block * 4096 + b"\n\n"
+    assert time.process_time() - started < 5  # ~0.2 s; copying what is held at every block: ~36 s

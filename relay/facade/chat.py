@@ -361,17 +361,18 @@ class HiddenUsage:
     SMALL = 64 * 1024  # a usage-only chunk is a few hundred bytes; larger events are never parsed
 
     def __init__(self) -> None:
-        self.pending = b""
+        self.pending = bytearray()  # (appended to: an event of many blocks is not copied again per block)
 
     def feed(self, block: bytes) -> bytes:
-        data = self.pending + block
+        start = max(0, len(self.pending) - 3)  # only the new bytes are searched (a boundary may straddle)
+        self.pending += block
         end = -1
-        for m in self.BOUNDARY.finditer(data, max(0, len(self.pending) - 3)):
+        for m in self.BOUNDARY.finditer(self.pending, start):
             end = m.end()
         if end < 0:
-            self.pending = data
             return b""
-        ready, self.pending = data[:end], data[end:]
+        ready = bytes(self.pending[:end])
+        del self.pending[:end]
         if b'"usage"' not in ready:
             return ready
         kept, at = [], 0
@@ -383,7 +384,8 @@ class HiddenUsage:
         return b"".join(kept)
 
     def flush(self) -> bytes:
-        rest, self.pending = self.pending, b""
+        rest = bytes(self.pending)
+        self.pending.clear()
         return rest
 
     def _usage_only(self, event: bytes) -> bool:
