@@ -431,6 +431,8 @@ class ResponsesFormat:
         self.message: dict[str, Any] | None = None  # the message item, once text has come
         self.calls: dict[int, dict[str, Any]] = {}  # tool-call index → its item
         self._ending: Events | None = None
+        self._ending_for: tuple[Any, ...] = ()  # the ending that `_ending` closes (see `closing`)
+        self._closing_from = 0  # the number of the first closing event
 
     def _event(self, kind: str, **fields: Any) -> tuple[bytes, str]:
         data = orjson.dumps({"type": kind, "sequence_number": self.seq, **fields})
@@ -543,13 +545,18 @@ class ResponsesFormat:
         authorization object, in the status document's first bytes (`serve.read_auth`), so that a resume
         searches only the small events before them, and finds one among them (each may repeat the whole
         answer) without reading it (`store.seq_offset`)."""
-        job.doc["authorization"]["log_tail"] = [self.seq - len(offsets) + 1, *offsets]
+        job.doc["authorization"]["log_tail"] = [self._closing_from, *offsets]
 
     def closing(self, doc: dict[str, Any]) -> Events:
         """Close the open items (with what the assembled answer holds), then the outcome of the final
-        `doc`; computed once, so a retried write of the ending appends the same events."""
+        `doc`; computed once per ending, so a retried write of the ending appends the same events (and
+        their places, recorded in the status first, hold)."""
+        ending_for = (doc.get("status"), orjson.dumps(doc.get("error")))
         if self._ending is not None:
-            return self._ending
+            if ending_for == self._ending_for:
+                return self._ending
+            self.seq = self._closing_from  # a different ending (internal_error after a failed write): renumbered
+        self._closing_from = self.seq
         out: Events = []
         body = (doc.get("response") or {}).get("body")
         final_items = {item["id"]: item for item in output_items(self.response_id, body, True)} if isinstance(
@@ -578,5 +585,5 @@ class ResponsesFormat:
         kind = {"completed": "response.completed", "failed": "response.failed"}.get(final, "response.incomplete")
         out.append(self._event(kind, response=response_object(doc, self.messages)))  # (cancelled: incomplete)
         out.append((DONE_DATA, None))
-        self._ending = out
+        self._ending, self._ending_for = out, ending_for
         return out
