@@ -116,3 +116,17 @@ def test_event_size_is_the_encoded_length() -> None:
     for offset in (0, 9, 10, 123_456_789):
         for data, name in ((b"x", None), (b'{"a":1}', "response.completed"), (DONE_DATA, None)):
             assert store.event_size(offset, data, name) == len(store.encode_event(offset, data, name))
+
+
+def test_the_log_holds_exactly_the_encoded_events(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "log.txt")
+    events = [(b'{"a":1}', None), (b'{"error":{}}', "error"), (b"x" * 70_000, "response.completed"), (DONE_DATA, None)]
+    log.append(events[:2])
+    log.append(events[2:])
+    log.close()
+    expected, at = b"", 0
+    for data, name in events:
+        expected += store.encode_event(at, data, name)
+        at = len(expected)
+    assert (tmp_path / "log.txt").read_bytes() == expected and log.size == len(expected)
+    assert bytes(log.tail) == expected[log.tail_start :]
