@@ -72,6 +72,9 @@ class Fanout:
         if not self.subs or events is None:
             return
         data, start = events.tail, events.tail_start
+        if len(data) > PUSH_BUFFER_LIMIT:  # (a response's closing events: many MiB) each reader's own loop
+            self.woken()  # sends it from the file, a block at a time, as fast as that reader takes it
+            return
         frame = b"%x\r\n" % len(data) + data + b"\r\n"
         keep = []
         for sub in self.subs:

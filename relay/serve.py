@@ -350,6 +350,8 @@ async def follow(
                 events = job.events if job is not None else None
                 if events is not None and offset == events.tail_start:
                     data = events.tail  # a live reader: the bytes just appended, without a read
+                    if len(data) > READ_BLOCK:  # (then the rest from the file, with backpressure)
+                        data = bytes(memoryview(data)[:READ_BLOCK])
                 else:
                     data = os.pread(fd, min(size - offset, READ_BLOCK), offset)
                 if not data:

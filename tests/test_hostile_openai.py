@@ -277,3 +277,20 @@ async def test_many_resumes_at_the_end_of_a_large_response_do_not_hold_the_loop(
                                            "response.output_item.done", "response.completed"]  # fmt: skip
     assert [e["sequence_number"] for e in events] == list(range(last_delta + 1, last_delta + 5))
     assert [e["type"] for e in await resumed(last_delta + 2)] == ["response.output_item.done", "response.completed"]
+
+
+async def test_live_readers_at_the_end_of_a_large_response_do_not_hold_the_loop(make_relay: RelayFactory) -> None:
+    """Ten clients follow an 8 MiB response's stream live to its end. Its closing events (~32 MiB, the
+    text four times) are appended at once: pushing them to every caught-up reader copied them into each
+    one's socket buffer on the loop (ten held it 0.56 s; twenty of a 15 MiB one, 3.2 s and 1.2 GB); now
+    each reader's own loop sends them from the file, a block at a time, as fast as that reader takes them."""
+    relay = await make_relay()
+    body = orjson.dumps({"model": "echo:chunks=8000,pace=0.0002", "input": "x" * 1024, "background": True})
+    status, doc = await post(relay, "/v1/responses", body)
+    assert status == 200 and doc["status"] == "queued"
+    url = f"{relay.url}/v1/responses/{doc['id']}?stream=true"
+    async with LoopProbe(relay) as probe:
+        await readers(url, f"X-OpenAI-API-Key: {TEST_KEY}", 10)
+    assert probe.worst < 0.25, f"loop held {probe.worst:.3f}s"
+    async with relay.session.get(f"{relay.url}/v1/responses/{doc['id']}", headers=HEADERS) as r:
+        assert (await r.json())["status"] == "completed"
