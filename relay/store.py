@@ -146,17 +146,22 @@ def read_json_under(root: Path, rel: str, max_bytes: int | None = None) -> Any:
     return orjson.loads(read_under(root, rel, max_bytes))
 
 
-def encode_event(offset: int, data: bytes, event: str | None = None) -> bytes:
-    """One SSE event starting at byte `offset` of the log."""
+def _event_head(offset: int, event: str | None) -> bytes:
+    """What comes before an event's data: its `id:` (its offset in the log), its name, `data: `."""
     head = b"id: %d\n" % offset
     if event:
         head += b"event: " + event.encode() + b"\n"
-    return head + b"data: " + data + b"\n\n"
+    return head + b"data: "
+
+
+def encode_event(offset: int, data: bytes, event: str | None = None) -> bytes:
+    """One SSE event starting at byte `offset` of the log."""
+    return _event_head(offset, event) + data + b"\n\n"
 
 
 def event_size(offset: int, data: bytes, event: str | None = None) -> int:
     """len(encode_event(offset, data, event)), without making it."""
-    return len(b"id: %d\n" % offset) + (len(event.encode()) + 8 if event else 0) + 6 + len(data) + 2
+    return len(_event_head(offset, event)) + len(data) + 2
 
 
 class EventLog:
@@ -177,10 +182,7 @@ class EventLog:
         out = bytearray()
         offset = self.size
         for data, name in events:  # (built in place: an event of many MiB is copied once, not twice)
-            out += b"id: %d\n" % offset
-            if name:
-                out += b"event: " + name.encode() + b"\n"
-            out += b"data: "
+            out += _event_head(offset, name)
             out += data
             out += b"\n\n"
             offset = self.size + len(out)
