@@ -32,7 +32,7 @@ from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
 from .jobs import Job, JobManager
 from .paths import RequestPath, expired, parse_request_path
 from .security import bearer, token_matches
-from .status import authorization_span, public_bytes
+from .status import authorization_span, public_bytes, public_head
 from .store import event_end, open_under, read_json_under
 
 log = logging.getLogger("relay.serve")
@@ -177,16 +177,14 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.Stream
 async def _private_status(request: web.Request, fd: int) -> web.StreamResponse:
     """A private status document without its token hashes: the file as it is, its authorization object
     (in its first bytes) replaced, so that nothing parses or encodes the answer it holds per reader."""
-    head = await asyncio.to_thread(os.pread, fd, AUTH_HEAD, 0)
-    span = authorization_span(head)
-    if span is None:  # not a document the relay wrote in its usual order: parsed whole
+    head = public_head(await asyncio.to_thread(os.pread, fd, AUTH_HEAD, 0))
+    if head is None:  # not a document the relay wrote in its usual order: parsed whole
         try:
             data = await asyncio.to_thread(_public_status, fd)
         except ValueError:
             raise _not_found() from None
         return await send_bytes(request, data, {**NO_STORE, "Content-Type": "application/json"})
-    start, end, auth = span
-    shown = head[:start] + orjson.dumps({"access": auth.get("access", "private")})
+    shown, end = head
     return await _send_fd(request, fd, "application/json", prefix=shown, skip=end)
 
 

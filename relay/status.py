@@ -167,7 +167,12 @@ def public_view(doc: dict[str, Any]) -> dict[str, Any]:
     auth = doc.get("authorization") or {}
     if set(auth) <= {"access"}:
         return doc
-    return {**doc, "authorization": {"access": auth.get("access", "private")}}
+    return {**doc, "authorization": _shown(auth)}
+
+
+def _shown(auth: dict[str, Any]) -> dict[str, Any]:
+    """What clients see of a stored authorization object."""
+    return {"access": auth.get("access", "private")}
 
 
 AUTH_KEY = b'"authorization":'
@@ -192,16 +197,25 @@ def authorization_span(data: bytes) -> tuple[int, int, dict[str, Any]] | None:
     return (start, end, value) if isinstance(value, dict) else None
 
 
-def public_bytes(data: bytes) -> bytes:
-    """`public_view` of an encoded status document, as bytes: the authorization object replaced in place
-    when it can be found (see `authorization_span`), else the document parsed, viewed and encoded."""
+def public_head(data: bytes) -> tuple[bytes, int] | None:
+    """The first bytes of an encoded status document as clients see them, up to and with its
+    authorization object (see `authorization_span`; None when it cannot be found there), and where in
+    `data` the rest of the document, unchanged, resumes."""
     span = authorization_span(data)
     if span is None:
-        return orjson.dumps(public_view(orjson.loads(data)))
+        return None
     start, end, auth = span
-    if set(auth) <= {"access"}:
-        return data
-    return data[:start] + orjson.dumps({"access": auth.get("access", "private")}) + data[end:]
+    return data[:start] + orjson.dumps(_shown(auth)), end
+
+
+def public_bytes(data: bytes) -> bytes:
+    """`public_view` of an encoded status document, as bytes: the authorization object replaced in place
+    when it can be found (`public_head`), else the document parsed, viewed and encoded."""
+    head = public_head(data)
+    if head is None:
+        return orjson.dumps(public_view(orjson.loads(data)))
+    shown, end = head
+    return shown + data[end:]
 
 
 def ending_events(status: str, error: tuple[str, str] | None) -> list[tuple[bytes, str | None]]:
