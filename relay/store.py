@@ -272,7 +272,7 @@ def _sequence_number(fd: int, start: int) -> int | None:
     return n
 
 
-def seq_offset(fd: int, size: int, after: int, tail: list[int] | None = None) -> int:
+def seq_offset(fd: int, size: int, after: int, tail: Any = None) -> int:
     """Where the first event with a `sequence_number` greater than `after` starts in a log of events
     numbered in order (`size` when there is none): a binary search over byte offsets, so a resume
     reads a few blocks whatever its position (about 2 × log2(size / 4 KiB) reads).
@@ -280,8 +280,9 @@ def seq_offset(fd: int, size: int, after: int, tail: list[int] | None = None) ->
     A search that lands inside a large event reads on to its end, and a finished response's closing
     events may each repeat its whole answer. `tail` is [the first closing event's number, then where
     each closing event starts] (numbered in order; the last one, `[DONE]`, is not): the search is then
-    confined to the events before them, and a resume among them needs no read at all."""
-    if tail is not None and len(tail) >= 2 and tail[1] <= size:
+    confined to the events before them, and a resume among them needs no read at all. A `tail` that is
+    not that (as read from a status document) is not used."""
+    if _closing_places(tail, size):
         first, starts = tail[0], tail[1:]
         if after >= first:
             return starts[min(after - first + 1, len(starts) - 1)]
@@ -299,6 +300,13 @@ def seq_offset(fd: int, size: int, after: int, tail: list[int] | None = None) ->
         else:
             lo = start + 1
     return _event_start(fd, lo, size)
+
+
+def _closing_places(tail: Any, size: int) -> bool:
+    """`tail` is [a number, then offsets in order, all within a log of `size` bytes]."""
+    if not (isinstance(tail, list) and len(tail) >= 2 and all(type(n) is int for n in tail)):
+        return False
+    return tail[1:] == sorted(tail[1:]) and 0 <= tail[1] and tail[-1] < size
 
 
 class Reserve:

@@ -204,9 +204,7 @@ async def _stream(
     try:
         job = job if job is not None and job.events is not None else None
         size = job.size if job is not None else os.fstat(fd).st_size
-        valid = isinstance(tail, list) and len(tail) >= 2 and all(type(n) is int for n in tail)
-        closing = tail if valid and tail[1:] == sorted(tail[1:]) and tail[-1] < size else None
-        offset = 0 if after is None else await asyncio.to_thread(seq_offset, fd, size, after, closing)
+        offset = 0 if after is None else await asyncio.to_thread(seq_offset, fd, size, after, tail)
         return await follow(request, fd, offset, job, headers, blank=b"")
     finally:
         os.close(fd)
