@@ -110,28 +110,36 @@ class Stored:
         return (self.doc.get("parameters") or {}).get("messages")
 
 
+def _located(request: web.Request, prefix: str, object_id: str) -> tuple[RequestPath, Job | None]:
+    """Where the object `object_id` lives and its job while it runs; 404 for an id that is not one of this
+    node's, or expired (its owner is not checked here)."""
+    config: Config = request.app[CONFIG]
+    manager: JobManager = request.app[MANAGER]
+    rp = parse_id(prefix, object_id)
+    if rp is None or rp.node_id != config.server_node_id:
+        raise not_found(NAMES[prefix], object_id)
+    job = manager.get(rp.request_id)
+    if job is not None and job.rp == rp and "openai" in job.doc:
+        return rp, job
+    if expired(rp, config.retention_max_age_days):
+        raise not_found(NAMES[prefix], object_id)
+    return rp, None
+
+
 async def find(request: web.Request, prefix: str, object_id: str, who: Caller) -> Stored:
     """The stored object `object_id` of the caller; 404 for anything else (unknown, expired, another key's)."""
     config: Config = request.app[CONFIG]
-    manager: JobManager = request.app[MANAGER]
-    kind = NAMES[prefix]
-    rp = parse_id(prefix, object_id)
-    if rp is None or rp.node_id != config.server_node_id:
-        raise not_found(kind, object_id)
-    job = manager.get(rp.request_id)
-    if job is not None and job.rp == rp and "openai" in job.doc:
+    rp, job = _located(request, prefix, object_id)
+    if job is not None:
         doc = job.doc
     else:
-        job = None
-        if expired(rp, config.retention_max_age_days):
-            raise not_found(kind, object_id)
         try:
             doc = await off_loop(request, read_json_under, config.data_dir, rp.rel("json"))
         except (FileNotFoundError, ValueError):
-            raise not_found(kind, object_id) from None
+            raise not_found(NAMES[prefix], object_id) from None
     oa = doc.get("openai") if isinstance(doc, dict) else None
     if not isinstance(oa, dict) or oa.get("id") != object_id or oa.get("owner") != who.owner:
-        raise not_found(kind, object_id)
+        raise not_found(NAMES[prefix], object_id)
     return Stored(rp, doc, job)
 
 
@@ -150,14 +158,8 @@ async def find_owned(
     parses nothing large. A document without the kind and owner in its authorization object (made before
     they were kept there) is read whole by `find`."""
     config: Config = request.app[CONFIG]
-    manager: JobManager = request.app[MANAGER]
-    rp = parse_id(prefix, object_id)
-    if rp is None or rp.node_id != config.server_node_id:
-        raise not_found(NAMES[prefix], object_id)
-    job = manager.get(rp.request_id)
-    if job is None or job.rp != rp or "openai" not in job.doc:
-        if expired(rp, config.retention_max_age_days):
-            raise not_found(NAMES[prefix], object_id)
+    rp, job = _located(request, prefix, object_id)
+    if job is None:
         try:
             auth = await asyncio.to_thread(read_auth, config.data_dir, rp.rel("json"))
         except (FileNotFoundError, ValueError):
