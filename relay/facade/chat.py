@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from .. import api, ledger, status
+from ..assemble import SSEParser
 from ..config import Config
 from ..http import CONFIG, MANAGER, HTTPError
 from ..jobs import Events, Job, JobManager
@@ -391,11 +392,11 @@ class HiddenUsage:
     def _usage_only(self, event: bytes) -> bool:
         if len(event) > self.SMALL or b'"usage"' not in event:
             return False
-        lines = [line for line in re.split(rb"\r\n|\n|\r", event) if line.startswith(b"data:")]
-        if len(lines) != 1:
+        datas = SSEParser(self.SMALL).feed(event)  # (a whole event, at most SMALL bytes)
+        if len(datas) != 1:
             return False
         try:
-            chunk = orjson.loads(lines[0][5:])
+            chunk = orjson.loads(datas[0])
         except orjson.JSONDecodeError:
             return False
         return isinstance(chunk, dict) and chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
