@@ -392,7 +392,8 @@ class HiddenUsage:
     def _usage_only(self, event: bytes) -> bool:
         if len(event) > self.SMALL or b'"usage"' not in event:
             return False
-        datas = SSEParser(self.SMALL).feed(event)  # (a whole event, at most SMALL bytes)
+        parser = SSEParser(self.SMALL)  # (a whole event, at most SMALL bytes)
+        datas = parser.feed(event) + parser.flush()
         if len(datas) != 1:
             return False
         try:
