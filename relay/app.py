@@ -88,6 +88,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     background = [
         asyncio.create_task(_janitor_loop(app), name="janitor"),
         asyncio.create_task(_heartbeat_loop(app), name="heartbeat"),
+        asyncio.create_task(app[MANAGER].watch_idle(), name="idle-upstreams"),
     ]
     yield
     for task in background:

@@ -159,6 +159,7 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("upstream", "max_event_bytes", int, 1024 * 1024, _positive, "largest single event in an upstream stream"),
     ("upstream", "max_response_bytes", int, 16 * 1024 * 1024, _positive, "largest upstream response body"),
     ("upstream", "max_json_depth", int, 32, _depth, "nesting depth of an upstream chunk or answer"),
+    ("upstream", "idle_timeout_seconds", float, 60.0, _non_negative, "silence mid-answer that ends it (0 = off)"),
     ("auth", "api_keys", list, [], _keys, "relay access keys; empty = no key needed (loopback hosts only)"),
     ("auth", "admin_keys", list, [], _admin_keys, "keys of the operator API and page; empty = both off"),
     ("quotas", "requests_per_month", int, 0, _non_negative, "requests per relay key per calendar month (0 = no limit)"),
@@ -240,6 +241,7 @@ class Config:
     upstream_max_event_bytes: int = 1024 * 1024
     upstream_max_response_bytes: int = 16 * 1024 * 1024
     upstream_max_json_depth: int = 32
+    upstream_idle_timeout_seconds: float = 60.0
     auth_api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
     auth_admin_keys: tuple[str, ...] = field(default=(), repr=False)
     quotas_requests_per_month: int = 0

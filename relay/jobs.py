@@ -29,11 +29,11 @@ from .operator import UsageBook
 from .paths import RequestPath
 from .recovery import remove_marker, write_marker
 from .refresh import START_WITHIN, StatusWriter
-from .status import TERMINAL, ending_events, public_view, raw_written, response_body
+from .status import TERMINAL, encodable, ending_events, public_view, raw_written, response_body
 from .status import finish as finish_doc
 from .status import started as start_doc
 from .store import DONE_DATA, EventLog, Reserve, event_size, write_atomic, write_json_atomic
-from .upstream import Upstream, UpstreamError
+from .upstream import Upstream, UpstreamError, check_encoding
 from .webhooks import WebhookSender
 
 log = logging.getLogger("relay.jobs")
@@ -42,6 +42,7 @@ log = logging.getLogger("relay.jobs")
 T = TypeVar("T")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 TAIL_HOLD_SECONDS = 2.0
+INTERNAL_ERROR = ("internal_error", "the relay failed unexpectedly; see its log")
 
 
 TURN_SECONDS = 0.005  # longest stretch a job parses buffered upstream bytes before letting others run
@@ -101,6 +102,28 @@ class LogFormat(Protocol):
     def closing_at(self, job: Job, offsets: list[int]) -> None: ...  # where the events of `ending` will start
 
 
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _stream_failure(chunk: dict[str, Any]) -> str | None:
+    """The upstream's error text when a stream chunk reports a failure: an `error` member (Anthropic's
+    compatibility layer sends it alone, OpenRouter beside a choice), or a choice ending with
+    `finish_reason: "error"`. None for an ordinary chunk."""
+    err = chunk.get("error")
+    if err is None or err is False or err == "" or err == {}:
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not any(
+            isinstance(c, dict) and c.get("finish_reason") == "error" for c in choices
+        ):
+            return None
+        return 'the upstream ended its answer with finish_reason "error"'
+    text = err.get("message") if isinstance(err, dict) else err
+    if not isinstance(text, str):
+        text = orjson.dumps(text).decode() if isinstance(text, (int, float, bool, list, dict)) else ""
+    return f"the upstream reported an error mid-stream: {text[:500]}"
+
+
 class Job:
     """A running request. Readers hold a reference to follow its event log."""
 
@@ -145,6 +168,7 @@ class Job:
         self.started = False
         self.cancel_reason: str | None = None  # "stop" (stop URL) or "interrupted" (shutdown)
         self.first_chunk_at: float | None = None
+        self.last_read: float | None = None  # loop time of the last upstream read (see JobManager.watch_idle)
         self.started_at = time.time()
         self.processed_at: float | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -154,6 +178,7 @@ class Job:
         self._raw_tried = False
         self._status_written = False
         self._tail_written = False
+        self._answer_broken = False  # the assembled answer could not be built or encoded (see _write_internal_error)
         self.status_settled = asyncio.Event()  # the terminal status is on disk (or could not be written)
         self._tail_hold: asyncio.Future[None] | None = None
 
@@ -263,6 +288,10 @@ class Job:
                 task.uncancel()
             if self.cancel_reason == "stop":
                 status = "stop"
+            elif self.cancel_reason == "idle":
+                status, error = "error", ("upstream_disconnected", f"the upstream sent nothing for "
+                                          f"{self.manager.config.upstream_idle_timeout_seconds:g} s in the middle of "
+                                          "its answer ([upstream] idle_timeout_seconds)")  # fmt: skip
             else:
                 status, error = "error", ("interrupted", "the relay shut down before the request finished")
         except OSError as exc:
@@ -275,7 +304,7 @@ class Job:
             )
         except Exception:
             log.exception("request %s: internal error", self.rp.request_id)
-            status, error = "error", ("internal_error", "the relay failed unexpectedly; see its log")
+            status, error = "error", INTERNAL_ERROR
         finally:
             self._api_key = None  # the key is dropped as soon as the upstream call ends
             self._organization = None
@@ -307,6 +336,7 @@ class Job:
         parser = SSEParser(cfg.upstream_max_event_bytes)
         async with self.manager.upstream.open(self.body, **self._call_args()) as resp:
             self.doc["response"] = {"status_code": resp.status_code, "headers": resp.headers}
+            check_encoding(resp.headers)
             if "text/event-stream" not in resp.content_type:
                 async for block in resp.chunks:
                     self._keep_raw(block[: 64 * 1024 - len(self.raw)])
@@ -323,6 +353,7 @@ class Job:
             try:
                 turns = Turns()
                 async for block in resp.chunks:
+                    self.last_read = _now()
                     self._keep_raw(block)
                     self._handle(parser.feed(block))
                     if self._saw_done:
@@ -337,6 +368,11 @@ class Job:
                     "([upstream] max_event_bytes)",
                 ) from None
         if not self._saw_done and not self.assembler.all_finished():
+            if self.raw and not self.assembler.chunks:
+                raise UpstreamError(
+                    "upstream_invalid_response",
+                    f"the upstream's answer is not an event stream: {len(self.raw)} bytes without one `data:` event",
+                )
             raise UpstreamError(
                 "upstream_disconnected", "the upstream closed the stream before the answer was complete"
             )
@@ -360,6 +396,9 @@ class Job:
                 else:
                     out.extend(fmt.chunk(line, chunk))
                 chunks.append(chunk)
+                failure = _stream_failure(chunk)
+                if failure is not None:  # (OpenRouter) an error chunk that still has choices: kept, then the end
+                    raise UpstreamError("upstream_error", failure, body=data)
         finally:
             if chunks:
                 if self.first_chunk_at is None:
@@ -398,12 +437,9 @@ class Job:
             raise UpstreamError(
                 "upstream_invalid_response", "the upstream sent a stream event that is not a JSON object"
             )
-        if "error" in chunk and not chunk.get("choices"):
-            err = chunk["error"]
-            text = err.get("message") if isinstance(err, dict) else err
-            raise UpstreamError(
-                "upstream_error", f"the upstream reported an error mid-stream: {str(text)[:500]}", body=data
-            )
+        failure = _stream_failure(chunk)
+        if failure is not None and not chunk.get("choices"):
+            raise UpstreamError("upstream_error", failure, body=data)
         choices = chunk.get("choices")
         rewrite = b"\n" in data or b"\r" in data
         if isinstance(choices, list):
@@ -427,7 +463,9 @@ class Job:
     async def _run_async(self) -> None:
         async with self.manager.upstream.open(self.body, **self._call_args()) as resp:
             self.doc["response"] = {"status_code": resp.status_code, "headers": resp.headers}
+            check_encoding(resp.headers)
             async for block in resp.chunks:
+                self.last_read = _now()
                 self._keep_raw(block)
         self.first_chunk_at = time.time()
         body = self._parse(bytes(self.raw), "an answer")
@@ -463,21 +501,30 @@ class Job:
         try:
             self._ending_doc(status, error, now)
             problems = await self._write_ending(status, error)
-        except Exception:
+        except Exception:  # a bug (an answer that cannot be built or encoded), not a full disk: ended at once
             log.exception("request %s: internal error while finishing", self.rp.request_id)
-            status, error = "error", ("internal_error", "the relay failed unexpectedly; see its log")
-            self.doc["response"] = {}
-            try:
-                self._ending_doc(status, error, now)
-                problems = await self._write_ending(status, error)
-            except Exception:
-                log.exception("request %s: cannot write its ending", self.rp.request_id)
+            status, error = "error", INTERNAL_ERROR
+            problems = await self._write_internal_error(now)
         self._settled()  # whatever happened above: a stop URL waiting on it answers now
         if not problems:
             problems = await self._done_with_files()
         if problems:
             self.manager.retry_ending(self, status, error)
         self._close_out(status, error, now, problems)
+
+    async def _write_internal_error(self, now: float) -> list[str]:
+        """End as `internal_error` after the ending could not be built or encoded: the answer is left out
+        (the text received stays in the event log and `.raw`), and whatever else of the document cannot be
+        encoded is dropped, so this ending can always be written; only the disk can still refuse it."""
+        self._answer_broken = True
+        self.doc["response"] = {}
+        try:
+            self._ending_doc("error", INTERNAL_ERROR, now)
+            self.doc = encodable(self.doc)
+            return await self._write_ending("error", INTERNAL_ERROR)
+        except Exception:
+            log.exception("request %s: cannot write its ending", self.rp.request_id)
+            return ["ending: internal error"]
 
     async def _done_with_files(self) -> list[str]:
         """Release the files (see `_release_files`); never raises, so the request always ends: an unexpected
@@ -518,7 +565,7 @@ class Job:
         return []
 
     def _ending_doc(self, status: str, error: tuple[str, str] | None, now: float) -> None:
-        if self.stream and (self.assembler.chunks or status == "done"):
+        if self.stream and not self._answer_broken and (self.assembler.chunks or status == "done"):
             response_body(self.doc, self.assembler.completion(self.body["model"]))
         finish_doc(self.doc, status, error, now=now, since=self.started_at, processed_at=self.processed_at)
 
@@ -664,9 +711,9 @@ class Job:
                 delay = min(delay * 2, 30.0)
                 try:
                     problems = await self._write_ending(status, error)
-                except Exception:
-                    log.exception("request %s: cannot write its ending", self.rp.request_id)
-                    continue
+                except Exception:  # not the disk: retrying cannot help; the marker stays for the next start
+                    log.exception("request %s: cannot write its ending; the next start repairs it", self.rp.request_id)
+                    return
                 if not problems:
                     problems = await self._done_with_files()
                 if not problems:
@@ -742,6 +789,21 @@ class JobManager:
     def start(self, job: Job) -> None:
         self.jobs[job.rp.request_id] = job
         job.task = asyncio.create_task(job.run(), name=f"job-{job.rp.request_id}")
+
+    async def watch_idle(self) -> None:
+        """End the requests whose upstream went silent in the middle of an answer (a stalled or garbled
+        transfer that never errors) after [upstream] idle_timeout_seconds: one timer for all jobs; a job only
+        notes the time of each read."""
+        idle = self.config.upstream_idle_timeout_seconds
+        if idle <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4))
+            now = loop.time()
+            for job in list(self.jobs.values()):
+                if job.last_read is not None and not job._finishing and now - job.last_read > idle:
+                    job.cancel("idle")
 
     def retry_ending(self, job: Job, status: str, error: tuple[str, str] | None) -> None:
         task = asyncio.create_task(job.retry_ending(status, error), name=f"ending-{job.rp.request_id}")

@@ -157,6 +157,19 @@ def finish(
         endpoints["response_raw_url"] = raw_url
 
 
+def encodable(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` without the top-level members that cannot be encoded (the last resort of an ending that failed
+    to encode: a bug, never a reason to leave a request unended)."""
+    kept: dict[str, Any] = {}
+    for key, value in doc.items():
+        try:
+            orjson.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        kept[str(key)] = value
+    return kept
+
+
 def raw_written(doc: dict[str, Any], url: str) -> None:
     """`.raw` is on disk: the document links it."""
     doc.setdefault("endpoints", {})["response_raw_url"] = url

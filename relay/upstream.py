@@ -15,6 +15,7 @@ names and the upstream's own error text.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -203,6 +204,16 @@ class Upstream:
             raise UpstreamError(
                 "timeout", f"could not connect to the upstream at {self.base_url} within {connect_timeout:g} s"
             ) from None
+        except aiohttp.ServerDisconnectedError as exc:  # connected: it closed before its answer's headers
+            raise UpstreamError(
+                "upstream_disconnected",
+                f"the upstream at {self.base_url} closed the connection before answering ({_cause(exc)})",
+            ) from None
+        except aiohttp.ClientResponseError as exc:  # connected: what came back is not an HTTP answer
+            raise UpstreamError(
+                "upstream_invalid_response",
+                f"the upstream at {self.base_url} sent an answer that is not valid HTTP ({_cause(exc)[:300]})",
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(
                 "upstream_unreachable", f"could not connect to the upstream at {self.base_url} ({_cause(exc)})"
@@ -252,3 +263,40 @@ async def _read(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         raise UpstreamError(
             "upstream_disconnected", f"the upstream connection broke mid-response ({_cause(exc)})"
         ) from None
+
+
+async def idle_bounded(chunks: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
+    """`chunks`, ended by an UpstreamError when, after the first block, no block comes for `idle` seconds
+    (0: no bound). A transfer that stalls or whose framing is garbled can hang a read without an error."""
+    iterator = chunks.__aiter__()
+    first = True
+    while True:
+        try:
+            if first or idle <= 0:
+                block = await iterator.__anext__()
+            else:
+                async with asyncio.timeout(idle):
+                    block = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UpstreamError(
+                "upstream_disconnected",
+                f"the upstream sent nothing for {idle:g} s in the middle of its answer "
+                "([upstream] idle_timeout_seconds)",
+            ) from None
+        first = False
+        yield block
+
+
+def check_encoding(headers: dict[str, str]) -> None:
+    """The relay asks for the body as it is (`Accept-Encoding: identity`): every size bound counts bytes as
+    sent, and a compressed body would read as garbage. An upstream (or a proxy) that compresses anyway is
+    told apart from a network fault."""
+    for name, value in headers.items():
+        if name.lower() == "content-encoding" and value.strip().lower() not in ("", "identity"):
+            raise UpstreamError(
+                "upstream_invalid_response",
+                f"the upstream compressed its answer (Content-Encoding: {value[:40]}) although the relay asked for "
+                "none (Accept-Encoding: identity); turn compression off on the upstream or the proxy before it",
+            )

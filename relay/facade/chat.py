@@ -33,7 +33,7 @@ from ..jobs import Events, Job, JobManager
 from ..paths import RequestPath
 from ..serve import follow, open_file, send_bytes
 from ..status import ending_events
-from ..upstream import UpstreamError
+from ..upstream import UpstreamError, check_encoding, idle_bounded
 from .common import (
     ANSWERS,
     CHAT,
@@ -485,6 +485,7 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
             async with manager.upstream.open(body, stream=stream, api_key=api_key, organization=organization,
                                              connect_timeout=5, include_usage=include_usage) as up:  # fmt: skip
                 del api_key
+                check_encoding(up.headers)
                 headers = {"Content-Type": up.content_type or "application/json", "Cache-Control": "no-store"}
                 if not stream:
                     data = bytearray()
@@ -498,7 +499,7 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
                 await resp.prepare(request)
                 sent = 0
                 try:
-                    async for block in up.chunks:
+                    async for block in idle_bounded(up.chunks, config.upstream_idle_timeout_seconds):
                         sent += len(block)
                         if sent > limit:
                             passage.outcome, passage.code = "error", "upstream_response_too_large"

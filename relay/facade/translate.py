@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .. import ledger
+from ..assemble import ChoiceState
 from ..store import DONE_DATA
 from ..upstream import UpstreamError
 from .errors import OpenAIError
@@ -298,6 +299,21 @@ def item_ids(response_id: str) -> tuple[str, str]:
     return f"msg_{response_id[5:]}", f"fc_{response_id[5:]}_"
 
 
+def reasoning_item(response_id: str, text: str, status: str) -> dict[str, Any]:
+    """The reasoning item of an answer whose upstream sent reasoning text (`reasoning`, `reasoning_content`,
+    thinking parts): as OpenAI gives it for open-weight models, the text as `reasoning_text` content."""
+    content = [{"type": "reasoning_text", "text": text}] if text else []
+    return {"type": "reasoning", "id": f"rs_{response_id[5:]}", "summary": [], "content": content, "status": status}
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """The reasoning text of an assembled message (`reasoning`, else `reasoning_content`)."""
+    for key in ("reasoning", "reasoning_content"):
+        if isinstance(message.get(key), str) and message[key]:
+            return message[key]
+    return ""
+
+
 def _message_item(response_id: str, text: str, refusal: str | None, status: str) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if text or not refusal:
@@ -324,6 +340,11 @@ def output_items(response_id: str, completion: Any, final: bool) -> list[dict[st
     status = "completed" if final and choice.get("finish_reason") not in (None, "length") else (
         "incomplete" if final else "in_progress")  # fmt: skip
     items = []
+    if not isinstance(message, dict):
+        return []
+    thought = reasoning_of(message)
+    if thought:
+        items.append(reasoning_item(response_id, thought, "completed" if final else "in_progress"))
     text = message.get("content") if isinstance(message.get("content"), str) else ""
     refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
     if text or refusal or not message.get("tool_calls"):
@@ -429,7 +450,9 @@ class ResponsesFormat:
         self.seq = 0
         self.items: list[dict[str, Any]] = []  # open output items, in output_index order
         self.message: dict[str, Any] | None = None  # the message item, once text has come
-        self.calls: dict[int, dict[str, Any]] = {}  # tool-call index → its item
+        self.reasoning: dict[str, Any] | None = None  # the reasoning item, once reasoning text has come
+        self.calls: dict[int, dict[str, Any]] = {}  # a tool call's place (see `ChoiceState`) → its item
+        self.tracker = ChoiceState()  # the first choice's deltas, to place index-less tool calls as the status does
         self._ending: Events | None = None
         self._ending_for: tuple[Any, ...] = ()  # the ending that `_ending` closes (see `closing`)
         self._closing_from = 0  # the number of the first closing event
@@ -457,10 +480,14 @@ class ResponsesFormat:
                 fmt.items.append(state)
                 if event["item"].get("type") == "message":
                     fmt.message = state
+                elif event["item"].get("type") == "reasoning":
+                    fmt.reasoning = state
                 else:
                     fmt.calls[len(fmt.calls)] = state
             elif kind == "response.output_text.delta" and fmt.message is not None:
                 fmt.message["text"].append(str(event.get("delta", "")))
+            elif kind == "response.reasoning_text.delta" and fmt.reasoning is not None:
+                fmt.reasoning["text"].append(str(event.get("delta", "")))
             elif kind == "response.function_call_arguments.delta":
                 for state in fmt.items:
                     if state["item"].get("id") == event.get("item_id"):
@@ -479,6 +506,8 @@ class ResponsesFormat:
                   "arguments": "".join(s["args"])}} for s in self.calls.values()]  # fmt: skip
         if calls:
             message["tool_calls"] = calls
+        if self.reasoning is not None:
+            message["reasoning"] = "".join(self.reasoning["text"])
         return {"id": None, "object": "chat.completion", "created": None, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": None}]}  # fmt: skip
 
@@ -504,8 +533,18 @@ class ResponsesFormat:
         delta = choice.get("delta") if choice is not None else None
         if not isinstance(delta, dict):
             return out
-        text = delta.get("content")
-        if isinstance(text, str) and text:
+        text, thought, calls = self.tracker.add_delta(delta)
+        if thought:
+            if self.reasoning is None:
+                item = reasoning_item(self.response_id, "", "in_progress")
+                self.reasoning = self._open(out, item)
+                part = {"type": "reasoning_text", "text": ""}
+                out.append(self._event("response.content_part.added", item_id=item["id"],
+                                       output_index=self.reasoning["index"], content_index=0, part=part))  # fmt: skip
+            self.reasoning["text"].append(thought)
+            out.append(self._event("response.reasoning_text.delta", item_id=self.reasoning["item"]["id"],
+                                   output_index=self.reasoning["index"], content_index=0, delta=thought))  # fmt: skip
+        if text:
             if self.message is None:
                 item = _message_item(self.response_id, "", None, "in_progress")
                 item["content"] = []
@@ -517,21 +556,17 @@ class ResponsesFormat:
             out.append(self._event("response.output_text.delta", item_id=self.message["item"]["id"],
                                    output_index=self.message["index"], content_index=0, delta=text,
                                    logprobs=[]))  # fmt: skip
-        for call in delta.get("tool_calls") or ():
-            if not isinstance(call, dict):
-                continue
-            index = call.get("index", 0) if isinstance(call.get("index", 0), int) else 0
-            fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-            state = self.calls.get(index)
+        for place, args in calls:
+            state = self.calls.get(place)
             if state is None:
                 if len(self.calls) >= MAX_CALLS:
                     raise UpstreamError("upstream_invalid_response", f"the upstream sent more than {MAX_CALLS} tool "
                                         "calls in one answer")  # fmt: skip
-                item = _call_item(self.response_id, index, {"id": call.get("id"), "function": {
-                    "name": fn.get("name"), "arguments": ""}}, "in_progress")  # fmt: skip
-                state = self.calls[index] = self._open(out, item)
-            args = fn.get("arguments")
-            if isinstance(args, str) and args:
+                call = self.tracker.calls[place]
+                item = _call_item(self.response_id, place, {"id": call["id"], "function": {
+                    "name": call["function"]["name"], "arguments": ""}}, "in_progress")  # fmt: skip
+                state = self.calls[place] = self._open(out, item)
+            if args:
                 state["args"].append(args)
                 out.append(self._event("response.function_call_arguments.delta", item_id=state["item"]["id"],
                                        output_index=state["index"], delta=args))  # fmt: skip
@@ -564,7 +599,16 @@ class ResponsesFormat:
         for state in self.items:
             item = state["item"]
             done = final_items.get(item["id"])
-            if item["type"] == "message":
+            if item["type"] == "reasoning":
+                text = "".join(state["text"])
+                if done is None:
+                    done = reasoning_item(self.response_id, text, "incomplete")
+                part = done["content"][0] if done["content"] else {"type": "reasoning_text", "text": text}
+                out.append(self._event("response.reasoning_text.done", item_id=item["id"],
+                                       output_index=state["index"], content_index=0, text=part["text"]))  # fmt: skip
+                out.append(self._event("response.content_part.done", item_id=item["id"],
+                                       output_index=state["index"], content_index=0, part=part))  # fmt: skip
+            elif item["type"] == "message":
                 text = "".join(state["text"])
                 if done is None:
                     done = _message_item(self.response_id, text, None, "incomplete")
