@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -152,16 +153,27 @@ def repair(
         key = info.get("key") if isinstance(info.get("key"), str) else ledger.OPEN
         try:
             _check_no_symlinks(data_dir, rp)
-            doc, final = _repair_one(data_dir, rp, public_url, now)
+        except Unsafe as exc:  # not files the relay made: left exactly as they are
+            _quarantine(marker, f"{type(exc).__name__}: {str(exc)[:200]!r}")
+            continue
+        except OSError as exc:
+            log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
+            continue
+        try:
+            try:
+                doc, final = _repair_one(data_dir, rp, public_url, now)
+            except OSError:
+                raise
+            except Exception as exc:  # damaged beyond repair: the originals set aside, the request ended anyway
+                why = f"{type(exc).__name__}: {str(exc)[:200]!r}"
+                doc = final = _end_damaged(data_dir, rp, public_url, now, why)
+                _quarantine(marker, why, keep=True)
             if final is not None and rp.request_id not in ledgered:
                 line = ledger.entry(final, request_id=rp.request_id, node=node_id, key=key, path=rp.base,
                                     ttft=None, now=now)  # fmt: skip
                 ledger.append(data_dir, line, durable=True)
         except OSError as exc:
             log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
-            continue
-        except Exception as exc:
-            _quarantine(marker, f"{type(exc).__name__}: {str(exc)[:200]!r}")
             continue
         if doc is not None:
             repaired.append((rp, doc, webhook_url))
@@ -174,12 +186,16 @@ def repair(
     return repaired
 
 
-def _quarantine(marker: Path, why: str) -> None:
-    """Set a marker aside (it is not repaired again), with one log line saying why."""
+def _quarantine(marker: Path, why: str, keep: bool = False) -> None:
+    """Set a marker aside (it is not repaired again), with one log line saying why. `keep`: a copy (the
+    request was ended anyway, and its marker is removed by the caller)."""
     target = marker.parent / "quarantine"
     try:
         target.mkdir(exist_ok=True)
-        os.replace(marker, target / marker.name)
+        if keep:
+            shutil.copyfile(marker, target / marker.name)
+        else:
+            os.replace(marker, target / marker.name)
         log.error("quarantined running marker %s: %s", marker.name, why)
     except OSError as exc:
         log.error("cannot quarantine running marker %s (%s): %s", marker.name, why, exc.strerror)
@@ -233,6 +249,65 @@ def _repair_one(
     if is_stream and stated is None:
         _append_ending(txt, size, events, state, error, doc, responses)
     return doc, doc
+
+
+def _end_damaged(data_dir: Path, rp: RequestPath, public_url: str, now: float, why: str) -> dict[str, Any]:
+    """End a request whose files cannot be repaired (a status that is not a status document, a log that
+    cannot be replayed, a bug): its damaged status is copied to `running/quarantine/files/` for inspection,
+    and a new terminal status says what happened, with the text its log still holds when that can be
+    read; its log gets the ending's last events. No request stays `queued` or `streaming` after a start.
+    A private request's tokens lived in the damaged status: nobody can open it any more (403), which is
+    safer than opening it to anyone."""
+    kept = marker_dir(data_dir) / "quarantine" / "files"
+    kept.mkdir(parents=True, exist_ok=True)
+    status_file = rp.file(data_dir, "json")
+    try:
+        shutil.copyfile(status_file, kept / f"{rp.request_id}.json")
+    except FileNotFoundError:
+        pass
+    txt = rp.file(data_dir, "txt")
+    is_stream = txt.exists()
+    size, events = repair_event_log(txt) if is_stream else (0, [])
+    endpoints = {"status_url": rp.url(public_url, "json")}
+    if is_stream:
+        endpoints["stream_events_url"] = rp.url(public_url, "txt")
+    created = int(rp.created.timestamp())
+    doc: dict[str, Any] = {
+        "status": "error",
+        "created_at": created,
+        "conversation_id": rp.request_id,
+        "README": status.README["error"],
+        "authorization": {"access": "private" if rp.access == "prv" else "public"},
+        "endpoints": endpoints,
+        "request": {
+            "endpoint": None,
+            "request_at": created,
+            "finished_at": 0,
+            "processed_at": 0,
+            "request_time": 0.0,
+            "total_time": 0.0,
+        },  # fmt: skip
+        "response": {},
+    }
+    assembler = Assembler()
+    try:
+        for name, data in events:
+            if name is None and data != DONE_DATA:
+                chunk = orjson.loads(data)
+                if isinstance(chunk, dict):
+                    assembler.add(chunk)
+        if assembler.chunks:
+            status.response_body(doc, assembler.completion(""))
+            orjson.dumps(doc)
+    except Exception:
+        doc["response"] = {}
+    error = ("interrupted", "the relay stopped while this request was running, and its files were damaged "
+             f"beyond repair ({why[:120]}); what could be kept is here")  # fmt: skip
+    status.finish(doc, "error", error, now=now, since=created)
+    write_atomic(status_file, orjson.dumps(doc), True)
+    if is_stream and not (events and events[-1][1] == DONE_DATA):
+        _append_ending(txt, size, events, "error", error, doc)
+    return doc
 
 
 def _responses_log(doc: dict[str, Any], events: list[tuple[str | None, bytes]]) -> Any:

@@ -68,8 +68,13 @@ async def test_restart_survives_any_damaged_marker_or_status(
     async with relay.session.get(relay.url + "/healthz") as r:
         assert r.status == 200
     assert held(relay)["markers"] == 0
-    quarantined = {p.name for p in (data / "running" / "quarantine").iterdir()}
+    quarantined = {p.name for p in (data / "running" / "quarantine").iterdir() if p.is_file()}
     assert len(quarantined) == 6, quarantined  # every damaged one but the one with no status at all
+    for name in ("status nested 300 deep", "status not JSON", "status a JSON list"):
+        rp = cases[name]  # ended all the same (no request stays streaming after a start), originals kept aside
+        code, doc = await relay.get_json(rp.url(relay.url, "json"))
+        assert code == 200 and doc["status"] == "error" and doc["error"]["code"] == "interrupted", (name, doc)
+        assert (data / "running" / "quarantine" / "files" / f"{rp.request_id}.json").is_file()
     lines = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
     assert len(lines) == 6
     assert all("\n" not in line for line in lines)
