@@ -24,6 +24,9 @@ object in the body (`"dev": {"pace": 0.05}`), which the relay forwards untouched
 | no_done       | end the stream without `data: [DONE]`                                   |
 | json_instead  | answer a streaming request with a plain `chat.completion` JSON body     |
 | stamp         | add `x_seq` (0, 1, …) and `x_sent` (CLOCK_MONOTONIC) to content chunks  |
+| quirks        | model `quirks:<name>` only: replay `relay/quirks/<name>.sse` verbatim   |
+|               | (a stream request; 404 listing the known names when there is no such   |
+|               | file), written event by event with `pace` seconds between the writes   |
 
 Hostile modes, for the relay's own tests of what an upstream may send it:
 
@@ -37,6 +40,11 @@ Hostile modes, for the relay's own tests of what an upstream may send it:
 | never_finish  | the first chunk, then half an event, then silence                       |
 | fail_bytes    | with `fail`: an error body of this many bytes                           |
 
+The quirks are a provider conformance corpus: each file is the body of a streamed answer as one
+provider shapes it (Azure's filter annotations, Gemini's index-less tool calls, DeepSeek's keep-alive
+comments, CRLF framing, …), in invented words; `tests/corpus/<name>.json` says what the relay must
+make of it. `quirks:` takes no other options in the name: `pace` and `delay` come from `dev`.
+
 `GET /dev/stats` reports `open` (requests being answered right now) and `total`; `POST /dev/reset`
 zeroes them. When started with a required key, any other `Authorization` is answered with 401.
 """
@@ -48,6 +56,7 @@ import itertools
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -55,12 +64,35 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 WORD_RE = re.compile(r"\S+\s*|\s+")
+QUIRKS_DIR = Path(__file__).resolve().parent / "quirks"
+# The end of an event (or comment): a line end followed by an empty line, with any of the three line
+# ends SSE allows (CRLF, lone CR, LF).
+EVENT_END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+
+def quirk_names() -> list[str]:
+    """The fixtures `quirks:<name>` can replay."""
+    return sorted(p.stem for p in QUIRKS_DIR.glob("*.sse"))
+
+
+def quirk_parts(data: bytes) -> list[bytes]:
+    """A fixture's bytes cut after each event (at every blank line), so it goes out in several writes;
+    joined, the parts are the fixture unchanged."""
+    parts, start = [], 0
+    for match in EVENT_END_RE.finditer(data):
+        parts.append(data[start : match.end()])
+        start = match.end()
+    if start < len(data):
+        parts.append(data[start:])  # a last event that never ends (a cut-off body)
+    return parts
 
 
 def _options(body: dict[str, Any]) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     model = body.get("model")
-    if isinstance(model, str) and ":" in model:
+    if isinstance(model, str) and model.startswith("quirks:"):
+        opts["quirks"] = model.split(":", 1)[1]  # a fixture name, never split into options
+    elif isinstance(model, str) and ":" in model:
         for part in model.split(":", 1)[1].split(","):
             key, _, value = part.partition("=")
             if key:
@@ -157,6 +189,8 @@ class DevUpstream:
             return await _huge_error(request, int(opts["fail"]), int(opts["fail_bytes"]))
         if opts.get("fail"):
             return self._error(int(opts["fail"]), f"dev upstream failure {int(opts['fail'])} as requested")
+        if "quirks" in opts:
+            return await self._quirk(request, body, opts)
         n = body.get("n") or 1
         if not isinstance(n, int) or not 1 <= n <= 16:
             return self._error(400, "`n` must be between 1 and 16", "invalid_request_error")
@@ -202,6 +236,30 @@ class DevUpstream:
                 await asyncio.sleep(float(opts["delay"]))
             return web.Response(body=orjson.dumps(doc), content_type="application/json")
         return await self._stream(request, body, opts, meta, pieces, usage, tool)
+
+    async def _quirk(self, request: web.Request, body: dict[str, Any], opts: dict[str, Any]) -> web.StreamResponse:
+        """Replay `relay/quirks/<name>.sse` byte for byte as the body of a 200 event stream, an event a
+        write, `pace` seconds apart."""
+        name = str(opts["quirks"])
+        known = quirk_names()
+        if name not in known:  # only names of files in QUIRKS_DIR: no path is ever built from the request
+            shown = name if len(name) <= 80 else name[:80] + "…"
+            return self._error(404, f"no quirk named {shown!r}; known: {', '.join(known)}", "not_found_error")
+        if not body.get("stream"):
+            message = 'a quirks: model replays a streamed answer: send "stream": true'
+            return self._error(400, message, "invalid_request_error")
+        parts = quirk_parts((QUIRKS_DIR / f"{name}.sse").read_bytes())
+        pace = float(opts["pace"]) if "pace" in opts else self.default_pace
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        if opts.get("delay"):
+            await asyncio.sleep(float(opts["delay"]))
+        for i, part in enumerate(parts):
+            if i and pace:
+                await asyncio.sleep(pace)
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
 
     async def _stream(
         self,

@@ -9,7 +9,10 @@ import time
 
 import aiohttp
 import openai
+import orjson
 import pytest
+
+from relay import devupstream
 
 from .conftest import ROOT, TEST_KEY, Upstream, free_port
 
@@ -98,3 +101,66 @@ async def test_dev_upstream_command() -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+# ----- quirks: the provider conformance corpus, replayed byte for byte ---------------------------------
+
+QUIRKS = devupstream.quirk_names()
+CORPUS = ROOT / "tests" / "corpus"
+
+
+async def post_quirk(upstream: Upstream, model: str, **extra: object) -> tuple[int, dict[str, str], bytes]:
+    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True, **extra}
+    async with aiohttp.ClientSession() as s:
+        headers = {"Authorization": f"Bearer {TEST_KEY}"}
+        async with s.post(upstream.url + "/chat/completions", json=body, headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+def test_every_quirk_has_an_expectation() -> None:
+    assert len(QUIRKS) >= 20
+    assert sorted(p.stem for p in CORPUS.glob("*.json")) == QUIRKS
+    for name in QUIRKS:
+        doc = orjson.loads((CORPUS / f"{name}.json").read_bytes())
+        assert set(doc) == {"shape", "sources", "outcome", "choices", "usage"}, name
+        assert doc["shape"] and doc["sources"] and all(u.startswith("https://") for u in doc["sources"]), name
+        assert doc["outcome"]["status"] in ("done", "error"), name
+        for choice in doc["choices"]:
+            keys = {"index", "content", "refusal", "reasoning", "reasoning_content", "tool_calls", "finish_reason"}
+            assert set(choice) == keys, name
+
+
+@pytest.mark.parametrize("name", QUIRKS)
+def test_quirk_parts_cut_at_event_ends_only(name: str) -> None:
+    data = (devupstream.QUIRKS_DIR / f"{name}.sse").read_bytes()
+    parts = devupstream.quirk_parts(data)
+    assert b"".join(parts) == data and len(parts) >= 5
+    ends = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\r\r\n")
+    assert all(p.endswith(ends) for p in parts[:-1])
+
+
+@pytest.mark.parametrize("name", QUIRKS)
+async def test_quirk_is_served_byte_for_byte(upstream: Upstream, name: str) -> None:
+    status, headers, body = await post_quirk(upstream, f"quirks:{name}")
+    assert status == 200
+    assert headers["Content-Type"] == "text/event-stream"
+    assert body == (devupstream.QUIRKS_DIR / f"{name}.sse").read_bytes()
+
+
+async def test_quirk_writes_are_paced(upstream: Upstream) -> None:
+    name = "openai-tools-parallel"
+    parts = devupstream.quirk_parts((devupstream.QUIRKS_DIR / f"{name}.sse").read_bytes())
+    t0 = time.monotonic()
+    status, _, body = await post_quirk(upstream, f"quirks:{name}", dev={"pace": 0.02})
+    assert status == 200 and body == b"".join(parts)
+    assert time.monotonic() - t0 >= (len(parts) - 1) * 0.02
+
+
+async def test_unknown_quirk_is_404_listing_the_known_ones(upstream: Upstream) -> None:
+    for model in ("quirks:no-such-provider", "quirks:../devupstream", "quirks:", "quirks:openai-usage-last,pace=1"):
+        status, _, body = await post_quirk(upstream, model)
+        assert status == 404, model
+        message = orjson.loads(body)["error"]["message"]
+        assert all(name in message for name in QUIRKS), message
+    status, _, body = await post_quirk(upstream, "quirks:openai-usage-last", stream=False)
+    assert status == 400 and "stream" in orjson.loads(body)["error"]["message"]
