@@ -36,7 +36,12 @@ class Metrics:
         self.bytes_written = Counter("relay_bytes_written", "Bytes written to event logs and raw files", registry=r)
         self.janitor_requests = Counter("relay_janitor_removed_requests", "Expired requests removed", registry=r)
         self.janitor_bytes = Counter("relay_janitor_removed_bytes", "Bytes of expired files removed", registry=r)
-        self.webhooks = Counter("relay_webhook_deliveries", "Webhook deliveries by result", ["result"], registry=r)
+        self.webhooks = Counter(
+            "relay_webhook_deliveries",
+            "Webhook deliveries by result (delivered, failed, dropped)",
+            ["result"],
+            registry=r,
+        )
         self.tokens = Counter(
             "relay_tokens", "Tokens of finished requests, by relay key name, model and kind (prompt, completion)",
             ["key", "model", "kind"], registry=r,

@@ -5,19 +5,27 @@ public addresses), and again when it is delivered, by the resolver of the HTTP c
 addresses the client connects to are exactly the ones that passed the check, so a name that resolves
 differently the second time (DNS rebinding) cannot get through. IP literals, which HTTP clients do not
 resolve, are checked directly. Redirects are never followed.
+
+Deliveries are fair between destinations (a receiver's host and port): each destination may have
+PER_DESTINATION attempts in flight and MAX_PENDING_PER_DESTINATION deliveries in all (in flight, waiting
+for a slot, or between two attempts; more are dropped at once), and all destinations together
+MAX_CONNECTIONS attempts. An attempt's time limit starts once it holds its slots, so waiting behind a
+slow receiver never counts against a webhook; and a destination's waiters queue at its own slots, so a
+slow receiver's backlog never stands in front of another receiver's webhooks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import quote_from_bytes, urlsplit
 
@@ -34,6 +42,10 @@ log = logging.getLogger("relay.webhooks")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the v4 address is the last 32 bits
 GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")  # every other IPv6 range is local, reserved or legacy
 RESPONSE_LIMIT = 64 * 1024  # bytes of a receiver's answer that are read; the rest is never read
+MAX_CONNECTIONS = 100  # delivery attempts in flight at once, all destinations together
+PER_DESTINATION = 8  # delivery attempts in flight at once to one destination (host:port)
+MAX_PENDING_PER_DESTINATION = 1000  # deliveries to one destination not yet ended; more are dropped
+MAX_HOST_LENGTH = 253  # a DNS name, in ASCII (IDNA), without its final dot
 
 
 class WebhookRefused(Exception):
@@ -97,6 +109,19 @@ class GuardedResolver(AbstractResolver):
             await self.base.close()
 
 
+def host_problem(host: str) -> str | None:
+    """Why `host` (a URL's host name, not an IP literal) cannot be looked up or connected to, else None:
+    the resolver and the HTTP client encode it with IDNA, which fails (UnicodeError) on an empty label
+    (`a..b`, `.a`) or a label over 63 characters."""
+    try:
+        ascii_host = host.encode("idna")
+    except UnicodeError:
+        return "has an invalid host name (an empty label, or a label over 63 characters)"
+    if len(ascii_host.rstrip(b".")) > MAX_HOST_LENGTH:
+        return f"has a host name over {MAX_HOST_LENGTH} characters"
+    return None
+
+
 async def check_url(url: str, resolver: GuardedResolver) -> None:
     """Refuse (WebhookRefused) a webhook URL that is malformed or points at a non-public address."""
     if not is_http_url(url):
@@ -108,10 +133,13 @@ async def check_url(url: str, resolver: GuardedResolver) -> None:
         port = parts.port
     except ValueError:
         raise WebhookRefused("has an invalid port") from None
-    if resolver.allow_private:
-        return
     host = parts.hostname
     literal = _literal(host)
+    problem = host_problem(host) if literal is None else None
+    if problem is not None:
+        raise WebhookRefused(problem)
+    if resolver.allow_private:
+        return
     if literal is not None:
         if not address_allowed(literal):
             raise WebhookRefused("points at a loopback, private, link-local, multicast or reserved address")
@@ -120,8 +148,30 @@ async def check_url(url: str, resolver: GuardedResolver) -> None:
         await resolver.resolve(host, port or 0, socket.AF_UNSPEC)
     except NonPublicAddress:
         raise WebhookRefused("resolves to a loopback, private, link-local, multicast or reserved address") from None
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: what getaddrinfo cannot even ask, such as a NUL)
         raise WebhookRefused(f"host {host[:100]!r} does not resolve") from None
+
+
+def destination(url: str) -> str:
+    """The destination a delivery counts against: the receiver's host and port (`host:port`)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    return f"{f'[{host}]' if ':' in host else host}:{port or (443 if parts.scheme == 'https' else 80)}"
+
+
+class _Destination:
+    """One destination's slots and the deliveries to it that have not ended."""
+
+    __slots__ = ("slots", "pending", "users")
+
+    def __init__(self, concurrency: int) -> None:
+        self.slots = asyncio.Semaphore(concurrency)
+        self.pending = 0  # deliveries not yet ended (counted against MAX_PENDING_PER_DESTINATION)
+        self.users = 0  # pending deliveries and attempts using `slots` (the entry goes at 0)
 
 
 async def _drain_bounded(resp: aiohttp.ClientResponse) -> None:
@@ -177,7 +227,8 @@ def standard_headers(secret: str, msg_id: str, body: bytes, now: int | None = No
 
 
 class WebhookSender:
-    """Delivers final status documents; one HTTP session for the whole process."""
+    """Delivers final status documents; one HTTP session for the whole process, fair between destinations
+    (see the module's docstring)."""
 
     def __init__(
         self,
@@ -189,6 +240,9 @@ class WebhookSender:
         backoff: float = 1.0,
         base_resolver: AbstractResolver | None = None,
         on_result: Callable[[str], None] | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        per_destination: int = PER_DESTINATION,
+        max_pending_per_destination: int = MAX_PENDING_PER_DESTINATION,
     ) -> None:
         self.secret = secret
         self.on_result = on_result or (lambda result: None)
@@ -196,12 +250,18 @@ class WebhookSender:
         self.timeout = timeout
         self.attempts = attempts
         self.backoff = backoff
+        self.per_destination = per_destination
+        self.max_pending = max_pending_per_destination
+        self._slots = asyncio.Semaphore(max_connections)
+        self._destinations: dict[str, _Destination] = {}
         self._session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[bool]] = set()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(resolver=self.resolver, use_dns_cache=False, limit=100)
+            # No limit in the pool: the slots of `_slot` are the limits, taken before an attempt starts, so
+            # an attempt never waits in the pool (where the wait would count against its time limit).
+            connector = aiohttp.TCPConnector(resolver=self.resolver, use_dns_cache=False, limit=0)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 trust_env=False,  # no proxy from the environment
@@ -210,9 +270,38 @@ class WebhookSender:
             )
         return self._session
 
+    def _destination(self, key: str) -> _Destination:
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = self._destinations[key] = _Destination(self.per_destination)
+        dest.users += 1
+        return dest
+
+    def _leave(self, key: str, dest: _Destination) -> None:
+        dest.users -= 1
+        if dest.users == 0:
+            del self._destinations[key]
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, url: str) -> AsyncIterator[None]:
+        """One attempt's slots: its destination's first (its waiters queue there, behind their own
+        destination only), then one of all destinations'."""
+        key = destination(url)
+        dest = self._destination(key)
+        try:
+            async with dest.slots, self._slots:
+                yield
+        finally:
+            self._leave(key, dest)
+
+    def pending(self, url: str) -> int:
+        """Deliveries to `url`'s destination that have not ended."""
+        dest = self._destinations.get(destination(url))
+        return dest.pending if dest is not None else 0
+
     def send_later(self, url: str, doc: dict[str, Any], request_id: str) -> None:
         """The OffloadGPT webhook: POST `response=<status document JSON>`, form-encoded, in the background."""
-        self._background(self._send_doc(url, doc, request_id), request_id)
+        self._background(url, lambda: self._send_doc(url, doc, request_id), request_id)
 
     async def _send_doc(self, url: str, doc: dict[str, Any], request_id: str) -> bool:
         body = await asyncio.to_thread(form_body, doc)  # (a document may hold 16 MiB: ~1.4 s of pure Python)
@@ -220,12 +309,29 @@ class WebhookSender:
 
     def post_later(self, url: str, body: bytes, content_type: str, request_id: str, msg_id: str) -> None:
         """Deliver `body` in the background (see `send`)."""
-        self._background(self._send_counted(url, body, content_type, request_id, msg_id), request_id)
+        self._background(url, lambda: self._send_counted(url, body, content_type, request_id, msg_id), request_id)
 
-    def _background(self, delivery: Coroutine[Any, Any, bool], request_id: str) -> None:
-        task = asyncio.create_task(delivery, name=f"webhook-{request_id}")
+    def _background(self, url: str, delivery: Callable[[], Coroutine[Any, Any, bool]], request_id: str) -> None:
+        """Start `delivery` unless its destination has MAX_PENDING_PER_DESTINATION deliveries not yet
+        ended: then it is dropped at once (logged, counted as `dropped`), and nothing of it is made."""
+        key = destination(url)
+        dest = self._destinations.get(key)
+        if dest is not None and dest.pending >= self.max_pending:
+            log.warning("request %s: webhook dropped: %d deliveries to its receiver are pending", request_id,
+                        dest.pending)  # fmt: skip
+            self.on_result("dropped")
+            return
+        dest = self._destination(key)
+        dest.pending += 1
+        task = asyncio.create_task(delivery(), name=f"webhook-{request_id}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+
+        def done(task: asyncio.Task[bool]) -> None:
+            self.tasks.discard(task)
+            dest.pending -= 1
+            self._leave(key, dest)
+
+        task.add_done_callback(done)
 
     async def _send_counted(self, url: str, body: bytes, content_type: str, request_id: str, msg_id: str) -> bool:
         delivered = await self.send(url, body, content_type, request_id, msg_id)
@@ -235,19 +341,27 @@ class WebhookSender:
     async def send(self, url: str, body: bytes, content_type: str, request_id: str, msg_id: str) -> bool:
         """POST `body`; retries network errors and 5xx with backoff. True if delivered. Signed, when a
         secret is set, with `X-Relay-Signature` and the Standard Webhooks headers (the same `webhook-id`
-        on every attempt, so a receiver can drop a repeat)."""
+        on every attempt, so a receiver can drop a repeat). Each attempt first takes its slots (`_slot`);
+        its time limit (`timeout`) starts then. No slot is held between attempts."""
         headers = {"Content-Type": content_type}
         if self.secret:
             headers["X-Relay-Signature"] = await _hashed(sign, self.secret, body)
-        literal = _literal(urlsplit(url).hostname or "")
+        host = urlsplit(url).hostname or ""
+        literal = _literal(host)
         if literal is not None and not self.resolver.allow_private and not address_allowed(literal):
             log.warning("request %s: webhook refused: non-public address", request_id)
+            return False
+        if literal is None and host_problem(host) is not None:  # (a URL from before hosts were checked)
+            log.warning("request %s: webhook refused: invalid host name", request_id)
             return False
         for attempt in range(1, self.attempts + 1):
             if self.secret:  # (signed at each attempt: the timestamp is the attempt's)
                 headers.update(await _hashed(standard_headers, self.secret, msg_id, body))
             try:
-                async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                async with (
+                    self._slot(url),
+                    self._client().post(url, data=body, headers=headers, allow_redirects=False) as resp,
+                ):
                     await _drain_bounded(resp)
                     if resp.status < 300:
                         log.info("request %s: webhook delivered (HTTP %d)", request_id, resp.status)
