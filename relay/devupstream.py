@@ -52,6 +52,7 @@ zeroes them. When started with a required key, any other `Authorization` is answ
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import re
 import time
@@ -170,7 +171,10 @@ class DevUpstream:
             self.open -= 1
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        if self.required_key is not None and request.headers.get("Authorization") != f"Bearer {self.required_key}":
+        if self.required_key is not None and not hmac.compare_digest(
+            request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"),
+            f"Bearer {self.required_key}".encode(),
+        ):  # (in constant time, as every key the relay compares; tests/test_mutation_gaps.py)
             return self._error(401, "Incorrect API key provided.", "invalid_request_error")
         try:
             body = orjson.loads(await request.read())

@@ -1,0 +1,393 @@
+"""Tests that notice plausible bugs the rest of the suite let through (found by a mutation run; each test
+here failed with its bug planted, see docs/development.md, "Mutation testing"):
+
+- another key reaching a stored Response or chat completion **after it has ended** (ownership was only
+  tested while a response ran);
+- a job slot leaked when a create is refused by the OpenAI face (OpenAIError) rather than natively;
+- prompt and completion token counts swapped in `/metrics`;
+- webhook addresses in IPv4-compatible, IPv4-mapped private and site-local IPv6 ranges;
+- a secret compared with `==` instead of a constant-time compare (a test over the source).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from relay.facade.common import CHAT, RESPONSE, parse_id
+from relay.webhooks import GuardedResolver, WebhookRefused, WebhookSender, address_allowed, check_url
+
+from .conftest import ROOT, TEST_KEY, Receiver, Relay, RelayFactory, held, msg, parse_sse, until
+
+KEY_A = "relay-key-alpha-0001"
+KEY_B = "relay-key-bravo-0002"
+
+
+def headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "X-OpenAI-API-Key": TEST_KEY, "Content-Type": "application/json"}
+
+
+async def call(relay: Relay, method: str, path: str, key: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else orjson.dumps(body)
+    async with relay.session.request(method, relay.url + path, data=data, headers=headers(key)) as r:
+        raw = await r.read()
+        ctype = r.headers.get("Content-Type", "")
+        return r.status, orjson.loads(raw) if ctype.startswith("application/json") else raw
+
+
+@pytest.fixture
+async def keyed(make_relay: RelayFactory) -> Relay:
+    return await make_relay(auth_api_keys=[{"key": KEY_A, "name": "alpha"}, {"key": KEY_B, "name": "bravo"}])
+
+
+# ----- ownership of ended objects ---------------------------------------------------------------------
+
+
+def assert_not_found(status: int, doc: Any, what: str) -> None:
+    assert status == 404, (what, status, doc)
+    assert doc["error"]["code"] == "not_found", (what, doc)
+
+
+async def test_an_ended_response_answers_only_its_owner(keyed: Relay) -> None:
+    """A's response has ended (its answer is on disk, no job): B gets 404 on every path, both before
+    A's GET (read from disk) and after it (kept in memory, `Answers`); nothing of it changes."""
+    relay = keyed
+    status, created = await call(relay, "POST", "/v1/responses", KEY_A, {"model": "echo", "input": "only mine"})
+    assert status == 200 and created["status"] == "completed", created
+    rid = created["id"]
+    rp = parse_id(RESPONSE, rid)
+    assert rp is not None
+    await until(lambda: held(relay)["jobs"] == 0, what="the response's job ended")
+
+    async def refused_to_b() -> None:
+        for method, path in [
+            ("GET", f"/v1/responses/{rid}"),
+            ("GET", f"/v1/responses/{rid}/input_items"),
+            ("GET", f"/v1/responses/{rid}?stream=true"),
+            ("GET", f"/v1/responses/{rid}?stream=true&starting_after=1"),
+            ("POST", f"/v1/responses/{rid}/cancel"),
+            ("DELETE", f"/v1/responses/{rid}"),
+        ]:
+            status, doc = await call(relay, method, path, KEY_B)
+            assert_not_found(status, doc, f"{method} {path}")
+        status, doc = await call(relay, "POST", "/v1/responses", KEY_B,
+                                 {"model": "echo", "input": "x", "previous_response_id": rid})  # fmt: skip
+        assert status == 404 and doc["error"]["code"] == "previous_response_not_found", doc
+
+    await refused_to_b()  # (nothing of it in memory yet: read from its files)
+    status, mine = await call(relay, "GET", f"/v1/responses/{rid}", KEY_A)
+    assert status == 200 and mine["output"][0]["content"][0]["text"] == "only mine"
+    await refused_to_b()  # (its answer is now kept in memory for its owner)
+    assert rp.file(relay.data_dir, "json").exists() and rp.file(relay.data_dir, "txt").exists()  # not deleted
+    status, items = await call(relay, "GET", f"/v1/responses/{rid}/input_items", KEY_A)
+    assert status == 200 and items["data"][0]["content"][0]["text"] == "only mine"
+    status, events = await call(relay, "GET", f"/v1/responses/{rid}?stream=true&starting_after=1", KEY_A)
+    assert status == 200 and "response.completed" in [e.event for e in parse_sse(events.decode())]
+    status, again = await call(relay, "GET", f"/v1/responses/{rid}", KEY_A)
+    assert status == 200 and again["status"] == "completed"  # (B's cancel changed nothing)
+
+
+async def test_an_ended_stored_chat_completion_answers_only_its_owner(keyed: Relay) -> None:
+    relay = keyed
+    body = {"model": "echo", "messages": [{"role": "user", "content": "kept for alpha"}], "store": True,
+            "metadata": {"topic": "a"}}  # fmt: skip
+    status, created = await call(relay, "POST", "/v1/chat/completions", KEY_A, body)
+    assert status == 200, created
+    cid = created["id"]
+    rp = parse_id(CHAT, cid)
+    assert rp is not None
+    await until(lambda: held(relay)["jobs"] == 0, what="the completion's job ended")
+
+    async def refused_to_b() -> None:
+        for method, path, payload in [
+            ("GET", f"/v1/chat/completions/{cid}", None),
+            ("GET", f"/v1/chat/completions/{cid}/messages", None),
+            ("POST", f"/v1/chat/completions/{cid}", {"metadata": {"topic": "b"}}),
+            ("DELETE", f"/v1/chat/completions/{cid}", None),
+        ]:
+            status, doc = await call(relay, method, path, KEY_B, payload)
+            assert_not_found(status, doc, f"{method} {path}")
+        status, page = await call(relay, "GET", "/v1/chat/completions", KEY_B)
+        assert status == 200 and page["data"] == []
+        status, page = await call(relay, "GET", f"/v1/chat/completions?after={cid}", KEY_B)
+        assert status == 200 and page["data"] == []
+
+    await refused_to_b()
+    status, mine = await call(relay, "GET", f"/v1/chat/completions/{cid}", KEY_A)
+    assert status == 200 and mine["choices"][0]["message"]["content"] == "kept for alpha"
+    await refused_to_b()
+    body_b = {"model": "echo", "messages": [{"role": "user", "content": "bravo's own"}], "store": True}
+    status, theirs = await call(relay, "POST", "/v1/chat/completions", KEY_B, body_b)
+    assert status == 200, theirs
+    status, page = await call(relay, "GET", "/v1/chat/completions", KEY_B)
+    assert [c["id"] for c in page["data"]] == [theirs["id"]]
+    status, page = await call(relay, "GET", f"/v1/chat/completions?after={cid}", KEY_B)
+    assert status == 200 and page["data"] == []  # (`after` another key's id: nothing, not B's own after it)
+    assert rp.file(relay.data_dir, "json").exists()
+    status, mine = await call(relay, "GET", f"/v1/chat/completions/{cid}", KEY_A)
+    assert status == 200 and mine["metadata"] == {"topic": "a"}  # (B's update changed nothing)
+    status, page = await call(relay, "GET", "/v1/chat/completions", KEY_A)
+    assert [c["id"] for c in page["data"]] == [cid]
+
+
+# ----- job slots and OpenAI-face refusals -----------------------------------------------------------
+
+
+async def test_refusals_of_the_openai_face_give_their_job_slot_back(make_relay: RelayFactory) -> None:
+    """Refusals raised as OpenAIError (the face's own) and as HTTPError (the relay's shared checks), at
+    every point of admission: none keeps its slot, and `max_concurrent_jobs` requests still start."""
+    relay = await make_relay(server_max_concurrent_jobs=2)
+    refused = [
+        ("/v1/responses", {"model": "echo", "input": "x", "reasoning": {"effort": "low", "summary": "auto"}}, 400),
+        ("/v1/responses", {"model": "echo", "input": "x", "background": True, "store": False}, 400),
+        ("/v1/responses", {"model": "echo", "input": "x", "previous_response_id": "resp_nope"}, 404),
+        ("/v1/responses", {"model": "echo", "input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, 400),
+        ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400),
+        ("/v1/chat/completions", {"model": "echo", "messages": "x"}, 400),
+        (
+            "/v1/chat/completions",
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "store": True, "metadata": {"k": 1}},
+            400,
+        ),  # fmt: skip
+        ("/v1/responses", [1, 2], 400),  # (native: not an object)
+    ]
+    for _ in range(3):
+        for path, body, expected in refused:
+            status, doc = await call(relay, "POST", path, "unused", body)
+            assert status == expected, (path, body, status, doc)
+            assert set(doc) == {"error"}, doc
+    assert held(relay)["slots"] == 0
+    slow = {"model": "echo:delay=30", "input": "x", "background": True}
+    for _ in range(2):
+        status, doc = await call(relay, "POST", "/v1/responses", "unused", slow)
+        assert status == 200, doc
+    status, doc = await call(relay, "POST", "/v1/responses", "unused", slow)
+    assert status == 503 and doc["error"]["code"] == "busy", doc  # (the limit itself still holds)
+
+
+# ----- token counts in /metrics -----------------------------------------------------------------------
+
+
+def sample(text: str, name: str, labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{labels}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
+
+
+def ledger_lines(data_dir: Path) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line) for f in sorted((data_dir / "usage").glob("*.jsonl")) for line in f.read_bytes().splitlines()
+    ]
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["upstream_usage", "estimated"])
+async def test_prompt_and_completion_tokens_are_counted_as_what_they_are(
+    make_relay: RelayFactory, include_usage: bool
+) -> None:
+    """Six prompt words, a two-word answer (`max_tokens`): the upstream's usage says 6 and 2 (or, without
+    it, the estimate from the text is larger for the prompt), and `/metrics` shows each under its kind."""
+    relay = await make_relay(auth_api_keys=[{"key": KEY_A, "name": "alpha"}], upstream_include_usage=include_usage)
+    doc = await relay.start(msg("one two three four five six", max_tokens=2), headers={"X-RapidAPI-Key": KEY_A})
+    final = await relay.wait_status(doc["endpoints"]["status_url"])
+    assert final["status"] == "done"
+    await until(lambda: held(relay)["jobs"] == 0 and bool(ledger_lines(relay.data_dir)), what="the ledger line")
+    (line,) = ledger_lines(relay.data_dir)
+    assert line["estimated"] is not include_usage
+    if include_usage:
+        assert (line["prompt_tokens"], line["completion_tokens"]) == (6, 2)
+    assert line["prompt_tokens"] > line["completion_tokens"] > 0
+    async with relay.session.get(relay.url + "/metrics") as r:
+        text = await r.text()
+    prompt = sample(text, "relay_tokens_total", 'key="alpha",kind="prompt",model="echo"')
+    completion = sample(text, "relay_tokens_total", 'key="alpha",kind="completion",model="echo"')
+    assert (prompt, completion) == (line["prompt_tokens"], line["completion_tokens"])
+
+
+# ----- webhook addresses in the IPv6 ranges that embed or stand for local ones ------------------------
+
+LOCAL_V6 = [
+    "::7f00:1",  # IPv4-compatible 127.0.0.1 (deprecated, RFC 4291 2.5.5.1)
+    "::127.0.0.1",
+    "::a00:1",  # IPv4-compatible 10.0.0.1
+    "::8.8.8.8",  # IPv4-compatible, even of a public address: not global unicast
+    "::ffff:10.0.0.1",  # IPv4-mapped private
+    "::ffff:127.0.0.1",
+    "::ffff:7f00:1",
+    "::ffff:169.254.169.254",
+    "::ffff:0:7f00:1",  # IPv4-translated
+    "fec0::1",  # site-local (fec0::/10, deprecated)
+    "fec0::7f00:1",
+    "feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",  # the top of fec0::/10
+    "fed0::1",
+    "64:ff9b:1::1",  # local-use NAT64
+    "64:ff9b::a00:1",  # well-known NAT64 of 10.0.0.1
+    "2002:a00:1::",  # 6to4 of 10.0.0.1
+]
+
+
+LOCAL_V6 += [
+    "2001:db8::1",  # documentation: inside 2000::/3, yet not global
+    "2001:2::1",  # benchmarking
+    "2001::1",  # Teredo of a non-global address
+]
+
+
+@pytest.mark.parametrize("address", LOCAL_V6)
+def test_local_ipv6_ranges_are_not_webhook_addresses(address: str) -> None:
+    assert address_allowed(address) is False
+
+
+@pytest.mark.parametrize("address", ["2606:4700::1111", "2001:4860:4860::8888", "64:ff9b::808:808", "8.8.8.8"])
+def test_public_addresses_are_webhook_addresses(address: str) -> None:
+    assert address_allowed(address) is True
+
+
+class FixedResolver(AbstractResolver):
+    """A DNS that answers every name with one address."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        return [{"hostname": host, "host": self.address, "port": port, "family": family, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("address", LOCAL_V6[:10])
+async def test_webhook_urls_in_local_ipv6_ranges_are_refused(relay: Relay, address: str) -> None:
+    """As a literal in the URL (400 at the POST), and as the answer of the DNS for a name (400 at the
+    POST; and at delivery, where the HTTP client's own resolver drops it)."""
+    status, _, doc = await relay.post(msg("x", webhook_url=f"http://[{address}]/hook"))
+    assert status == 400 and "`webhook_url`" in doc["error"]["message"], doc
+    guarded = GuardedResolver(FixedResolver(address))
+    with pytest.raises(WebhookRefused):
+        await check_url("http://hooks.example.com/hook", guarded)
+    results: list[str] = []
+    sender = WebhookSender(secret="", allow_private=False, base_resolver=FixedResolver(address),
+                           on_result=results.append, backoff=0)  # fmt: skip
+    try:
+        sender.post_later("http://hooks.example.com:9/hook", b"{}", "application/json", "r", "msg_r")
+        sender.post_later(f"http://[{address}]:9/hook", b"{}", "application/json", "r", "msg_r")
+        await until(lambda: len(results) == 2, what="both deliveries ended")
+    finally:
+        await sender.close()
+    assert results == ["failed", "failed"]
+
+
+async def test_a_webhook_to_a_public_literal_is_attempted(receiver: Receiver) -> None:
+    """(The counterpart of the refusals above: the guard refuses by address, not every delivery.)"""
+    results: list[str] = []
+    sender = WebhookSender(secret="", allow_private=True, on_result=results.append)
+    try:
+        sender.post_later(receiver.url + "/fine", b"{}", "application/json", "r", "msg_r")
+        await until(lambda: results == ["delivered"], what="the delivery")
+    finally:
+        await sender.close()
+
+
+# ----- secrets are compared in constant time -----------------------------------------------------------
+
+SECRET_NAME = re.compile(r"(^|_)(key|keys|token|tokens|secret|signature|sig|mac|digest|password|bearer)(_|$)"
+                         r"|(token|secret|signature|digest|hash|sha256|bearer)", re.I)  # fmt: skip
+
+# Comparisons whose operands are named like secrets but hold none, each with the reason.
+NOT_SECRETS = {
+    ("relay/assemble.py", "key in self.meta"): "a JSON field name",
+    ("relay/assemble.py", "key not in self.meta"): "a JSON field name",
+    ("relay/config.py", "(s, k) == (section, key)"): "a config section and key name",
+    ("relay/config.py", "(s, k) != (section, key)"): "a config section and key name",
+    ("relay/facade/translate.py", "key not in ('format', 'verbosity')"): "a JSON field name",
+    ("relay/facade/translate.py", "key in WHY_REFUSED"): "a JSON field name",
+    ("relay/facade/translate.py", "key in TAKEN"): "a JSON field name",
+    ("relay/facade/chat.py", "keys[i] == key"): "an index entry: (created, object id)",
+    ("relay/usage.py", "line.get('key') != key"): "a key's name in the operator's own ledger (the `usage` CLI)",
+}
+
+
+def comparisons(path: Path) -> list[tuple[str, int]]:
+    """`==`, `!=`, `in`, `not in` comparisons in `path` with an operand named like a secret, unless the
+    other side is a literal (`x == ""`, `x is None`): (source, line)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        if not any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+            continue
+        operands = [node.left, *node.comparators]
+        if any(isinstance(o, ast.Constant) for o in operands):
+            continue
+        names = []
+        for o in operands:
+            for n in ast.walk(o):
+                if isinstance(n, ast.Name):
+                    names.append(n.id)
+                elif isinstance(n, ast.Attribute):
+                    names.append(n.attr)
+                elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+                    names.append(n.value)  # (a subscript: doc["bearer_token_sha256"])
+        if any(SECRET_NAME.search(name) for name in names):
+            found.append((ast.unparse(node), node.lineno))
+    return found
+
+
+def test_secrets_are_compared_in_constant_time() -> None:
+    """Every comparison in relay/ whose operand is a key, a token, a signature or the hash of a secret
+    goes through `hmac.compare_digest` / `secrets.compare_digest`: `==` leaks, by its time, how much of a
+    guess is right. (A stored object's `owner` is not a secret: it is a hash of a key's *name*, which
+    grants nothing; it is compared only after the caller's key was found in constant time.)"""
+    offending = []
+    for path in sorted((ROOT / "relay").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for source, line in comparisons(path):
+            if (rel, source) not in NOT_SECRETS:
+                offending.append(f"{rel}:{line}: {source}")
+    assert offending == [], "compare these with hmac.compare_digest (or list why they hold no secret):\n" + "\n".join(
+        offending
+    )
+
+
+def test_the_constant_time_check_sees_a_plain_comparison(tmp_path: Path) -> None:
+    """(The check above is not blind: each of these would be reported.)"""
+    planted = tmp_path / "planted.py"
+    planted.write_text(
+        "def a(token, expected_hash):\n    return hash_token(token) == expected_hash\n"
+        "def b(candidate, k):\n    return candidate == k.key.encode()\n"
+        "def c(sig, body):\n    return sig != sign(body)\n"
+        "def d(request, required_key):\n    return request.headers.get('Authorization') != f'Bearer {required_key}'\n"
+        "def e(auth, token):\n    return hash_token(token) == auth['bearer_token_sha256']\n"
+        "def f(given, admin_keys):\n    return given in admin_keys\n"
+    )
+    assert len(comparisons(planted)) == 6
+    assert comparisons(ROOT / "relay" / "security.py") == []
+
+
+def test_find_key_and_token_matches_answer_exactly() -> None:
+    """The constant-time helpers themselves: equal is found, anything else is not (a prefix, a longer
+    string, another key, nothing)."""
+    from relay.config import ApiKey
+    from relay.security import find_key, hash_token, token_matches
+
+    keys = (ApiKey("first-key-123"), ApiKey("second-key-45", name="second"))
+    assert find_key("second-key-45", keys) is keys[1]
+    assert find_key("first-key-123", keys) is keys[0]
+    for other in ("second-key-4", "second-key-456", "SECOND-KEY-45", "", None, "x"):
+        assert find_key(other, keys) is None, other
+    assert find_key("first-key-123", ()) is None
+    digest = hash_token("tok")
+    assert token_matches("tok", digest)
+    for token, expected in (("tok2", digest), ("to", digest), ("", digest), (None, digest), ("tok", None),
+                            ("tok", ""), ("tok", digest.upper())):  # fmt: skip
+        assert not token_matches(token, expected), (token, expected)
