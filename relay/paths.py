@@ -120,7 +120,10 @@ def parse_status_url(url: str, public_url: str) -> RequestPath | None:
     if not isinstance(url, str) or len(url) > 2048:
         return None
     base = urlsplit(public_url)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed `[` (an IPv6 literal), which urlsplit refuses
+        return None
     if (parts.scheme, parts.netloc.lower()) != (base.scheme, base.netloc.lower()):
         return None
     if parts.query or parts.fragment:

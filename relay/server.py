@@ -12,7 +12,16 @@ runner made here changes exactly that, on aiohttp's own server and protocol clas
 - after answering a request whose body was not read (413, 408), what the client still sends is
   drained for at most a second (aiohttp: 10 s), then the connection is closed;
 - a malformed request gets `400 {"status": "error", "error": {"code": "bad_request", …}}` naming only
-  the kind of problem, and one log line with the peer address and that kind.
+  the kind of problem, and one log line with the peer address and that kind;
+- header values are text before anything reads them (`clean_headers`): aiohttp keeps the bytes of a
+  value that are not UTF-8 as lone surrogates (`\\udcff`), which no code can encode, hash, compare
+  in constant time or write as JSON, so a relay key or a bearer token with one such byte was a 500. Each
+  such byte becomes U+FFFD here, once, for every route and for aiohttp's own reads, so such a credential
+  is simply a wrong one (401/403) and such a `Last-Event-ID` an unknown one. (Raw bytes that are not
+  ASCII in the request target never get this far: the parser refuses them with a 400; percent-encoded
+  ones are decoded by yarl with U+FFFD already.) An `Expect` other than `100-continue` is dropped, as RFC
+  9110 §10.1.1 allows: aiohttp would answer it with a plain-text 417 before any middleware could give
+  the JSON error body.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Config
 from .http import error
@@ -109,6 +119,29 @@ def connection_cap(configured: int) -> int:
     return cap
 
 
+def text(value: str) -> str:
+    """A header value as text: bytes that were not UTF-8 (kept by aiohttp as lone surrogates) as U+FFFD."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def clean_headers(message: Any) -> Any:
+    """The request message (aiohttp's RawRequestMessage) with header values that are text (see `text`),
+    and without an `Expect` the server would refuse in plain text; the message itself when it needs
+    neither (nearly always: one `isascii` per value)."""
+    headers = message.headers
+    expect = headers.get("Expect")
+    dropped = expect is not None and expect.lower() != "100-continue"
+    if not dropped and all(value.isascii() for value in headers.values()):
+        return message
+    clean: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if not (dropped and name.lower() == "expect"):
+            clean.add(name, text(value))
+    return message._replace(headers=CIMultiDictProxy(clean))
+
+
 class RelayRunner(web.AppRunner):
     """An AppRunner whose server is a GuardedServer."""
 
@@ -123,4 +156,6 @@ class RelayRunner(web.AppRunner):
         server.__class__ = GuardedServer
         assert isinstance(server, GuardedServer)
         server.max_connections = self._max_connections
+        make_request = server.request_factory
+        server.request_factory = lambda message, *args: make_request(clean_headers(message), *args)
         return server
