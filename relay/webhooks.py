@@ -61,9 +61,11 @@ def address_allowed(text: str) -> bool:
 
     IPv6 must be global unicast (2000::/3), which leaves out IPv4-compatible (::a.b.c.d), IPv4-translated
     (::ffff:0:a.b.c.d), site-local (fec0::/10), unique-local and the local-use NAT64 prefix
-    (64:ff9b:1::/48); the well-known NAT64 prefix is allowed only for a public IPv4 address."""
+    (64:ff9b:1::/48); the well-known NAT64 prefix is allowed only for a public IPv4 address. An IPv6
+    address may carry a zone (`fe80::1%eth0`, as resolvers give link-local ones), which does not change
+    its range; an IPv4 address written with one is not an address."""
     try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
