@@ -76,16 +76,20 @@ def _text_chars(value: Any, budget: int = 64 * 1024 * 1024) -> int:
 
 
 def tokens(doc: dict[str, Any], messages: Any) -> dict[str, Any]:
-    """Token counts of a finished request: the upstream's `usage`, else an estimate from the text."""
+    """Token counts of a finished request: the upstream's `usage` when its prompt and completion counts are
+    non-negative integers (a total that is not one is their sum), else an estimate from the text."""
     body = (doc.get("response") or {}).get("body")
     usage = body.get("usage") if isinstance(body, dict) else None
-    if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+    prompt, completion = (_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))) if isinstance(
+        usage, dict) else (None, None)  # fmt: skip
+    if isinstance(usage, dict) and prompt is not None and completion is not None:
         details_in = usage.get("prompt_tokens_details") or {}
         details_out = usage.get("completion_tokens_details") or {}
+        total = _int(usage.get("total_tokens"))
         return {
-            "prompt_tokens": _int(usage.get("prompt_tokens")),
-            "completion_tokens": _int(usage.get("completion_tokens")),
-            "total_tokens": _int(usage.get("total_tokens")),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": total if total is not None else prompt + completion,
             "cached_tokens": _int(details_in.get("cached_tokens")) if isinstance(details_in, dict) else None,
             "reasoning_tokens": _int(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else None,
             "estimated": False,
@@ -107,8 +111,12 @@ def tokens(doc: dict[str, Any], messages: Any) -> dict[str, Any]:
     }
 
 
+MAX_TOKENS = 10**12  # a count above this is not a count: the upstream's usage is not taken
+
+
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A token count the upstream reported: a non-negative integer of a plausible size, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS else None
 
 
 def entry(

@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import settings
 
 from relay import devupstream
 from relay.app import AccessLogger, make_app
@@ -32,6 +33,11 @@ from relay.http import MANAGER
 from relay.server import RelayRunner
 
 TEST_KEY = "sk-test-UPSTREAMKEY-9f8e7d6c5b4a"
+
+# Generated tests (Hypothesis): `make test` runs a bounded, reproducible slice; `make fuzz` the long, random run.
+settings.register_profile("test", max_examples=40, derandomize=True, print_blob=True)
+settings.register_profile("fuzz", max_examples=2000, derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "test"))
 
 
 def free_port() -> int:

@@ -357,11 +357,9 @@ def output_items(response_id: str, completion: Any, final: bool) -> list[dict[st
 
 def usage_of(doc: dict[str, Any], messages: Any, final: bool) -> dict[str, Any] | None:
     """Responses usage: the upstream's, else (at the end) an estimate marked `estimated: true`."""
-    body = (doc.get("response") or {}).get("body")
-    reported = isinstance(body, dict) and isinstance((body.get("usage") or {}).get("total_tokens"), int)
-    if not final and not reported:
-        return None
     t = ledger.tokens(doc, messages)
+    if not final and t["estimated"]:
+        return None
     usage: dict[str, Any] = {
         "input_tokens": t["prompt_tokens"] or 0,
         "input_tokens_details": {"cached_tokens": t["cached_tokens"] or 0},
