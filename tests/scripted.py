@@ -24,7 +24,7 @@ class Script:
     headers: list[tuple[str, str]] = field(default_factory=lambda: [("Content-Type", "text/event-stream")])
     chunked: bool = True
     pause: float = 0.0  # seconds between blocks
-    end: str = "close"  # "close" (a clean end), "abort" (reset, no end), "hang", "garbled" (a broken chunk, then hang)
+    end: str = "close"  # "close" (a clean end), "abort" (reset, no end), "hang", "garbled" (a chunk cut short, then silence)
 
 
 class ScriptedUpstream:
@@ -99,8 +99,9 @@ class ScriptedUpstream:
         if script.end == "abort":
             writer.transport.abort()
             return
-        if script.end == "garbled":
-            writer.write(b"zz-not-a-chunk-size\r\nabc")
+        if script.end == "garbled":  # a chunk that announces more than ever comes: the read waits, no error
+            await asyncio.sleep(0.05)
+            writer.write(b"1000\r\ndata: {\"cho")
             await writer.drain()
         if script.end in ("hang", "garbled"):
             await reader.read()  # until the relay goes away

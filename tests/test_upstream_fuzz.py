@@ -88,7 +88,11 @@ async def native(relay: Relay, up: ScriptedUpstream, script: Script) -> str:
     status, _, doc = await relay.post(msg("hello", model=name))
     assert status == 200, doc
     links = doc["endpoints"]
-    code, _, text = await read_stream(relay.session, links["stream_events_url"])
+    try:
+        async with asyncio.timeout(15):
+            code, _, text = await read_stream(relay.session, links["stream_events_url"])
+    except TimeoutError:
+        raise AssertionError(f"the stream of {script!r} did not end") from None
     assert code == 200
     check_stream_end(text)
     final = await relay.wait_status(links["status_url"], timeout=15)
@@ -141,13 +145,13 @@ async def settled(relay: Relay, up: ScriptedUpstream, ledger_before: int, reques
         check_ledger_line(line)
 
 
+@pytest.mark.timeout(1800)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
 @given(script=streams(), face=st.sampled_from(FACES))
 async def test_any_upstream_stream_ends_every_request(
     fuzz_relay: Relay, scripted: ScriptedUpstream, script: Script, face: str
 ) -> None:
     before = len(ledger_lines(fuzz_relay.data_dir))
-    print("EXAMPLE", script.end, face, len(script.blocks))
     request_id = await native(fuzz_relay, scripted, script)
     await openai_face(fuzz_relay, scripted, script, face)
     await settled(fuzz_relay, scripted, before, 2)
