@@ -143,10 +143,10 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
         rp, kind = await _locate(request)
         if kind == "stop":
             if request.method not in ("GET", "POST"):
-                raise HTTPError(405, "method_not_allowed", "use GET or POST on a stop URL")
+                raise HTTPError(405, "method_not_allowed", "use GET or POST on a stop URL", {"Allow": "GET, POST"})
             return await _stop(request, rp)
         if request.method not in ("GET", "HEAD"):
-            raise HTTPError(405, "method_not_allowed", "this URL only answers GET")
+            raise HTTPError(405, "method_not_allowed", "this URL only answers GET", {"Allow": "GET, HEAD"})
         if kind == "txt":
             return await _events(request, rp)
         return await _plain(request, rp, kind)
@@ -434,6 +434,34 @@ CONSOLE_CSP = (
 async def console(request: web.Request) -> web.FileResponse:
     """The web console (static/index.html)."""
     return web.FileResponse(CONSOLE, headers={"Content-Security-Policy": CONSOLE_CSP, "Cache-Control": "no-cache"})
+
+
+OPENAPI = Path(__file__).resolve().parent / "openapi.json"
+OPENAPI_DOC: web.AppKey[bytes] = web.AppKey("openapi_doc", bytes)
+
+
+def load_openapi() -> bytes:
+    """The OpenAPI document (`relay/openapi.json`), read and checked once at start, served compact."""
+    return orjson.dumps(orjson.loads(OPENAPI.read_bytes()))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: the OpenAPI 3.1 document of every route (tests/test_openapi.py keeps it so)."""
+    return web.Response(
+        body=request.app[OPENAPI_DOC], content_type="application/json", headers={"Cache-Control": "no-cache"}
+    )
+
+
+STATIC_FILES: web.AppKey[dict[str, Path]] = web.AppKey("static_files", dict)
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """GET /static/<name>: one of the console's files, as listed at start (no path is built from the URL);
+    anything else is the JSON 404 (aiohttp's static route answered an empty octet-stream 404)."""
+    path = request.app[STATIC_FILES].get(request.match_info["file"])
+    if path is None:
+        return error(404, "not_found", "no such file of the console")
+    return web.FileResponse(path)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -46,7 +46,7 @@ class Target:
     path: str  # with a real id where the route has one
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
-    face: str = "native"  # native | openai | plain (not JSON: /metrics, /, /static)
+    face: str = "native"  # native | openai | plain (not a JSON route: /metrics, /, /static/)
 
 
 @dataclass
@@ -165,6 +165,7 @@ async def world(make_relay: RelayFactory) -> World:
         Target("POST /v1/async-chatgpt", "POST", "/v1/async-chatgpt", relay_auth, body),
         Target("GET /healthz", "GET", "/healthz"),
         Target("GET /v1/info", "GET", "/v1/info"),
+        Target("GET /openapi.json", "GET", "/openapi.json"),
         Target("GET /v1/admin/running", "GET", "/v1/admin/running", admin_auth),
         Target("POST /v1/admin/running/{id}/stop", "POST", "/v1/admin/running/0123-not-running/stop", admin_auth),
         Target("GET /v1/admin/finished", "GET", "/v1/admin/finished?limit=5&outcome=done", admin_auth),
@@ -186,7 +187,8 @@ async def world(make_relay: RelayFactory) -> World:
         Target("DELETE /v1/chat/completions/{id}", "DELETE", c, relay_auth, face="openai"),
         Target("GET /v1/models", "GET", "/v1/models", relay_auth, face="openai"),
         Target("GET /", "GET", "/", face="plain"),
-        Target("GET /static/", "GET", "/static/app.js", {"Range": "bytes=0-10", "If-None-Match": '"x"'}, face="plain"),
+        Target("GET /static/{file}", "GET", "/static/app.js", {"Range": "bytes=0-10", "If-None-Match": '"x"'},
+               face="plain"),
         Target("* /{node}/r/{tail}", "GET", private_status, private_auth),
         Target("* /{node}/r/{tail}", "GET", private_stream, {**private_auth, "Last-Event-ID": "0"}),
         Target("* /{node}/r/{tail}", "GET", stem + ".raw", private_auth),
@@ -258,10 +260,7 @@ def registered_routes(app: Any) -> set[str]:
         if route.method == "HEAD":
             continue
         info = route.resource.get_info() if route.resource is not None else {}
-        if "prefix" in info:  # a static directory
-            path = info["prefix"].rstrip("/") + "/"
-        else:
-            path = re.sub(r"\{(\w+)(:[^}]*)?\}", r"{\1}", info.get("formatter") or info.get("path", ""))
+        path = re.sub(r"\{(\w+)(:[^}]*)?\}", r"{\1}", info.get("formatter") or info.get("path", ""))
         out.add(f"{route.method} {path}")
     return out
 
