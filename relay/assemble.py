@@ -190,15 +190,16 @@ class ChoiceState:
         return text, said, calls
 
     def add_call(self, call: dict[str, Any]) -> tuple[int, str]:
-        """One delta of a tool call. With an `index` (OpenAI), the call of that index; without one (Gemini,
-        Mistral), a call is named by its id: a new id starts a call, a known id continues it, and a delta
-        without an id continues the last call."""
+        """One delta of a tool call. With an `index` (OpenAI), the call of that index, unless the delta
+        brings an id other than that call's (a new call); without one (Gemini, Mistral), a call is named by
+        its id: a new id starts a call, a known id continues it, and a delta without an id continues the
+        last call."""
         index = _index(call.get("index"))
         cid = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else None
         place: int | None
-        if index is not None:
+        if index is not None:  # (a new id at a known index is a new call: Ollama gives parallel calls index 0)
             place = self.by_index.get(index)
-            if place is None:
+            if place is None or (cid is not None and self.calls[place]["id"] not in (None, cid)):
                 place = self.by_index[index] = self._new_call()
         elif cid is not None:
             place = self.by_id.get(cid)
