@@ -339,6 +339,7 @@ class Job:
             check_encoding(resp.headers)
             if "text/event-stream" not in resp.content_type:
                 async for block in resp.chunks:
+                    self.last_read = _now()
                     self._keep_raw(block[: 64 * 1024 - len(self.raw)])
                     if len(self.raw) >= 64 * 1024:
                         break

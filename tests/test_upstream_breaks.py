@@ -148,6 +148,18 @@ async def test_garbled_chunked_framing_ends_in_seconds(srelay: Relay, scripted: 
     await until(lambda: scripted.open == 0, what="the upstream connection closed")
 
 
+async def test_a_stalled_answer_that_is_not_an_event_stream_ends_in_seconds(
+    srelay: Relay, scripted: ScriptedUpstream
+) -> None:
+    """Found by the fuzzer: the relay keeps the first bytes of a non-SSE answer to a stream request for its
+    error, and that read had no idle bound (the request ran to its whole timeout)."""
+    started = time.monotonic()
+    final, _ = await run(srelay, scripted, Script([b": OPENROUTER"], headers=[("Content-Type", "application/json")],
+                                                  end="hang"))  # fmt: skip
+    assert final["status"] == "error" and final["error"]["code"] == "upstream_disconnected"
+    assert time.monotonic() - started < 8
+
+
 async def test_an_upstream_that_connected_is_not_unreachable(make_relay: RelayFactory) -> None:
     async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

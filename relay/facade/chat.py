@@ -489,7 +489,7 @@ async def _pass_through(request: web.Request, payload: dict[str, Any], who: Call
                 headers = {"Content-Type": up.content_type or "application/json", "Cache-Control": "no-store"}
                 if not stream:
                     data = bytearray()
-                    async for block in up.chunks:
+                    async for block in idle_bounded(up.chunks, config.upstream_idle_timeout_seconds):
                         data += block
                         if len(data) > limit:
                             raise UpstreamError("upstream_response_too_large", "the upstream answer is too large")
