@@ -80,8 +80,9 @@ def address_allowed(text: str) -> bool:
 
 
 def _literal(host: str) -> str | None:
+    """The address a URL's host name (`urlsplit(url).hostname`: no brackets) is, if it is an IP literal."""
     try:
-        return str(ipaddress.ip_address(host.strip("[]")))
+        return str(ipaddress.ip_address(host))
     except ValueError:
         return None
 
@@ -112,9 +113,10 @@ class GuardedResolver(AbstractResolver):
 
 
 def host_problem(host: str) -> str | None:
-    """Why `host` (a URL's host name, not an IP literal) cannot be looked up or connected to, else None:
-    the resolver and the HTTP client encode it with IDNA, which fails (UnicodeError) on an empty label
-    (`a..b`, `.a`) or a label over 63 characters."""
+    """Why `host` (a URL's host name) cannot be looked up or connected to, else None: the resolver and
+    the HTTP client encode it with IDNA, which fails (UnicodeError) on an empty label (`a..b`, `.a`) or a
+    label over 63 characters. (IP literals always pass: their one label is short, or they are dotted
+    numbers.)"""
     try:
         ascii_host = host.encode("idna")
     except UnicodeError:
@@ -136,12 +138,12 @@ async def check_url(url: str, resolver: GuardedResolver) -> None:
     except ValueError:
         raise WebhookRefused("has an invalid port") from None
     host = parts.hostname
-    literal = _literal(host)
-    problem = host_problem(host) if literal is None else None
+    problem = host_problem(host)
     if problem is not None:
         raise WebhookRefused(problem)
     if resolver.allow_private:
         return
+    literal = _literal(host)
     if literal is not None:
         if not address_allowed(literal):
             raise WebhookRefused("points at a loopback, private, link-local, multicast or reserved address")
@@ -353,7 +355,7 @@ class WebhookSender:
         if literal is not None and not self.resolver.allow_private and not address_allowed(literal):
             log.warning("request %s: webhook refused: non-public address", request_id)
             return False
-        if literal is None and host_problem(host) is not None:  # (a URL from before hosts were checked)
+        if host_problem(host) is not None:  # (a URL from before hosts were checked)
             log.warning("request %s: webhook refused: invalid host name", request_id)
             return False
         for attempt in range(1, self.attempts + 1):

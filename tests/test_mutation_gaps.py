@@ -22,7 +22,7 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from relay.facade.common import CHAT, RESPONSE, parse_id
-from relay.webhooks import GuardedResolver, WebhookRefused, WebhookSender, address_allowed, check_url
+from relay.webhooks import GuardedResolver, NonPublicAddress, WebhookRefused, WebhookSender, address_allowed, check_url
 
 from .conftest import ROOT, TEST_KEY, Receiver, Relay, RelayFactory, held, msg, parse_sse, until
 
@@ -412,3 +412,130 @@ def test_find_key_and_token_matches_answer_exactly() -> None:
     for token, expected in (("tok2", digest), ("to", digest), ("", digest), (None, digest), ("tok", None),
                             ("tok", ""), ("tok", digest.upper())):  # fmt: skip
         assert not token_matches(token, expected), (token, expected)
+
+
+# ----- what `make mutate` found in the webhook address rules and relay keys -----------------------------
+
+
+class RecordingResolver(AbstractResolver):
+    """A DNS that records what it is asked and answers one public address, or fails (`error`)."""
+
+    def __init__(self, address: str = "93.184.216.34", error: OSError | None = None) -> None:
+        self.address = address
+        self.error = error
+        self.asked: list[tuple[str, int, int]] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append((host, port, family))
+        if self.error is not None:
+            raise self.error
+        return [{"hostname": host, "host": self.address, "port": port, "family": socket.AF_INET, "proto": 0,
+                 "flags": 0}]  # fmt: skip
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_check_asks_the_dns_for_the_urls_host_and_port_in_every_family() -> None:
+    base = RecordingResolver()
+    guarded = GuardedResolver(base)
+    await check_url("https://hooks.example.com:8443/x", guarded)
+    await check_url("http://other.example.com/x", guarded)
+    assert base.asked == [("hooks.example.com", 8443, socket.AF_UNSPEC), ("other.example.com", 0, socket.AF_UNSPEC)]
+    await check_url("http://8.8.8.8/x", guarded)  # a public literal passes, without a lookup
+    await check_url("http://[2606:4700::1111]:81/x", guarded)
+    assert len(base.asked) == 2
+
+
+async def test_the_resolver_passes_what_it_is_asked_and_says_which_host_it_refuses() -> None:
+    base = RecordingResolver("10.0.0.7")
+    guarded = GuardedResolver(base)
+    with pytest.raises(NonPublicAddress, match=r"^hooks\.example\.com resolves only to addresses webhooks may not"):
+        await guarded.resolve("hooks.example.com", 443, socket.AF_INET6)
+    assert base.asked == [("hooks.example.com", 443, socket.AF_INET6)]
+    assert await GuardedResolver(base, allow_private=True).resolve("h.example", 80, socket.AF_INET) == [
+        {"hostname": "h.example", "host": "10.0.0.7", "port": 80, "family": socket.AF_INET, "proto": 0, "flags": 0}
+    ]
+
+
+LONG = "h" * 60 + "." + "i" * 60 + ".example.com"  # (over 100 characters, each label under 64)
+
+
+@pytest.mark.parametrize(
+    "url,reason",
+    [
+        ("ftp://8.8.8.8/x", "must be an absolute http(s) URL"),
+        ("http://user@8.8.8.8/x", "must not contain credentials"),
+        ("http://:secret@8.8.8.8/x", "must not contain credentials"),
+        ("http://user:pw@8.8.8.8/x", "must not contain credentials"),
+        ("http://8.8.8.8:70000/x", "has an invalid port"),
+        ("http://a..b/x", "has an invalid host name (an empty label, or a label over 63 characters)"),
+        ("http://127.0.0.1/x", "points at a loopback, private, link-local, multicast or reserved address"),
+        ("http://[::ffff:10.0.0.1]/x", "points at a loopback, private, link-local, multicast or reserved address"),
+        ("http://hooks.example.com/x", "resolves to a loopback, private, link-local, multicast or reserved address"),
+    ],
+)
+async def test_each_refusal_says_why(url: str, reason: str) -> None:
+    with pytest.raises(WebhookRefused) as refused:
+        await check_url(url, GuardedResolver(RecordingResolver("127.0.0.1")))
+    assert str(refused.value) == reason
+
+
+async def test_a_host_that_does_not_resolve_is_named_up_to_100_characters() -> None:
+    with pytest.raises(WebhookRefused) as refused:
+        await check_url(f"http://{LONG}/x", GuardedResolver(RecordingResolver(error=OSError("no such host"))))
+    assert str(refused.value) == f"host {LONG[:100]!r} does not resolve"
+
+
+def test_a_host_name_may_have_253_characters_not_254() -> None:
+    from relay.webhooks import host_problem
+
+    name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(name) == 253 and host_problem(name) is None and host_problem(name + ".") is None
+    assert host_problem(name + "e") == "has a host name over 253 characters"
+
+
+async def test_a_webhook_to_a_loopback_literal_is_not_delivered(receiver: Receiver) -> None:
+    """A URL whose host is a loopback IP literal (which the HTTP client connects to without asking the
+    resolver): refused at delivery when private addresses are not allowed, delivered when they are."""
+    results: list[str] = []
+    guarded = WebhookSender(secret="", allow_private=False, on_result=results.append, backoff=0)
+    allowed = WebhookSender(secret="", allow_private=True, on_result=results.append, backoff=0)
+    try:
+        guarded.post_later(receiver.url + "/literal", b"{}", "application/json", "r", "msg_r")
+        await until(lambda: results == ["failed"], what="the guarded delivery ended")
+        assert receiver.hits["literal"] == []
+        allowed.post_later(receiver.url + "/literal", b"{}", "application/json", "r", "msg_r")
+        await until(lambda: len(results) == 2, what="the allowed delivery ended")
+    finally:
+        await guarded.close()
+        await allowed.close()
+    assert results == ["failed", "delivered"] and len(receiver.hits["literal"]) == 1
+
+
+def test_a_new_token_is_192_random_bits() -> None:
+    import base64
+
+    from relay.security import new_token
+
+    tokens = {new_token() for _ in range(50)}
+    assert len(tokens) == 50
+    for token in tokens:
+        assert len(token) == 32 and len(base64.urlsafe_b64decode(token)) == 24
+
+
+async def test_bearer_tokens_are_read_leniently_but_only_as_bearer(relay: Relay) -> None:
+    """`Authorization: Bearer <token>` opens a private request whatever the scheme's case and however
+    many spaces come before or after the token; another scheme, or more than one word, does not."""
+    doc = await relay.start(msg("private words", access="private"))
+    token = doc["authorization"]["bearer_token"]
+    status_url = doc["endpoints"]["status_url"]
+    await relay.wait_status(status_url, headers={"Authorization": f"Bearer {token}"})
+    for value in (f"Bearer {token}", f"bearer {token}", f"BEARER  {token}", f"Bearer {token}  "):
+        async with relay.session.get(status_url, headers={"Authorization": value}) as r:
+            assert r.status == 200, value
+    for value in (f"Basic {token}", f"Bearer{token}", f"Bearer {token} extra", f"Token {token}", "Bearer "):
+        async with relay.session.get(status_url, headers={"Authorization": value}) as r:
+            assert r.status in (401, 403), value
