@@ -12,6 +12,7 @@ here failed with its bug planted, see docs/development.md, "Mutation testing"):
 from __future__ import annotations
 
 import ast
+import asyncio
 import re
 import socket
 from pathlib import Path
@@ -135,6 +136,24 @@ async def test_an_ended_stored_chat_completion_answers_only_its_owner(keyed: Rel
     assert status == 200 and mine["metadata"] == {"topic": "a"}  # (B's update changed nothing)
     status, page = await call(relay, "GET", "/v1/chat/completions", KEY_A)
     assert [c["id"] for c in page["data"]] == [cid]
+
+
+async def test_a_get_made_while_the_owners_is_being_made_is_not_given_the_owners(keyed: Relay) -> None:
+    """GETs of one object that arrive together share the answer being made (`Answers`): another key's
+    GET arriving while the owner's is made must not be given it, nor the owner's a refusal made for
+    another key. Each round is a new, ended response (not yet kept), fetched by both keys at once."""
+    relay = keyed
+    for round_ in range(6):
+        status, created = await call(relay, "POST", "/v1/responses", KEY_A, {"model": "echo", "input": f"r{round_}"})
+        assert status == 200 and created["status"] == "completed"
+        path = f"/v1/responses/{created['id']}"
+        order = [KEY_A, KEY_B, KEY_A] if round_ % 2 == 0 else [KEY_B, KEY_A, KEY_B]
+        answers = await asyncio.gather(*(call(relay, "GET", path, key) for key in order))
+        for key, (status, doc) in zip(order, answers, strict=True):
+            if key == KEY_A:
+                assert status == 200 and doc["id"] == created["id"], (round_, doc)
+            else:
+                assert_not_found(status, doc, f"round {round_}: B's GET")
 
 
 # ----- job slots and OpenAI-face refusals -----------------------------------------------------------
