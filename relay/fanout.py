@@ -72,6 +72,8 @@ class Fanout:
         if not self.subs or events is None:
             return
         data, start = events.tail, events.tail_start
+        if not data:  # (an empty chunk is the end of a chunked body: the reader's stream would end there)
+            return
         if len(data) > PUSH_BUFFER_LIMIT:  # (a response's closing events: many MiB) each reader's own loop
             self.woken()  # sends it from the file, a block at a time, as fast as that reader takes it
             return

@@ -354,9 +354,11 @@ class Job:
             try:
                 turns = Turns()
                 async for block in resp.chunks:
-                    self.last_read = _now()
                     self._keep_raw(block)
-                    self._handle(parser.feed(block))
+                    datas = parser.feed(block)
+                    if datas or self.last_read is None:  # progress is an event, not a byte (or a comment)
+                        self.last_read = _now()
+                    self._handle(datas)
                     if self._saw_done:
                         break
                     await turns.check()
@@ -408,7 +410,8 @@ class Job:
                     self.events.append(out)
                 for chunk in chunks:  # only what is on disk counts towards the assembled answer
                     self.assembler.add(chunk)
-                self._announce()
+                if out:  # (a format may write nothing for a chunk: an announce would push an empty chunk)
+                    self._announce()
                 self.manager.statuses.changed(self)
 
     def _parse(self, data: bytes, what: str) -> Any:

@@ -24,7 +24,7 @@ class Script:
     headers: list[tuple[str, str]] = field(default_factory=lambda: [("Content-Type", "text/event-stream")])
     chunked: bool = True
     pause: float = 0.0  # seconds between blocks
-    end: str = "close"  # "close" (a clean end), "abort" (reset, no end), "hang", "garbled" (a chunk cut short, then silence)
+    end: str = "close"  # "close" (clean), "abort" (reset), "hang", "garbled" (a chunk cut short, then silence)
 
 
 class ScriptedUpstream:

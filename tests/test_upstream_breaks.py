@@ -178,3 +178,35 @@ async def test_an_upstream_that_connected_is_not_unreachable(make_relay: RelayFa
         final = await relay.wait_status(doc["endpoints"]["status_url"])
         assert final["error"]["code"] == code, final["error"]
         server.close()
+
+
+async def test_a_stored_stream_whose_chunks_are_all_hidden_still_ends_with_its_ending(
+    srelay: Relay, scripted: ScriptedUpstream
+) -> None:
+    """Found by the fuzzer: a chunk that the stored chat completion's log leaves out (a usage-only chunk
+    its client did not ask for) still woke the caught-up readers, and the fan-out pushed them an empty
+    HTTP chunk, which is the end of a chunked body: the client's stream ended without its ending, and the
+    later events were written after that end, as garbage on its keep-alive connection."""
+    usage = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
+    name = scripted.register(Script([sse(usage, done=False)], pause=0.2, end="close"))
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": True, "store": True}
+    async with srelay.session.post(srelay.url + "/v1/chat/completions", data=orjson.dumps(body),
+                                   headers=HEADERS) as r:  # fmt: skip
+        assert r.status == 200
+        events = parse_sse((await r.read()).decode())
+    assert [e.data for e in events][-1] == "[DONE]" and events[-2].event == "error"
+    async with srelay.session.get(srelay.url + "/healthz") as r:  # the same keep-alive connection: still HTTP
+        assert r.status == 200
+
+
+async def test_a_trickle_of_bytes_without_events_does_not_defeat_the_idle_bound(
+    srelay: Relay, scripted: ScriptedUpstream
+) -> None:
+    """Found by an independent attack: the idle bound counted bytes, so an upstream dripping a byte (or a
+    blank line, or a comment) every half second held the request until its whole timeout."""
+    blocks = [sse(chunk({"content": "first"}), done=False)] + [b"\n"] * 12 + [b": still here\n\n"] * 4
+    started = time.monotonic()
+    final, _ = await run(srelay, scripted, Script(blocks, pause=0.4, end="hang"))
+    assert final["status"] == "error" and final["error"]["code"] == "upstream_disconnected"
+    assert time.monotonic() - started < 5
