@@ -101,7 +101,7 @@ class ScriptedUpstream:
             return
         if script.end == "garbled":  # a chunk that announces more than ever comes: the read waits, no error
             await asyncio.sleep(0.05)
-            writer.write(b"1000\r\ndata: {\"cho")
+            writer.write(b'1000\r\ndata: {"cho')
             await writer.drain()
         if script.end in ("hang", "garbled"):
             await reader.read()  # until the relay goes away
