@@ -21,7 +21,7 @@ from aiohttp import web
 from . import ledger, status
 from .bounds import containers, has_control, printable_ascii, raw_too_deep
 from .config import ApiKey, Config
-from .http import CONFIG, MANAGER, QUOTAS, HTTPError, json_response
+from .http import CONFIG, KEY_CLAIM, MANAGER, QUOTAS, HTTPError, json_response
 from .jobs import Job, JobManager
 from .paths import RequestPath, expired, is_http_url, parse_status_url
 from .quotas import QuotaExceeded
@@ -334,6 +334,16 @@ def upstream_key(request: web.Request, config: Config) -> tuple[str, str | None]
 
 
 def take_quota(request: web.Request, api_key_entry: ApiKey | None) -> None:
+    """The key's share of running requests (held by the request until it ends, see `in_slot`), then its
+    monthly and per-minute quotas."""
+    label = ledger.key_label(api_key_entry)
+    manager: JobManager = request.app[MANAGER]
+    if request.get(KEY_CLAIM) is None:
+        if not manager.claim_key(label):
+            message = (f"this relay key already has {manager.key_share()} requests running "
+                       "([quotas] max_running_per_key); retry when one ends")  # fmt: skip
+            raise HTTPError(429, "too_many_running", message, {"Retry-After": "1"})
+        request[KEY_CLAIM] = label
     try:
         request.app[QUOTAS].take(api_key_entry)
     except QuotaExceeded as exc:
@@ -341,6 +351,21 @@ def take_quota(request: web.Request, api_key_entry: ApiKey | None) -> None:
     except OSError as exc:
         log.error("cannot record quota usage: %s", exc.strerror)
         raise _storage_unavailable() from None
+
+
+def hand_over_key(request: web.Request, job: Job) -> None:
+    """The request's claim on its key's share goes to its job, which gives it back when it ends."""
+    if request.get(KEY_CLAIM) is not None:
+        request[KEY_CLAIM] = None
+        job.key_claimed = True
+
+
+def release_key(request: web.Request) -> None:
+    """Give back the request's claim on its key's share, if it still holds one."""
+    label = request.get(KEY_CLAIM)
+    if label is not None:
+        request[KEY_CLAIM] = None
+        request.app[MANAGER].release_key(label)
 
 
 async def admit(request: web.Request, manager: JobManager, config: Config) -> Admitted:
@@ -379,9 +404,9 @@ def conversation(adm: Admitted, config: Config) -> tuple[list[dict[str, Any]], s
     return messages, model or config.upstream_default_model, access, conversation_id
 
 
-async def in_slot(manager: JobManager, start: Callable[[], Awaitable[T]]) -> T:
+async def in_slot(manager: JobManager, start: Callable[[], Awaitable[T]], request: web.Request | None = None) -> T:
     """Run `start` (admission, then the job's start) holding one of the job slots; the slot goes to the
-    job when `start` returns, and back when it raises."""
+    job when `start` returns, and back when it raises (with the request's claim on its key's share)."""
     if not manager.accepting:
         raise HTTPError(503, "shutting_down", "the relay is shutting down; retry in a moment", {"Retry-After": "5"})
     if not manager.claim_slot():  # taken before the first await, so the limit holds under concurrency
@@ -392,6 +417,8 @@ async def in_slot(manager: JobManager, start: Callable[[], Awaitable[T]]) -> T:
         return await start()
     except BaseException:
         manager.release_slot()
+        if request is not None:
+            release_key(request)
         raise
 
 
@@ -404,14 +431,14 @@ async def create(request: web.Request, stream: bool) -> web.Response:
         return await _start(request, manager, config, adm, stream)
 
     try:
-        return await in_slot(manager, start)
+        return await in_slot(manager, start, request)
     except HTTPError as exc:
         manager.metrics.refusals.labels(str(exc.status)).inc()
         manager.metrics.requests.labels(request.path, "refused").inc()
         return exc.response()
 
 
-async def launch(manager: JobManager, job: Job) -> None:
+async def launch(manager: JobManager, job: Job, request: web.Request | None = None) -> None:
     """Create the request's files (its one thread hop, ~0.2 ms of file work) and start its job."""
     try:
         await manager.on_intake(job.create_files)
@@ -419,6 +446,8 @@ async def launch(manager: JobManager, job: Job) -> None:
         log.error("refusing a new request: cannot write to the data directory: %s", exc.strerror)
         raise _storage_unavailable() from None
     manager.start(job)
+    if request is not None:
+        hand_over_key(request, job)
 
 
 def permalinks(rp: RequestPath, base: str, stream: bool) -> dict[str, str]:
@@ -486,7 +515,7 @@ async def _start(
         webhook_url=adm.req.webhook_url,
         key_label=adm.key_label,
     )
-    await launch(manager, job)
+    await launch(manager, job, request)
     log.info(
         "request %s accepted endpoint=%s model=%s access=%s%s",
         rp.request_id,

@@ -164,6 +164,7 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("auth", "admin_keys", list, [], _admin_keys, "keys of the operator API and page; empty = both off"),
     ("quotas", "requests_per_month", int, 0, _non_negative, "requests per relay key per calendar month (0 = no limit)"),
     ("quotas", "requests_per_minute", int, 0, _non_negative, "requests per relay key per minute (0 = no limit)"),
+    ("quotas", "max_running_per_key", int, 0, _non_negative, "running requests per relay key (0 = 3/4 of all)"),
     ("retention", "max_age_days", float, 30.0, _positive, "days before a request's files expire"),
     ("retention", "janitor_interval_seconds", float, 600.0, _positive, "how often expired files are removed"),
     ("retention", "janitor_batch", int, 500, _positive, "requests removed per batch (the loop serves between)"),
@@ -246,6 +247,7 @@ class Config:
     auth_admin_keys: tuple[str, ...] = field(default=(), repr=False)
     quotas_requests_per_month: int = 0
     quotas_requests_per_minute: int = 0
+    quotas_max_running_per_key: int = 0
     retention_max_age_days: float = 30.0
     retention_janitor_interval_seconds: float = 600.0
     retention_janitor_batch: int = 500

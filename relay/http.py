@@ -18,6 +18,7 @@ MANAGER: web.AppKey[JobManager] = web.AppKey("manager")
 READERS: web.AppKey[list[int]] = web.AppKey("readers")
 QUOTAS: web.AppKey[Quotas] = web.AppKey("quotas")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+KEY_CLAIM: web.RequestKey[str | None] = web.RequestKey("key_claim", str)  # the key name whose share it holds
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -148,6 +148,7 @@ class Job:
         self.on_close: Callable[[Job], None] | None = None  # told once the request has ended
         self.webhook_url = webhook_url
         self.key_label = key_label
+        self.key_claimed = False  # it holds one of its key's running requests (see JobManager.claim_key)
         self.ledger_line: dict[str, Any] | None = None  # written to the usage ledger at the ending
         self.rp = rp
         self.stream = stream
@@ -654,6 +655,9 @@ class Job:
         if not self.status_settled.is_set():
             self.status_settled.set()
             self.manager.release_slot()
+            if self.key_claimed:
+                self.key_claimed = False
+                self.manager.release_key(self.key_label)
 
     def hold_tail(self, until: asyncio.Future[None]) -> None:
         """Keep the stream's last events (`event: stop`, `[DONE]`) back until `until` is done (at most
@@ -755,6 +759,7 @@ class JobManager:
         self.webhooks = webhooks
         self.jobs: dict[str, Job] = {}
         self._slots = 0  # claimed by POSTs being admitted, and by running jobs
+        self.per_key: dict[str, int] = {}  # running jobs, passed-through answers and admissions, by key name
         self.retries: set[asyncio.Task[None]] = set()  # endings waiting for the disk
         self.accepting = True
         self.reserve = Reserve(config.data_dir / "reserve.bin", config.storage_reserve_bytes)
@@ -786,6 +791,33 @@ class JobManager:
 
     def release_slot(self) -> None:
         self._slots -= 1
+
+    def key_share(self) -> int:
+        """How many running requests one relay key may hold ([quotas] max_running_per_key; 0: three
+        quarters of [server] max_concurrent_jobs when several keys are configured, so that one key's slow
+        upstream or burst always leaves a quarter to the others; no limit with a single key)."""
+        cfg = self.config
+        if cfg.quotas_max_running_per_key > 0:
+            return cfg.quotas_max_running_per_key
+        if len(cfg.auth_api_keys) >= 2:
+            return max(1, cfg.server_max_concurrent_jobs * 3 // 4)
+        return 0
+
+    def claim_key(self, label: str) -> bool:
+        """Count one more running request of key `label`; False (nothing counted) over its share."""
+        held = self.per_key.get(label, 0)
+        share = self.key_share()
+        if share and held >= share:
+            return False
+        self.per_key[label] = held + 1
+        return True
+
+    def release_key(self, label: str) -> None:
+        held = self.per_key.get(label, 0) - 1
+        if held > 0:
+            self.per_key[label] = held
+        else:
+            self.per_key.pop(label, None)
 
     def get(self, request_id: str) -> Job | None:
         return self.jobs.get(request_id)

@@ -7,8 +7,13 @@ from pathlib import Path
 import orjson
 
 from relay.config import load
+from relay.http import MANAGER
 
-from .conftest import RelayFactory, msg
+from .conftest import TEST_KEY, RelayFactory, msg, until
+
+KEY_A_OPENAI = {"X-OpenAI-API-Key": TEST_KEY, "Content-Type": "application/json",
+                "Authorization": "Bearer unlimited-key-03"}  # fmt: skip
+CHAT = {"model": "echo", "messages": [{"role": "user", "content": "x"}]}
 
 KEYS = [
     {"key": "team-a-key-0001", "name": "team-a", "requests_per_minute": 2},
@@ -82,3 +87,37 @@ def test_keys_as_tables_in_config(tmp_path: Path) -> None:
     assert plain.key == "plain-key-123" and plain.requests_per_month is None
     assert table.name == "t" and table.requests_per_month == 5
     assert "table-key-123" not in repr(config)
+
+
+async def test_one_keys_slow_upstream_leaves_the_others_their_share(make_relay: RelayFactory) -> None:
+    """Fairness between tenants: a key whose upstream hangs (or that bursts) holds at most three quarters
+    of the running slots (the default with several keys), on every path of both faces; another key's
+    requests still start and end at once; the share is given back on every ending, refusal and pass-through."""
+    relay = await make_relay(auth_api_keys=KEYS, server_max_concurrent_jobs=8)
+    manager = relay.app[MANAGER]
+    a, b = key("unlimited-key-03"), key("team-a-key-0001")
+    stops = []
+    for _ in range(6):  # 3/4 of 8
+        status, _, doc = await relay.post(msg("x", model="echo:hang=1"), headers=a)
+        assert status == 200
+        stops.append(doc["endpoints"]["stop_url"])
+    status, headers, doc = await relay.post(msg("x", model="echo:hang=1"), headers=a)
+    assert status == 429 and doc["error"]["code"] == "too_many_running" and headers["Retry-After"] == "1"
+    for path, body in (("/v1/responses", {"model": "echo", "input": "x"}), ("/v1/chat/completions", CHAT)):
+        async with relay.session.post(relay.url + path, data=orjson.dumps(body), headers=KEY_A_OPENAI) as r:
+            assert r.status == 429 and (await r.json())["error"]["code"] == "too_many_running"
+    status, _, doc = await relay.post(msg("quick"), headers=b)  # the other key: not delayed
+    assert status == 200
+    assert (await relay.wait_status(doc["endpoints"]["status_url"], timeout=5))["status"] == "done"
+    for url in stops:
+        async with relay.session.post(url) as r:
+            assert r.status == 200
+    await until(lambda: manager.per_key == {}, what="every share given back")
+    for store in (False, True):  # a passed-through and a stored chat completion give theirs back too
+        body = {**CHAT, "store": store}
+        async with relay.session.post(relay.url + "/v1/chat/completions", data=orjson.dumps(body),
+                                      headers=KEY_A_OPENAI) as r:  # fmt: skip
+            assert r.status == 200
+    await until(lambda: manager.per_key == {}, what="every share given back")
+    status, _, _ = await relay.post(msg("x"), headers=a)
+    assert status == 200

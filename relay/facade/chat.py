@@ -275,13 +275,14 @@ async def create(request: web.Request) -> web.StreamResponse:
             return None
         return await _start_stored(request, who, payload, stream, metadata, api_key, organization)
 
-    job = await api.in_slot(manager, start)
+    job = await api.in_slot(manager, start, request)
     assert payload is not None
     if job is None:
         try:
             return await _pass_through(request, payload, who)
         finally:
             manager.release_slot()
+            api.release_key(request)
     return await _answer_stored(request, job, payload.get("stream") is True)
 
 
@@ -314,7 +315,7 @@ async def _start_stored(request: web.Request, who: Caller, payload: dict[str, An
             index.record(entry)
 
     job.on_close = indexed
-    await api.launch(manager, job)
+    await api.launch(manager, job, request)
     return job
 
 

@@ -156,7 +156,7 @@ async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any]
               timeout=config.upstream_max_timeout, connect_timeout=5, key_label=who.label,
               log_format=translate.ResponsesFormat(response_id, messages))  # fmt: skip
     job.on_close = _closed
-    await api.launch(manager, job)
+    await api.launch(manager, job, request)
     return job, echo, _relay_links(rp, config, authorization), payload.get("stream") is True
 
 
@@ -164,7 +164,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     manager: JobManager = request.app[MANAGER]
     try:
         who = caller(request)
-        job, echo, links, stream = await api.in_slot(manager, lambda: _start(request, who))
+        job, echo, links, stream = await api.in_slot(manager, lambda: _start(request, who), request)
     except HTTPError as exc:
         manager.metrics.requests.labels(ENDPOINT, "refused").inc()
         return OpenAIError.of(exc).response()
