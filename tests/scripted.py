@@ -32,6 +32,7 @@ class ScriptedUpstream:
         self.scripts: dict[str, Script] = {}
         self.requests: dict[str, dict[str, object]] = {}  # the last request body per script name
         self.open = 0  # connections being answered now
+        self.total = 0  # requests answered with a script
         self._names = itertools.count()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -82,6 +83,7 @@ class ScriptedUpstream:
             await writer.drain()
             return
         self.requests[model] = body
+        self.total += 1
         lines = [f"HTTP/1.1 {script.status} X".encode()]
         lines += [f"{k}: {v}".encode() for k, v in script.headers]
         lines.append(b"Transfer-Encoding: chunked" if script.chunked else b"Connection: close")

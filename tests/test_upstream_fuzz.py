@@ -164,17 +164,17 @@ async def test_any_upstream_stream_ends_every_request(
 async def test_kill_9_mid_stream(tmp_path_factory: pytest.TempPathFactory, scripted: ScriptedUpstream,
                                  upstream: Upstream, script: Script) -> None:  # fmt: skip
     """A relay killed with -9 while its upstream streams (and then stalls): after a start, every request
-    (streamed, async and chained ones waiting on it) is terminal, its stream has one `[DONE]`, last, and its
-    ledger line is written once."""
+    (streamed, async and a chained turn) is terminal, its stream has one `[DONE]`, last, and its ledger
+    line is written once."""
     data = tmp_path_factory.mktemp("kill")
     port = free_port()
     upstream.url = scripted.url  # start_relay points the relay at `upstream.url`
-    toml = "[upstream]\nidle_timeout_seconds = 0\n"  # the stall lasts until the kill
-    proc = start_relay(port, data, upstream, toml=toml)
+    proc = start_relay(port, data, upstream)  # (the stall lasts until the kill, well within the idle bound)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_healthy(url, proc)
         name = scripted.register(script)
+        served = scripted.total
         async with aiohttp.ClientSession() as s:
             posted = []
             for endpoint in ("/v1/stream-chatgpt", "/v1/async-chatgpt"):
@@ -182,28 +182,32 @@ async def test_kill_9_mid_stream(tmp_path_factory: pytest.TempPathFactory, scrip
                                   headers={"X-OpenAI-API-Key": TEST_KEY}) as r:  # fmt: skip
                     assert r.status == 200
                     posted.append((await r.json())["endpoints"])
-            parent = posted[0]["status_url"]
-            async with s.post(url + "/v1/stream-chatgpt", data=orjson.dumps({"from_status_url": parent, **msg("more")}),
+            quick = scripted.register(Script([b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}, '
+                                              b'"finish_reason": "stop"}]}\n\ndata: [DONE]\n\n']))  # fmt: skip
+            async with s.post(url + "/v1/stream-chatgpt", data=orjson.dumps(msg("first", model=quick)),
+                              headers={"X-OpenAI-API-Key": TEST_KEY}) as r:  # fmt: skip
+                parent = (await r.json())["endpoints"]["status_url"]
+            for _ in range(200):  # a finished parent, then a chained turn that streams when the relay dies
+                async with s.get(parent) as r:
+                    if (await r.json())["status"] == "done":
+                        break
+                await asyncio.sleep(0.05)
+            chained = {"from_status_url": parent, **msg("more", model=name)}
+            async with s.post(url + "/v1/stream-chatgpt", data=orjson.dumps(chained),
                               headers={"X-OpenAI-API-Key": TEST_KEY}) as r:  # fmt: skip
                 assert r.status == 200, await r.text()
                 posted.append((await r.json())["endpoints"])
-            await until(lambda: scripted.open >= 2, timeout=10, what="both upstream calls streaming")
+            await until(lambda: scripted.total >= served + 4, timeout=10, what="the upstream calls made")
+            await asyncio.sleep(0.1)  # (their first bytes on the way)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        proc = start_relay(port, data, upstream, toml=toml)
+        proc = start_relay(port, data, upstream)
         await wait_healthy(url, proc)
         async with aiohttp.ClientSession() as s:
             for links in posted:
                 async with s.get(links["status_url"]) as r:
                     assert r.status == 200
                     doc = await r.json()
-                if doc["status"] not in ("done", "error", "stop"):  # the chained one runs after its parent ended
-                    for _ in range(200):
-                        async with s.get(links["status_url"]) as r:
-                            doc = await r.json()
-                        if doc["status"] in ("done", "error", "stop"):
-                            break
-                        await asyncio.sleep(0.05)
                 assert doc["status"] in ("done", "error", "stop"), doc["status"]
                 if "stream_events_url" in links:
                     code, _, text = await read_stream(s, links["stream_events_url"])
@@ -211,7 +215,7 @@ async def test_kill_9_mid_stream(tmp_path_factory: pytest.TempPathFactory, scrip
                     check_stream_end(text)
         ids = [links["status_url"].rsplit("/", 1)[1].removesuffix(".json") for links in posted]
         lines = ledger_lines(data)
-        for request_id in ids[:2]:
+        for request_id in ids:
             assert sum(1 for line in lines if line["id"] == request_id) == 1
         for line in lines:
             check_ledger_line(line)
