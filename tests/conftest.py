@@ -32,6 +32,8 @@ from relay.config import Config
 from relay.http import MANAGER
 from relay.server import RelayRunner
 
+from .scripted import ScriptedUpstream
+
 TEST_KEY = "sk-test-UPSTREAMKEY-9f8e7d6c5b4a"
 
 # Generated tests (Hypothesis): `make test` runs a bounded, reproducible slice; `make fuzz` the long, random run.
@@ -314,6 +316,25 @@ def blackhole() -> Iterator[tuple[int, set[int]]]:
 @pytest.fixture
 async def relay(make_relay: RelayFactory) -> Relay:
     return await make_relay()
+
+
+# the OpenAI face, in open mode, with the test's upstream key
+OPENAI_HEADERS = {"X-OpenAI-API-Key": TEST_KEY, "Authorization": "Bearer open-mode", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedUpstream]:
+    """An upstream that sends exactly the bytes a test scripts (tests/scripted.py)."""
+    up = ScriptedUpstream()
+    await up.start()
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+async def scripted_relay(make_relay: RelayFactory, scripted: ScriptedUpstream) -> Relay:
+    """A relay in front of the scripted upstream, with an idle bound of one second."""
+    return await make_relay(upstream_url=scripted.url, upstream_idle_timeout_seconds=1.0)
 
 
 # ----- shared by several test modules ------------------------------------------------------------

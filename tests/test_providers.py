@@ -21,11 +21,10 @@ from typing import Any
 import orjson
 import pytest
 
-from .conftest import TEST_KEY, Relay, msg, parse_sse, read_stream, until
+from .conftest import OPENAI_HEADERS, Relay, msg, parse_sse, read_stream, until
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = sorted(p.stem for p in (ROOT / "tests" / "corpus").glob("*.json"))
-HEADERS = {"X-OpenAI-API-Key": TEST_KEY, "Authorization": "Bearer open-mode", "Content-Type": "application/json"}
 
 
 def expected(name: str) -> dict[str, Any]:
@@ -126,7 +125,7 @@ async def test_responses_face(relay: Relay, name: str) -> None:
     want = expected(name)
     w = want["choices"][0]
     payload = {"model": f"quirks:{name}", "input": "hello", "stream": True}
-    async with relay.session.post(relay.url + "/v1/responses", data=orjson.dumps(payload), headers=HEADERS) as r:
+    async with relay.session.post(relay.url + "/v1/responses", data=orjson.dumps(payload), headers=OPENAI_HEADERS) as r:
         assert r.status == 200
         events = [orjson.loads(e.data) for e in parse_sse((await r.read()).decode()) if e.data != "[DONE]"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
@@ -139,7 +138,7 @@ async def test_responses_face(relay: Relay, name: str) -> None:
     if status == "completed" and w["finish_reason"] in ("length", "content_filter"):
         status = "incomplete"
     assert final["type"] == f"response.{status}" and final["response"]["status"] == status
-    async with relay.session.get(f"{relay.url}/v1/responses/{final['response']['id']}", headers=HEADERS) as r:
+    async with relay.session.get(f"{relay.url}/v1/responses/{final['response']['id']}", headers=OPENAI_HEADERS) as r:
         assert r.status == 200
         obj = await r.json()
     for output in (final["response"]["output"], obj["output"]):
@@ -165,7 +164,7 @@ async def test_chat_completions_face(relay: Relay, name: str) -> None:
     base = {"model": f"quirks:{name}", "messages": [{"role": "user", "content": "hello"}], "stream": True}
     # stored: what its client is streamed, and the stored object
     async with relay.session.post(relay.url + "/v1/chat/completions", data=orjson.dumps({**base, "store": True}),
-                                  headers=HEADERS) as r:  # fmt: skip
+                                  headers=OPENAI_HEADERS) as r:  # fmt: skip
         assert r.status == 200
         chunks = [orjson.loads(e.data) for e in parse_sse((await r.read()).decode())
                   if e.event is None and e.data != "[DONE]"]  # fmt: skip
@@ -173,7 +172,7 @@ async def test_chat_completions_face(relay: Relay, name: str) -> None:
     assert streamed_text(chunks) == streamed_text([c for c in sent if "error" not in c])
     if want["outcome"]["status"] == "done":  # (only completions that end well are stored)
         (stored,) = await _stored(relay)  # this relay's only one
-        async with relay.session.get(f"{relay.url}/v1/chat/completions/{stored['id']}", headers=HEADERS) as r:
+        async with relay.session.get(f"{relay.url}/v1/chat/completions/{stored['id']}", headers=OPENAI_HEADERS) as r:
             assert r.status == 200
             obj = await r.json()
         check_message(obj["choices"][0], w)
@@ -181,7 +180,7 @@ async def test_chat_completions_face(relay: Relay, name: str) -> None:
     before = len(ledger(relay))
     passed = {**base, "store": False, "stream_options": {"include_usage": True}}
     async with relay.session.post(relay.url + "/v1/chat/completions", data=orjson.dumps(passed),
-                                  headers=HEADERS) as r:  # fmt: skip
+                                  headers=OPENAI_HEADERS) as r:  # fmt: skip
         assert r.status == 200
         got = await r.read()
     assert got == (ROOT / "relay" / "quirks" / f"{name}.sse").read_bytes()
@@ -192,6 +191,6 @@ async def test_chat_completions_face(relay: Relay, name: str) -> None:
 
 
 async def _stored(relay: Relay) -> list[dict[str, Any]]:
-    async with relay.session.get(relay.url + "/v1/chat/completions", headers=HEADERS) as r:
+    async with relay.session.get(relay.url + "/v1/chat/completions", headers=OPENAI_HEADERS) as r:
         assert r.status == 200
         return (await r.json())["data"]

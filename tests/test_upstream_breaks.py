@@ -14,7 +14,6 @@ import asyncio
 import gzip
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -22,10 +21,8 @@ import pytest
 
 from relay.paths import RequestPath
 
-from .conftest import TEST_KEY, Relay, RelayFactory, held, msg, parse_sse, read_stream, until
+from .conftest import OPENAI_HEADERS, Relay, RelayFactory, held, msg, parse_sse, read_stream, until
 from .scripted import Script, ScriptedUpstream
-
-HEADERS = {"X-OpenAI-API-Key": TEST_KEY, "Authorization": "Bearer open-mode", "Content-Type": "application/json"}
 
 
 def sse(*chunks: dict[str, object], done: bool = True) -> bytes:
@@ -51,19 +48,6 @@ NULL_INDEX = sse(
 )
 
 
-@pytest.fixture
-async def scripted() -> AsyncIterator[ScriptedUpstream]:
-    up = ScriptedUpstream()
-    await up.start()
-    yield up
-    await up.close()
-
-
-@pytest.fixture
-async def srelay(make_relay: RelayFactory, scripted: ScriptedUpstream) -> Relay:
-    return await make_relay(upstream_url=scripted.url, upstream_idle_timeout_seconds=1.0)
-
-
 async def run(relay: Relay, up: ScriptedUpstream, script: Script) -> tuple[dict[str, object], str]:
     doc = await relay.start(msg("hi", model=up.register(script)))
     code, _, text = await read_stream(relay.session, doc["endpoints"]["stream_events_url"])
@@ -72,14 +56,16 @@ async def run(relay: Relay, up: ScriptedUpstream, script: Script) -> tuple[dict[
 
 
 async def test_a_tool_call_with_a_null_index_after_index_0_ends_the_request(
-    srelay: Relay, scripted: ScriptedUpstream
+    scripted_relay: Relay, scripted: ScriptedUpstream
 ) -> None:
-    final, text = await run(srelay, scripted, Script([NULL_INDEX]))
+    final, text = await run(scripted_relay, scripted, Script([NULL_INDEX]))
     assert final["status"] == "done"
     (call,) = final["response"]["body"]["choices"][0]["message"]["tool_calls"]  # one call, continued
     assert call["id"] == "call_1" and call["function"] == {"name": "f", "arguments": "{}"}
     assert [e.data for e in parse_sse(text)][-1] == "[DONE]"
-    await until(lambda: held(srelay) == {"jobs": 0, "slots": 0, "markers": 0, "retries": 0}, what="nothing held")
+    await until(
+        lambda: held(scripted_relay) == {"jobs": 0, "slots": 0, "markers": 0, "retries": 0}, what="nothing held"
+    )
 
 
 async def test_a_restart_ends_a_request_whose_log_holds_such_chunks(make_relay: RelayFactory, tmp_path: Path) -> None:
@@ -106,31 +92,33 @@ async def test_a_restart_ends_a_request_whose_log_holds_such_chunks(make_relay: 
 
 
 async def test_a_compressed_body_is_an_invalid_response_not_a_disconnect(
-    srelay: Relay, scripted: ScriptedUpstream
+    scripted_relay: Relay, scripted: ScriptedUpstream
 ) -> None:
     body = gzip.compress(sse(chunk({"content": "hello"}, "stop")))
     script = Script([body], headers=[("Content-Type", "text/event-stream"), ("Content-Encoding", "gzip")])
-    final, _ = await run(srelay, scripted, script)
+    final, _ = await run(scripted_relay, scripted, script)
     assert final["status"] == "error" and final["error"]["code"] == "upstream_invalid_response"
     assert "Content-Encoding: gzip" in final["error"]["message"]
     passed = {"model": scripted.register(script), "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    async with srelay.session.post(srelay.url + "/v1/chat/completions", data=orjson.dumps(passed),
-                                   headers=HEADERS) as r:  # fmt: skip
+    async with scripted_relay.session.post(scripted_relay.url + "/v1/chat/completions", data=orjson.dumps(passed),
+                                   headers=OPENAI_HEADERS) as r:  # fmt: skip
         assert r.status == 502  # never the compressed bytes, labelled as plain text
         assert "Content-Encoding" in (await r.json())["error"]["message"]
 
 
-async def test_a_body_that_is_not_an_event_stream_says_so(srelay: Relay, scripted: ScriptedUpstream) -> None:
-    final, _ = await run(srelay, scripted, Script([b"<html>\x00\xffnot events</html>"]))
+async def test_a_body_that_is_not_an_event_stream_says_so(scripted_relay: Relay, scripted: ScriptedUpstream) -> None:
+    final, _ = await run(scripted_relay, scripted, Script([b"<html>\x00\xffnot events</html>"]))
     assert final["status"] == "error" and final["error"]["code"] == "upstream_invalid_response"
 
 
 @pytest.mark.parametrize("face", ["native", "responses", "chat-stored", "chat-passed"])
-async def test_garbled_chunked_framing_ends_in_seconds(srelay: Relay, scripted: ScriptedUpstream, face: str) -> None:
+async def test_garbled_chunked_framing_ends_in_seconds(
+    scripted_relay: Relay, scripted: ScriptedUpstream, face: str
+) -> None:
     script = Script([sse(chunk({"content": "first"}), done=False)], end="garbled")
     started = time.monotonic()
     if face == "native":
-        final, _ = await run(srelay, scripted, script)
+        final, _ = await run(scripted_relay, scripted, script)
         assert final["status"] == "error" and final["error"]["code"] == "upstream_disconnected", final["error"]
         assert final["response"]["body"]["choices"][0]["message"]["content"] == "first"
     else:
@@ -138,7 +126,9 @@ async def test_garbled_chunked_framing_ends_in_seconds(srelay: Relay, scripted: 
         path, body = ("/v1/responses", {"model": name, "input": "hi", "stream": True}) if face == "responses" else (
             "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": True,
                                      "store": face == "chat-stored"})  # fmt: skip
-        async with srelay.session.post(srelay.url + path, data=orjson.dumps(body), headers=HEADERS) as r:
+        async with scripted_relay.session.post(
+            scripted_relay.url + path, data=orjson.dumps(body), headers=OPENAI_HEADERS
+        ) as r:
             assert r.status == 200
             try:
                 await r.read()
@@ -149,13 +139,13 @@ async def test_garbled_chunked_framing_ends_in_seconds(srelay: Relay, scripted: 
 
 
 async def test_a_stalled_answer_that_is_not_an_event_stream_ends_in_seconds(
-    srelay: Relay, scripted: ScriptedUpstream
+    scripted_relay: Relay, scripted: ScriptedUpstream
 ) -> None:
     """Found by the fuzzer: the relay keeps the first bytes of a non-SSE answer to a stream request for its
     error, and that read had no idle bound (the request ran to its whole timeout)."""
     started = time.monotonic()
-    final, _ = await run(srelay, scripted, Script([b": OPENROUTER"], headers=[("Content-Type", "application/json")],
-                                                  end="hang"))  # fmt: skip
+    script = Script([b": OPENROUTER"], headers=[("Content-Type", "application/json")], end="hang")
+    final, _ = await run(scripted_relay, scripted, script)
     assert final["status"] == "error" and final["error"]["code"] == "upstream_disconnected"
     assert time.monotonic() - started < 8
 
@@ -181,7 +171,7 @@ async def test_an_upstream_that_connected_is_not_unreachable(make_relay: RelayFa
 
 
 async def test_a_stored_stream_whose_chunks_are_all_hidden_still_ends_with_its_ending(
-    srelay: Relay, scripted: ScriptedUpstream
+    scripted_relay: Relay, scripted: ScriptedUpstream
 ) -> None:
     """Found by the fuzzer: a chunk that the stored chat completion's log leaves out (a usage-only chunk
     its client did not ask for) still woke the caught-up readers, and the fan-out pushed them an empty
@@ -191,22 +181,24 @@ async def test_a_stored_stream_whose_chunks_are_all_hidden_still_ends_with_its_e
              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
     name = scripted.register(Script([sse(usage, done=False)], pause=0.2, end="close"))
     body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": True, "store": True}
-    async with srelay.session.post(srelay.url + "/v1/chat/completions", data=orjson.dumps(body),
-                                   headers=HEADERS) as r:  # fmt: skip
+    async with scripted_relay.session.post(scripted_relay.url + "/v1/chat/completions", data=orjson.dumps(body),
+                                   headers=OPENAI_HEADERS) as r:  # fmt: skip
         assert r.status == 200
         events = parse_sse((await r.read()).decode())
     assert [e.data for e in events][-1] == "[DONE]" and events[-2].event == "error"
-    async with srelay.session.get(srelay.url + "/healthz") as r:  # the same keep-alive connection: still HTTP
+    async with scripted_relay.session.get(
+        scripted_relay.url + "/healthz"
+    ) as r:  # the same keep-alive connection: still HTTP
         assert r.status == 200
 
 
 async def test_a_trickle_of_bytes_without_events_does_not_defeat_the_idle_bound(
-    srelay: Relay, scripted: ScriptedUpstream
+    scripted_relay: Relay, scripted: ScriptedUpstream
 ) -> None:
     """Found by an independent attack: the idle bound counted bytes, so an upstream dripping a byte (or a
     blank line, or a comment) every half second held the request until its whole timeout."""
     blocks = [sse(chunk({"content": "first"}), done=False)] + [b"\n"] * 12 + [b": still here\n\n"] * 4
     started = time.monotonic()
-    final, _ = await run(srelay, scripted, Script(blocks, pause=0.4, end="hang"))
+    final, _ = await run(scripted_relay, scripted, Script(blocks, pause=0.4, end="hang"))
     assert final["status"] == "error" and final["error"]["code"] == "upstream_disconnected"
     assert time.monotonic() - started < 5

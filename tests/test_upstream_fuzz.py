@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import (
+    OPENAI_HEADERS,
     TEST_KEY,
     Relay,
-    RelayFactory,
     Upstream,
     free_port,
     held,
@@ -47,22 +46,8 @@ from .conftest import (
 from .fuzzing import streams
 from .scripted import Script, ScriptedUpstream
 
-HEADERS = {"X-OpenAI-API-Key": TEST_KEY, "Authorization": "Bearer open-mode", "Content-Type": "application/json"}
 NOTHING_HELD = {"jobs": 0, "slots": 0, "markers": 0, "retries": 0}
 FACES = ("responses", "chat-stored", "chat-passed")
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[ScriptedUpstream]:
-    up = ScriptedUpstream()
-    await up.start()
-    yield up
-    await up.close()
-
-
-@pytest.fixture
-async def fuzz_relay(make_relay: RelayFactory, scripted: ScriptedUpstream) -> Relay:
-    return await make_relay(upstream_url=scripted.url, upstream_idle_timeout_seconds=1.0)
 
 
 def ledger_lines(data_dir: Path) -> list[dict[str, Any]]:
@@ -109,18 +94,18 @@ async def openai_face(relay: Relay, up: ScriptedUpstream, script: Script, face: 
     s = relay.session
     if face == "responses":
         body: dict[str, Any] = {"model": name, "input": "hello", "stream": True}
-        async with s.post(relay.url + "/v1/responses", data=orjson.dumps(body), headers=HEADERS) as r:
+        async with s.post(relay.url + "/v1/responses", data=orjson.dumps(body), headers=OPENAI_HEADERS) as r:
             assert r.status == 200, await r.text()
             datas = check_stream_end((await r.read()).decode())
         last = orjson.loads(datas[-2])
         assert last["type"] in ("response.completed", "response.failed", "response.incomplete"), last["type"]
-        async with s.get(f"{relay.url}/v1/responses/{last['response']['id']}", headers=HEADERS) as r:
+        async with s.get(f"{relay.url}/v1/responses/{last['response']['id']}", headers=OPENAI_HEADERS) as r:
             assert r.status == 200
             assert (await r.json())["status"] in ("completed", "failed", "incomplete")
         return
     store = face == "chat-stored"
     body = {"model": name, "messages": [{"role": "user", "content": "hello"}], "stream": True, "store": store}
-    async with s.post(relay.url + "/v1/chat/completions", data=orjson.dumps(body), headers=HEADERS) as r:
+    async with s.post(relay.url + "/v1/chat/completions", data=orjson.dumps(body), headers=OPENAI_HEADERS) as r:
         assert r.status < 500 or (not store and r.status in (502, 504)), (r.status, await r.text())
         try:
             data = await r.read()
@@ -149,13 +134,13 @@ async def settled(relay: Relay, up: ScriptedUpstream, ledger_before: int, reques
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
 @given(script=streams(), face=st.sampled_from(FACES))
 async def test_any_upstream_stream_ends_every_request(
-    fuzz_relay: Relay, scripted: ScriptedUpstream, script: Script, face: str
+    scripted_relay: Relay, scripted: ScriptedUpstream, script: Script, face: str
 ) -> None:
-    before = len(ledger_lines(fuzz_relay.data_dir))
-    request_id = await native(fuzz_relay, scripted, script)
-    await openai_face(fuzz_relay, scripted, script, face)
-    await settled(fuzz_relay, scripted, before, 2)
-    assert sum(1 for line in ledger_lines(fuzz_relay.data_dir) if line["id"] == request_id) == 1
+    before = len(ledger_lines(scripted_relay.data_dir))
+    request_id = await native(scripted_relay, scripted, script)
+    await openai_face(scripted_relay, scripted, script, face)
+    await settled(scripted_relay, scripted, before, 2)
+    assert sum(1 for line in ledger_lines(scripted_relay.data_dir) if line["id"] == request_id) == 1
 
 
 @settings(max_examples=4, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
