@@ -868,3 +868,30 @@ def test_read_auth_parses_a_document_whose_authorization_is_not_at_its_head(tmp_
     assert read_auth(tmp_path, "odd.json") == {}
     with pytest.raises(ValueError, match="^not a status document$"):
         read_auth(tmp_path, "list.json")
+
+
+def test_token_metrics_label_at_most_100_models_and_count_nothing_for_no_count() -> None:
+    from relay.metrics import MAX_MODELS, Metrics
+
+    m = Metrics()
+
+    def value(name: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(name, labels)
+
+    for i in range(MAX_MODELS):
+        m.count_tokens({"key": "alpha", "model": f"m{i}", "prompt_tokens": 2, "completion_tokens": 1})
+    m.count_tokens({"key": "alpha", "model": "m0", "prompt_tokens": 2, "completion_tokens": 1})  # (seen: its own)
+    m.count_tokens({"key": "alpha", "model": "one-too-many", "prompt_tokens": 5, "completion_tokens": 3})
+    m.count_tokens({"key": "alpha", "model": "another", "prompt_tokens": 1, "completion_tokens": 1})
+    assert value("relay_tokens_total", key="alpha", model="m0", kind="prompt") == 4
+    assert value("relay_tokens_total", key="alpha", model=f"m{MAX_MODELS - 1}", kind="completion") == 1
+    assert value("relay_tokens_total", key="alpha", model="other", kind="prompt") == 6
+    assert value("relay_tokens_total", key="alpha", model="one-too-many", kind="prompt") is None
+    m.count_tokens({"prompt_tokens": None, "completion_tokens": None, "estimated": True})  # no key, no model
+    assert value("relay_tokens_total", key="", model="other", kind="prompt") == 0
+    assert value("relay_tokens_estimated_requests_total", key="") == 1
+    assert value("relay_tokens_estimated_requests_total", key="alpha") is None
+
+    fresh = Metrics()
+    fresh.count_tokens({"key": "k", "prompt_tokens": 1, "completion_tokens": 0})
+    assert fresh.registry.get_sample_value("relay_tokens_total", {"key": "k", "model": "", "kind": "prompt"}) == 1
