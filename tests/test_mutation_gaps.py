@@ -770,6 +770,16 @@ def test_token_counts_from_usage_take_only_counts() -> None:
 
     line = tokens(usage(prompt_tokens=0, completion_tokens=MAX_TOKENS), None)
     assert (line["prompt_tokens"], line["completion_tokens"], line["estimated"]) == (0, MAX_TOKENS, False)
+    for total, expected in ((9, 9), (None, 7), ("7", 7), (-1, 7)):  # a total that is not a count: the sum
+        line = tokens({"response": {"body": {"usage": {"prompt_tokens": 3, "completion_tokens": 4,
+                                                       "total_tokens": total}}}}, None)  # fmt: skip
+        assert line["total_tokens"] == expected, total
+    details = {"prompt_tokens_details": {"cached_tokens": 2}, "completion_tokens_details": {"reasoning_tokens": 1}}
+    line = tokens(usage(prompt_tokens=3, completion_tokens=4, **details), None)
+    assert (line["cached_tokens"], line["reasoning_tokens"]) == (2, 1)
+    line = tokens(usage(prompt_tokens=3, completion_tokens=4, prompt_tokens_details=[2],
+                        completion_tokens_details="1"), None)  # fmt: skip
+    assert (line["cached_tokens"], line["reasoning_tokens"]) == (None, None)
     for bad in (-1, MAX_TOKENS + 1, True, "5", 2.0, None):  # not a count: estimated instead
         line = tokens(usage(prompt_tokens=bad, completion_tokens=5), None)
         assert line["estimated"] is True and (line["prompt_tokens"], line["completion_tokens"]) == (0, 0), bad
@@ -788,9 +798,13 @@ def test_estimated_tokens_count_every_kind_of_text() -> None:
         {"role": "assistant", "content": None, "refusal": "r" * 4,
          "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "nnnn", "arguments": "a" * 16}}]},
     ]  # fmt: skip
-    answer = {"choices": [{"message": {"role": "assistant", "content": [{"type": "text", "text": "x" * 6}]}}]}
+    answer = {"choices": [{"message": {"role": "assistant", "content": [{"type": "text", "text": "x" * 19}]}}]}
     line = tokens({"response": {"body": answer}}, messages)
-    assert (line["prompt_tokens"], line["completion_tokens"], line["estimated"]) == (10, 2, True)  # 40/4, 6/4
+    assert (line["prompt_tokens"], line["completion_tokens"], line["total_tokens"]) == (10, 5, 15)  # 40/4, 19/4
+    assert line["estimated"] is True and line["cached_tokens"] is None and line["reasoning_tokens"] is None
+    for body in ({}, {"choices": "not a list"}, None):
+        line = tokens({"response": {"body": body}}, messages)
+        assert (line["prompt_tokens"], line["completion_tokens"], line["total_tokens"]) == (10, 0, 10), body
     assert _text_chars(["ab", "cd", "ef"], budget=4) == 4  # stops once the budget is reached
     assert _text_chars(["ab", "cd", "ef"]) == 6
 
@@ -895,3 +909,17 @@ def test_token_metrics_label_at_most_100_models_and_count_nothing_for_no_count()
     fresh = Metrics()
     fresh.count_tokens({"key": "k", "prompt_tokens": 1, "completion_tokens": 0})
     assert fresh.registry.get_sample_value("relay_tokens_total", {"key": "k", "model": "", "kind": "prompt"}) == 1
+
+
+async def test_the_chat_index_forgets_an_entry_a_second_past_the_retention(tmp_path: Path) -> None:
+    import time
+
+    from relay.facade.chat import ChatIndex
+
+    index = ChatIndex(tmp_path)
+    now = time.time()
+    for name, age in (("just-expired", 30 * 86400 + 10), ("just-kept", 30 * 86400 - 10)):
+        index.record({"op": "add", "id": name, "created": now - age, "model": "m", "owner": "o", "metadata": {}})
+    assert await index.listed("o", model=None, metadata={}, max_age_days=30, after=None, limit=10,
+                              descending=False) == (["just-kept"], False)  # fmt: skip
+    await asyncio.sleep(0.05)  # (the index's lines are written in the background)
