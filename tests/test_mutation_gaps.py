@@ -923,3 +923,24 @@ async def test_the_chat_index_forgets_an_entry_a_second_past_the_retention(tmp_p
     assert await index.listed("o", model=None, metadata={}, max_age_days=30, after=None, limit=10,
                               descending=False) == (["just-kept"], False)  # fmt: skip
     await asyncio.sleep(0.05)  # (the index's lines are written in the background)
+
+
+async def test_a_native_request_without_a_relay_key_is_told_how_to_send_one(keyed: Relay) -> None:
+    for headers in ({}, {"X-RapidAPI-Key": "not-a-key-123"}, {"Authorization": "Bearer not-a-key-123"}):
+        status, got, doc = await keyed.post(msg("x"), headers=headers)
+        assert status == 401 and got["WWW-Authenticate"] == 'Bearer realm="relay"', headers
+        assert doc["error"] == {"code": "unauthorized",
+                                "message": "send a valid relay access key as X-RapidAPI-Key or Authorization: "
+                                "Bearer <key>"}  # fmt: skip
+
+
+def test_a_key_without_a_name_goes_by_8_hex_digits_of_its_hash() -> None:
+    """(As docs/security.md says: the ledger and the token metrics name such a key `key-` and 8 hex digits.)"""
+    import hashlib
+
+    from relay.config import ApiKey
+    from relay.ledger import OPEN, key_label
+
+    assert key_label(ApiKey("unnamed-key-123")) == "key-" + hashlib.sha256(b"unnamed-key-123").hexdigest()[:8]
+    assert key_label(ApiKey("named-key-1234", name="alpha")) == "alpha"
+    assert key_label(None) == OPEN
