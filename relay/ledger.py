@@ -16,14 +16,16 @@ estimate (about four characters a token, over the messages sent and the text rec
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
+import stat
 import time
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -40,6 +42,23 @@ def key_label(key: ApiKey | None) -> str:
     if key.name:
         return key.name
     return "key-" + hashlib.sha256(key.key.encode()).hexdigest()[:8]
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """A file the relay keeps (a ledger day, the chat index), opened for reading. Anything else in its place
+    (a FIFO, whose read would block the start for good, a device, a directory, a symlink) is as if absent:
+    FileNotFoundError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENXIO):
+            raise FileNotFoundError(errno.ENOENT, f"not a regular file: {path}") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, f"not a regular file: {path}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def usage_dir(data_dir: Path) -> Path:
@@ -163,7 +182,7 @@ def append(data_dir: Path, line: dict[str, Any], durable: bool) -> None:
     """Append one line to its day's file (O_APPEND: whole lines, even from several processes)."""
     directory = usage_dir(data_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(day_file(data_dir, day_of(line["t"])), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = os.open(day_file(data_dir, day_of(line["t"])), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640)
     try:
         os.write(fd, orjson.dumps(line) + b"\n")
         if durable:
@@ -179,7 +198,7 @@ def present(data_dir: Path, ids: set[str], days: set[str]) -> set[str]:
         return found
     for day in sorted(days):
         try:
-            with open(day_file(data_dir, day), "rb") as fh:
+            with open_regular(day_file(data_dir, day)) as fh:
                 for raw in fh:
                     start = raw.find(b'"id":"')
                     if start < 0:
@@ -213,7 +232,7 @@ def read(data_dir: Path, since: date, until: date) -> Iterator[dict[str, Any]]:
     """Every line of the days from `since` to `until` (inclusive), oldest first; damaged lines skipped."""
     for day in days_between(since, until):
         try:
-            with open(day_file(data_dir, day), "rb") as fh:
+            with open_regular(day_file(data_dir, day)) as fh:
                 for raw in fh:
                     if (line := parse_line(raw)) is not None:
                         yield line

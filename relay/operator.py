@@ -86,7 +86,7 @@ class UsageBook:
         for day in (ledger.day_of(now - 86400), ledger.day_of(now)):
             path = ledger.day_file(data_dir, day)
             try:
-                with open(path, "rb") as fh:
+                with ledger.open_regular(path) as fh:
                     size = os.fstat(fh.fileno()).st_size
                     fh.seek(max(0, size - TAIL_BYTES))
                     data = fh.read(TAIL_BYTES)

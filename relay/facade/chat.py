@@ -84,7 +84,8 @@ class ChatIndex:
         cutoff = (time.time() if now is None else now) - max_age_days * 86400
         entries: dict[str, dict[str, Any]] = {}
         try:
-            raw = self.path.read_bytes()
+            with ledger.open_regular(self.path) as fh:
+                raw = fh.read()
         except FileNotFoundError:
             return 0
         lines = 0
@@ -109,7 +110,7 @@ class ChatIndex:
 
     def _append(self, op: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
         try:
             os.write(fd, orjson.dumps(op) + b"\n")
         finally:
