@@ -219,13 +219,30 @@ def days_between(since: date, until: date) -> Iterator[str]:
         d += timedelta(days=1)
 
 
+NUMBERS = {"t": 1e11, "prompt_tokens": MAX_TOKENS, "completion_tokens": MAX_TOKENS, "total_tokens": MAX_TOKENS,
+           "cached_tokens": MAX_TOKENS, "reasoning_tokens": MAX_TOKENS, "ttft": 1e9, "duration": 1e9}  # fmt: skip
+TEXTS = ("id", "key", "model", "endpoint", "outcome")
+
+
 def parse_line(raw: bytes) -> dict[str, Any] | None:
-    """One ledger line, or None for a damaged one (torn by a crash mid-write)."""
+    """One ledger line, or None for a damaged one (torn by a crash mid-write, or edited by hand into
+    something the relay never writes: a time or a count that is not a number in its range, a name that is
+    not text), so that nothing summed or shown from the ledger can fail on it."""
     try:
         line = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    return line if isinstance(line, dict) else None
+    if not isinstance(line, dict) or not isinstance(line.get("t"), (int, float)):
+        return None
+    for key, top in NUMBERS.items():
+        value = line.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top
+        ):
+            return None
+    if any(line.get(key) is not None and not isinstance(line[key], str) for key in TEXTS):
+        return None
+    return line
 
 
 def read(data_dir: Path, since: date, until: date) -> Iterator[dict[str, Any]]:
