@@ -944,3 +944,90 @@ def test_a_key_without_a_name_goes_by_8_hex_digits_of_its_hash() -> None:
     assert key_label(ApiKey("unnamed-key-123")) == "key-" + hashlib.sha256(b"unnamed-key-123").hexdigest()[:8]
     assert key_label(ApiKey("named-key-1234", name="alpha")) == "alpha"
     assert key_label(None) == OPEN
+
+
+# ----- the OpenAI face reads little of what it stores (the second round of `make mutate`) ---------------
+
+
+async def test_a_finished_answer_is_kept_for_its_owner_once_asked_for(keyed: Relay) -> None:
+    """(docs/security.md: a Response object is made once and kept once it has ended.)"""
+    from relay.facade.common import ANSWERS
+
+    status, resp = await call(keyed, "POST", "/v1/responses", KEY_A, {"model": "echo", "input": "x"})
+    assert status == 200
+    await until(lambda: held(keyed)["jobs"] == 0, what="it ended")
+    answers = keyed.app[ANSWERS]
+    assert resp["id"] not in answers._kept
+    assert (await call(keyed, "GET", f"/v1/responses/{resp['id']}", KEY_A))[0] == 200
+    assert resp["id"] in answers._kept
+    assert_not_found(*(await call(keyed, "GET", f"/v1/responses/{resp['id']}", KEY_B)), "B", "response", resp["id"])
+
+
+async def test_ownership_is_read_from_the_head_of_the_document_or_else_from_all_of_it(keyed: Relay) -> None:
+    """A response's stream and DELETE check the owner from the authorization object at the document's
+    head, never parsing the answer after it (here: a document torn after its head still resumes); a
+    document whose authorization does not name its owner (an older one) is read whole, and still opens
+    to its owner only."""
+    relay = keyed
+    ids = []
+    for text in ("torn", "older"):
+        status, resp = await call(relay, "POST", "/v1/responses", KEY_A, {"model": "echo", "input": text})
+        assert status == 200
+        ids.append(resp["id"])
+    await until(lambda: held(relay)["jobs"] == 0, what="both ended")
+    torn, older = (parse_id(RESPONSE, i) for i in ids)
+    assert torn is not None and older is not None
+    path = torn.file(relay.data_dir, "json")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.index(b'"endpoints"') + 20])  # the head, then nothing whole
+    path = older.file(relay.data_dir, "json")
+    doc = orjson.loads(path.read_bytes())
+    del doc["authorization"]["owner"], doc["authorization"]["openai"]
+    path.write_bytes(orjson.dumps(doc))
+    for rid in ids:
+        status, events = await call(relay, "GET", f"/v1/responses/{rid}?stream=true&starting_after=2", KEY_A)
+        assert status == 200 and "response.completed" in [e.event for e in parse_sse(events.decode())], rid
+        for method in ("GET", "DELETE"):
+            url = f"/v1/responses/{rid}" + ("?stream=true" if method == "GET" else "")
+            assert_not_found(*(await call(relay, method, url, KEY_B)), f"B {method} {rid}", "response", rid)
+    status, _ = await call(relay, "DELETE", f"/v1/responses/{ids[1]}", KEY_A)
+    assert status == 200 and not older.file(relay.data_dir, "json").exists()
+
+
+def test_read_auth_reads_only_the_head_when_it_can(tmp_path: Path) -> None:
+    from relay.serve import read_auth
+
+    auth = {"access": "private", "bearer_token_sha256": "cd" * 32}
+    whole = orjson.dumps({"status": "done", "created_at": 1, "authorization": auth, "response": {"body": "x" * 100}})
+    (tmp_path / "torn.json").write_bytes(whole[:-40])  # the rest is not JSON: it is never parsed
+    assert read_auth(tmp_path, "torn.json") == auth
+
+
+async def test_a_waiting_get_makes_its_own_answer_when_the_one_it_waited_for_is_cancelled() -> None:
+    from relay.facade.common import Answers
+
+    answers = Answers()
+
+    async def slow() -> tuple[bytes, bool]:
+        await asyncio.sleep(10)
+        return b"never", True
+
+    async def quick() -> tuple[bytes, bool]:
+        return b"own", True
+
+    first = asyncio.ensure_future(answers.answer("o", "alice", slow))
+    await asyncio.sleep(0.01)
+    waiter = asyncio.ensure_future(answers.answer("o", "alice", quick))
+    await asyncio.sleep(0.01)
+    first.cancel()  # (its client left)
+    assert await waiter == b"own"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+def test_a_ledger_lines_duration_is_a_number_or_none() -> None:
+    from relay.ledger import entry
+
+    for total, expected in ((2, 2), (0.5, 0.5), ("2", None), (None, None), ([1], None)):
+        doc = {"status": "done", "request": {"total_time": total}}
+        assert entry(doc, request_id="r", node=1, key="k", path="p", ttft=None, now=0.0)["duration"] == expected
