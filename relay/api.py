@@ -21,8 +21,9 @@ from aiohttp import web
 from . import ledger, status
 from .bounds import containers, has_control, printable_ascii, raw_too_deep
 from .config import ApiKey, Config
-from .http import CONFIG, KEY_CLAIM, MANAGER, QUOTAS, HTTPError, json_response
+from .http import HTTPError, json_response
 from .jobs import Job, JobManager
+from .keys import CONFIG, KEY_CLAIM, MANAGER, QUOTAS
 from .paths import RequestPath, expired, is_http_url, parse_status_url
 from .quotas import QuotaExceeded
 from .security import find_key, hash_token, new_token, relay_key, token_matches

@@ -11,14 +11,14 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
 from . import api, janitor, ledger, operator, recovery, serve
+from .book import UsageBook
 from .config import Config
 from .facade import routes as facade
 from .facade.common import drain
 from .fanout import PUSHED
-from .http import CONFIG, MANAGER, METRICS, QUOTAS, READERS
 from .jobs import JobManager
+from .keys import BOOK, CONFIG, MANAGER, METRICS, QUOTAS, READERS
 from .metrics import Metrics
-from .operator import BOOK
 from .quotas import Quotas
 from .status import public_view
 from .upstream import Upstream
@@ -49,8 +49,9 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
     operator.add_routes(app)
     facade.add_routes(app)
     app.router.add_get("/", serve.console)
-    app[serve.STATIC_FILES] = {p.name: p for p in STATIC.iterdir() if p.is_file() and not p.is_symlink()}
-    app.router.add_get("/static/{file}", serve.static_file)
+    files = [*STATIC.iterdir(), *(p for p in (STATIC / "vendor" / "uplot").iterdir() if p.suffix in (".js", ".css"))]
+    app[serve.STATIC_FILES] = {p.relative_to(STATIC).as_posix(): p for p in files if p.is_file() and not p.is_symlink()}
+    app.router.add_get("/static/{file:.+}", serve.static_file)
     app.router.add_route("*", r"/{node:\d+}/r/{tail:.*}", serve.handle_file)
     app.on_response_prepare.append(serve.add_cors)
     app.cleanup_ctx.append(_lifecycle)
@@ -80,9 +81,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), rp.request_id)
         facade.repaired(app, webhooks, rp, doc)
-    loaded = manager.book.load(config.data_dir)  # the operator page's recent history, from the ledger's tail
+    book = UsageBook()
+    loaded = book.load(config.data_dir)  # the operator page's recent history, from the ledger's tail
     log.info("usage: %d request(s) of the last 24 hours read from the ledger", loaded)
-    app[BOOK] = manager.book
+    manager.on_counted(book.add)
+    app[BOOK] = book
     if not manager.reserve.ensure():  # after the repairs, which may have needed its room
         log.warning("cannot allocate the %d-byte reserve in %s: the disk is full or read-only",
                     config.storage_reserve_bytes, config.data_dir)  # fmt: skip

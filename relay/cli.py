@@ -20,7 +20,7 @@ from aiohttp import web
 from . import devupstream, janitor, ledger, usage
 from .app import AccessLogger, make_app
 from .config import Config, ConfigError, check_startup, describe, load
-from .http import MANAGER
+from .keys import MANAGER
 from .recovery import running_ids
 from .server import RelayRunner
 from .upstream import quiet_sdk_loggers

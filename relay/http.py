@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from .config import Config
-    from .jobs import JobManager
-    from .metrics import Metrics
-    from .quotas import Quotas
-
-CONFIG: web.AppKey[Config] = web.AppKey("config")
-MANAGER: web.AppKey[JobManager] = web.AppKey("manager")
-READERS: web.AppKey[list[int]] = web.AppKey("readers")
-QUOTAS: web.AppKey[Quotas] = web.AppKey("quotas")
-METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
-KEY_CLAIM: web.RequestKey[str | None] = web.RequestKey("key_claim", str)  # the key name whose share it holds
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -28,8 +28,9 @@ from aiohttp import web
 from . import fanout
 from .config import Config
 from .facade.errors import OpenAIError
-from .http import CONFIG, MANAGER, READERS, HTTPError, error, json_response
+from .http import HTTPError, error, json_response
 from .jobs import Job, JobManager
+from .keys import CONFIG, MANAGER, READERS
 from .paths import RequestPath, expired, parse_request_path
 from .security import bearer, token_matches
 from .status import authorization_span, public_bytes, public_head

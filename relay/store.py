@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import orjson
 
 DONE_DATA = b"[DONE]"
 MAX_EVENT_SCAN = 16 * 1024 * 1024  # no single event is larger than this
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a write failed because the disk (or the quota) is full
 
 
 def _tmp_name(path: Path) -> Path:
@@ -348,3 +351,13 @@ class Reserve:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+    def retrying(self, write: Callable[[], object]) -> None:
+        """Run a small write; on a full disk, give the reserve back and try once more."""
+        try:
+            write()
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            self.release()
+            write()

@@ -29,7 +29,7 @@ from hypothesis import settings
 from relay import devupstream
 from relay.app import AccessLogger, make_app
 from relay.config import Config
-from relay.http import MANAGER
+from relay.keys import MANAGER
 from relay.server import RelayRunner
 
 from .scripted import ScriptedUpstream

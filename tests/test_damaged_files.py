@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
-from relay.http import MANAGER
+from relay.keys import MANAGER
 
 from .conftest import OPENAI_HEADERS, ROOT, Relay, RelayFactory, msg
 

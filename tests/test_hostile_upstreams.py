@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from relay.http import MANAGER as MANAGER_KEY
+from relay.keys import MANAGER as MANAGER_KEY
 
 from .conftest import LoopProbe, Relay, RelayFactory, held, msg, open_fds, parse_sse, read_stream, until
 

@@ -18,7 +18,7 @@ import pytest
 
 from relay import ledger
 from relay.config import ApiKey
-from relay.http import MANAGER
+from relay.keys import MANAGER
 
 from .conftest import (
     ROOT,

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 
 from relay.config import load
-from relay.http import MANAGER
+from relay.keys import MANAGER
 
 from .conftest import TEST_KEY, RelayFactory, msg, until
 

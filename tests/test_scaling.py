@@ -16,7 +16,7 @@ import openai
 import orjson
 import pytest
 
-from relay.http import MANAGER
+from relay.keys import MANAGER
 
 from .conftest import ROOT, TEST_KEY, RelayFactory, Upstream, free_port, msg, read_stream, until, wait_healthy
 

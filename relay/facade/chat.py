@@ -28,8 +28,9 @@ from aiohttp import web
 from .. import api, ledger, status
 from ..assemble import SSEParser
 from ..config import Config
-from ..http import CONFIG, MANAGER, HTTPError
+from ..http import HTTPError
 from ..jobs import Events, Job, JobManager
+from ..keys import CONFIG, MANAGER
 from ..paths import RequestPath
 from ..serve import follow, open_file, send_bytes
 from ..status import ending_events

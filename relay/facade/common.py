@@ -24,9 +24,10 @@ from aiohttp import web
 
 from .. import api, ledger
 from ..config import Config
-from ..http import CONFIG, MANAGER, HTTPError
+from ..http import HTTPError
 from ..janitor import EXTENSIONS
 from ..jobs import Job, JobManager
+from ..keys import CONFIG, MANAGER
 from ..paths import RequestPath, expired
 from ..serve import read_auth, send_bytes
 from ..store import read_json_under

@@ -20,8 +20,9 @@ from aiohttp import web
 from .. import api, status
 from ..assemble import assistant_message
 from ..config import Config
-from ..http import CONFIG, MANAGER, HTTPError
+from ..http import HTTPError
 from ..jobs import Job, JobManager
+from ..keys import CONFIG, MANAGER
 from ..paths import RequestPath
 from ..serve import follow, open_file
 from ..store import seq_offset

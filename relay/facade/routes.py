@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..http import CONFIG
+from ..keys import CONFIG
 from ..paths import RequestPath
 from ..webhooks import WebhookSender
 from . import chat, responses
