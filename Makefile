@@ -13,6 +13,7 @@ test: $(VENV)/.dev
 	deploy/install-system-packages.sh
 	$(MAKE) tests/js/node_modules/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 # the official OpenAI JavaScript SDK, pinned by tests/js/package-lock.json (tests/test_openai_js.py)
@@ -81,7 +82,7 @@ fuzz: $(VENV)/.dev
 	    tests/test_upstream_fuzz.py tests/test_hostile_bytes.py tests/test_openapi.py
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 $(VENV)/.venv:
 	$(PYTHON) -m venv $(VENV)

@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 
-from . import api, janitor, ledger, operator, recovery, serve
+from . import api, janitor, ledger, operator, recovery, serve, site
 from .book import UsageBook
 from .config import Config
 from .facade import routes as facade
@@ -33,7 +33,7 @@ RESOLVER: web.AppKey[AbstractResolver] = web.AppKey("resolver")
 
 def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Application:
     """The relay. `resolver` replaces the system DNS resolver for webhooks (tests use it)."""
-    app = web.Application(middlewares=[serve.json_errors])  # POST bodies are read (and bounded) by api
+    app = web.Application(middlewares=[site.json_errors])  # POST bodies are read (and bounded) by api
     app[CONFIG] = config
     app[READERS] = [0]
     app[METRICS] = Metrics()
@@ -42,18 +42,18 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
         app[RESOLVER] = resolver
     app.router.add_post("/v1/stream-chatgpt", api.stream_chatgpt)
     app.router.add_post("/v1/async-chatgpt", api.async_chatgpt)
-    app.router.add_get("/healthz", serve.healthz)
-    app.router.add_get("/v1/info", serve.info)
-    app[serve.OPENAPI_DOC] = serve.load_openapi()
-    app.router.add_get("/openapi.json", serve.openapi)
+    app.router.add_get("/healthz", site.healthz)
+    app.router.add_get("/v1/info", site.info)
+    app[site.OPENAPI_DOC] = site.load_openapi()
+    app.router.add_get("/openapi.json", site.openapi)
     operator.add_routes(app)
     facade.add_routes(app)
-    app.router.add_get("/", serve.console)
+    app.router.add_get("/", site.console)
     files = [*STATIC.iterdir(), *(p for p in (STATIC / "vendor" / "uplot").iterdir() if p.suffix in (".js", ".css"))]
-    app[serve.STATIC_FILES] = {p.relative_to(STATIC).as_posix(): p for p in files if p.is_file() and not p.is_symlink()}
-    app.router.add_get("/static/{file:.+}", serve.static_file)
+    app[site.STATIC_FILES] = {p.relative_to(STATIC).as_posix(): p for p in files if p.is_file() and not p.is_symlink()}
+    app.router.add_get("/static/{file:.+}", site.static_file)
     app.router.add_route("*", r"/{node:\d+}/r/{tail:.*}", serve.handle_file)
-    app.on_response_prepare.append(serve.add_cors)
+    app.on_response_prepare.append(site.add_cors)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_shutdown)
     return app
@@ -76,7 +76,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[MANAGER] = manager
     metrics.bind(manager.running, lambda: app[READERS][0])
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    repaired = recovery.repair(config.data_dir, config.server_node_id, config.public_url, reserve=manager.reserve)
+    repaired = recovery.repair(config.data_dir, config.server_node_id, config.public_url, reserve=manager.reserve,
+                               formats=facade.LOG_FORMATS)  # fmt: skip
     for rp, doc, webhook_url in repaired:
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), rp.request_id)

@@ -15,8 +15,10 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -109,11 +111,31 @@ def _check_no_symlinks(data_dir: Path, rp: RequestPath) -> None:
             raise Unsafe(f"{rp.file(data_dir, ext)} is not a regular file")
 
 
+class Replay(Protocol):
+    """A face's log format, rebuilt from a log it wrote (see `LogFormats`)."""
+
+    def completion(self, model: str) -> dict[str, Any] | None: ...  # the answer its events amount to
+
+    def closing(self, doc: dict[str, Any]) -> list[tuple[bytes, str | None]]: ...  # its closing events
+
+
+# Each face that writes its own log format gives the app one function: for a status document and the
+# events of its log, the format rebuilt, or None when the request is not one of that face's. Recovery
+# tries them in turn, so it reads a request's format from what is on disk without knowing the faces.
+LogFormats = Sequence[Callable[[dict[str, Any], list[tuple[str | None, bytes]]], Replay | None]]
+
+
 def repair(
-    data_dir: Path, node_id: int, public_url: str, now: float | None = None, reserve: Reserve | None = None
+    data_dir: Path,
+    node_id: int,
+    public_url: str,
+    now: float | None = None,
+    reserve: Reserve | None = None,
+    formats: LogFormats = (),
 ) -> list[tuple[RequestPath, dict[str, Any], str | None]]:
     """Finish every request a previous run left running. Returns (request, final status, webhook URL)
-    of each. `public_url` is the base of the `response_raw_url` it adds.
+    of each. `public_url` is the base of the `response_raw_url` it adds; `formats` are the faces' log
+    formats (see `LogFormats`).
 
     Never raises: a marker that cannot be repaired now (disk full or read-only) stays for the next
     start; one whose files are damaged beyond repair, or not the relay's own, is moved to
@@ -129,61 +151,78 @@ def repair(
         return []
     if reserve is not None:
         reserve.release()
-    now = time.time() if now is None else now
-    repaired = []
+    run = _Run(data_dir, node_id, public_url, time.time() if now is None else now, formats)
     # the lines a crashed run wrote just before it died (its end's day: the start's, or the day after)
     parsed = [(marker, parse_marker_name(marker.name)) for marker in markers]
     known = {rp.request_id: rp for _, rp in parsed if rp is not None}
     days = {ledger.day_of(rp.created.timestamp() + d * 86400) for rp in known.values() for d in (0, 1)}
     try:
-        ledgered = ledger.present(data_dir, set(known), days)
+        run.ledgered = ledger.present(data_dir, set(known), days)
     except OSError as exc:
         log.error("cannot read the usage ledger (%s): repaired requests' lines may be missing", exc.strerror)
-        ledgered = set(known)
+        run.ledgered = set(known)
+    repaired = []
     for marker, rp in parsed:
         if rp is None or rp.node_id != node_id:
             _quarantine(marker, "its name is not a request of this node")
-            continue
-        try:
-            info = read_json(marker)
-            info = info if isinstance(info, dict) else {}
-        except (OSError, ValueError):
-            info = {}
-        webhook_url = info.get("webhook_url") if isinstance(info.get("webhook_url"), str) else None
-        key = info.get("key") if isinstance(info.get("key"), str) else ledger.OPEN
-        try:
-            _check_no_symlinks(data_dir, rp)
-        except Unsafe as exc:  # not files the relay made: left exactly as they are
-            _quarantine(marker, f"{type(exc).__name__}: {str(exc)[:200]!r}")
-            continue
-        except OSError as exc:
-            log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
-            continue
-        try:
-            try:
-                doc, final = _repair_one(data_dir, rp, public_url, now)
-            except OSError:
-                raise
-            except Exception as exc:  # damaged beyond repair: the originals set aside, the request ended anyway
-                why = f"{type(exc).__name__}: {str(exc)[:200]!r}"
-                doc = final = _end_damaged(data_dir, rp, public_url, now, why)
-                _quarantine(marker, why, keep=True)
-            if final is not None and rp.request_id not in ledgered:
-                line = ledger.entry(final, request_id=rp.request_id, node=node_id, key=key, path=rp.base,
-                                    ttft=None, now=now)  # fmt: skip
-                ledger.append(data_dir, line, durable=True)
-        except OSError as exc:
-            log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
-            continue
-        if doc is not None:
-            repaired.append((rp, doc, webhook_url))
-        try:
-            marker.unlink(missing_ok=True)
-        except OSError as exc:
-            log.error("cannot remove the running marker of %s: %s", rp.request_id, exc.strerror)
+        elif (done := _repair_marker(run, marker, rp)) is not None:
+            repaired.append(done)
     if repaired:
         log.warning("marked %d request(s) interrupted by the previous run as ended", len(repaired))
     return repaired
+
+
+@dataclass
+class _Run:
+    """One start's repairs: where, and what they share."""
+
+    data_dir: Path
+    node_id: int
+    public_url: str
+    now: float
+    formats: LogFormats
+    ledgered: set[str] = field(default_factory=set)  # requests whose ledger line is already written
+
+
+def _repair_marker(run: _Run, marker: Path, rp: RequestPath) -> tuple[RequestPath, dict[str, Any], str | None] | None:
+    """Repair the request of one marker and remove the marker; None when nothing was repaired (or it
+    cannot be now: the marker then stays for the next start)."""
+    try:
+        info = read_json(marker)
+        info = info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        info = {}
+    webhook_url = info.get("webhook_url") if isinstance(info.get("webhook_url"), str) else None
+    key = info.get("key") if isinstance(info.get("key"), str) else ledger.OPEN
+    try:
+        _check_no_symlinks(run.data_dir, rp)
+    except Unsafe as exc:  # not files the relay made: left exactly as they are
+        _quarantine(marker, f"{type(exc).__name__}: {str(exc)[:200]!r}")
+        return None
+    except OSError as exc:
+        log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
+        return None
+    try:
+        try:
+            doc, final = _repair_one(run, rp)
+        except OSError:
+            raise
+        except Exception as exc:  # damaged beyond repair: the originals set aside, the request ended anyway
+            why = f"{type(exc).__name__}: {str(exc)[:200]!r}"
+            doc = final = _end_damaged(run.data_dir, rp, run.public_url, run.now, why)
+            _quarantine(marker, why, keep=True)
+        if final is not None and rp.request_id not in run.ledgered:
+            line = ledger.entry(final, request_id=rp.request_id, node=run.node_id, key=key, path=rp.base,
+                                ttft=None, now=run.now)  # fmt: skip
+            ledger.append(run.data_dir, line, durable=True)
+    except OSError as exc:
+        log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
+        return None
+    try:
+        marker.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("cannot remove the running marker of %s: %s", rp.request_id, exc.strerror)
+    return (rp, doc, webhook_url) if doc is not None else None
 
 
 def _quarantine(marker: Path, why: str, keep: bool = False) -> None:
@@ -201,11 +240,10 @@ def _quarantine(marker: Path, why: str, keep: bool = False) -> None:
         log.error("cannot quarantine running marker %s (%s): %s", marker.name, why, exc.strerror)
 
 
-def _repair_one(
-    data_dir: Path, rp: RequestPath, public_url: str, now: float
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def _repair_one(run: _Run, rp: RequestPath) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Finish one request. Returns (the status it now has if this repaired it, else None; its terminal
     status either way, None when it never had one)."""
+    data_dir, public_url, now = run.data_dir, run.public_url, run.now
     try:
         doc = read_json_under(data_dir, rp.rel("json"))
     except FileNotFoundError:
@@ -215,7 +253,7 @@ def _repair_one(
     txt = rp.file(data_dir, "txt")
     is_stream = txt.exists()
     size, events = repair_event_log(txt) if is_stream else (0, [])
-    responses = _responses_log(doc, events)
+    responses = _replayed(run.formats, doc, events)
     if doc.get("status") in status.TERMINAL:
         if is_stream:  # the crash came between the terminal status and the log's last event
             err = doc.get("error") if isinstance(doc.get("error"), dict) else {}
@@ -310,14 +348,12 @@ def _end_damaged(data_dir: Path, rp: RequestPath, public_url: str, now: float, w
     return doc
 
 
-def _responses_log(doc: dict[str, Any], events: list[tuple[str | None, bytes]]) -> Any:
-    """For a request of the OpenAI-compatible face's Responses API, the state its log's events leave."""
-    oa = doc.get("openai")
-    if not isinstance(oa, dict) or oa.get("object") != "response":
-        return None
-    from .facade.translate import ResponsesFormat  # (the facade imports the jobs, which import this)
-
-    return ResponsesFormat.replayed(str(oa.get("id")), (doc.get("parameters") or {}).get("messages"), events)
+def _replayed(formats: LogFormats, doc: dict[str, Any], events: list[tuple[str | None, bytes]]) -> Replay | None:
+    """The face's log format the request's log was written in; None for the relay's own."""
+    for replay in formats:
+        if (found := replay(doc, events)) is not None:
+            return found
+    return None
 
 
 def _append_ending(
@@ -327,7 +363,7 @@ def _append_ending(
     state: str,
     error: tuple[str, str] | None,
     doc: dict[str, Any],
-    responses: Any = None,
+    responses: Replay | None = None,
 ) -> None:
     """Append the ending's last events to a log that lacks them (never a second `[DONE]`): the relay's
     own, or the closing Responses events of a Responses request."""

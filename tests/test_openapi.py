@@ -40,8 +40,8 @@ from schemathesis.specs.openapi.checks import (
 from relay import devupstream
 from relay.app import AccessLogger, make_app
 from relay.config import Config
-from relay.serve import OPENAPI
 from relay.server import RelayRunner
+from relay.site import OPENAPI
 
 from .conftest import TEST_KEY, free_port, msg
 

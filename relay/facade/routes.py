@@ -12,10 +12,13 @@ from aiohttp import web
 from ..keys import CONFIG
 from ..paths import RequestPath
 from ..webhooks import WebhookSender
-from . import chat, responses
+from . import chat, responses, translate
 from .common import ANSWERS, WORKER, Answers
 
 log = logging.getLogger("relay.openai")
+
+
+LOG_FORMATS = (translate.replay_responses,)  # the face's log formats, for crash recovery (recovery.repair)
 
 
 def add_routes(app: web.Application) -> None:

@@ -629,3 +629,12 @@ class ResponsesFormat:
         out.append((DONE_DATA, None))
         self._ending, self._ending_for = out, ending_for
         return out
+
+
+def replay_responses(doc: dict[str, Any], events: list[tuple[str | None, bytes]]) -> ResponsesFormat | None:
+    """For crash recovery (`recovery.LogFormats`): the Responses format of a request of the Responses API,
+    rebuilt from the events of its log; None for any other request."""
+    oa = doc.get("openai")
+    if not isinstance(oa, dict) or oa.get("object") != "response":
+        return None
+    return ResponsesFormat.replayed(str(oa.get("id")), (doc.get("parameters") or {}).get("messages"), events)
