@@ -54,7 +54,7 @@ MUTANTS_private   := relay.serve.x__check_token* relay.serve.x__locate* relay.se
                      relay.serve.x_read_auth* relay.api.x_tokens* relay.api.x_resolve_parent* relay.api.x_authorize*
 MUTANTS_ownership := relay.facade.common.x_owner_of* relay.facade.common.x_caller* relay.facade.common.x__located* \
                      relay.facade.common.x_find* relay.facade.common.x_owned* relay.facade.common.xǁAnswersǁanswer* \
-                     relay.facade.common.x_stored_answer* relay.facade.chat.xǁChatIndexǁlisted*
+                     relay.facade.common.x_stored_answer* relay.facade.chat_index.xǁChatIndexǁlisted*
 MUTANTS_ledger    := relay.ledger.x_tokens* relay.ledger.x_entry* relay.ledger.x_key_label* relay.ledger.x__int* \
                      relay.ledger.x__text_chars* relay.metrics.xǁMetricsǁcount_tokens*
 MUTATE_REPORT := import fnmatch, os, sys; rows = [l.strip().rsplit(": ", 1) for l in sys.stdin if ": " in l]; \

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay.facade.chat import ChatIndex
+from relay.facade.chat_index import ChatIndex
 
 
 def reference(entries: dict[str, dict[str, Any]], owner: str, model: str | None, metadata: dict[str, str],

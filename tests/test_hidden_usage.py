@@ -7,7 +7,7 @@ import random
 
 import orjson
 
-from relay.facade.chat import HiddenUsage
+from relay.facade.passthrough import HiddenUsage
 
 
 def stream(eol: bytes) -> tuple[bytes, bytes]:

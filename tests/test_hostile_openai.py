@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from relay.facade.chat import INDEX
+from relay.facade.chat_index import INDEX
 
 from .conftest import TEST_KEY, LoopProbe, Relay, RelayFactory, readers, until
 

@@ -914,7 +914,7 @@ def test_token_metrics_label_at_most_100_models_and_count_nothing_for_no_count()
 async def test_the_chat_index_forgets_an_entry_a_second_past_the_retention(tmp_path: Path) -> None:
     import time
 
-    from relay.facade.chat import ChatIndex
+    from relay.facade.chat_index import ChatIndex
 
     index = ChatIndex(tmp_path)
     now = time.time()

@@ -2,7 +2,7 @@
 
 A response is a relay request like any other (its files in the dated layout, private, a job that calls
 the upstream's chat completions as a stream), whose event log holds Responses events instead of the
-upstream's chunks (see `translate.ResponsesFormat`). Every stream of it, live or resumed at any
+upstream's chunks (see `events.ResponsesFormat`). Every stream of it, live or resumed at any
 `starting_after`, is read from that log; the relay's own stream URL serves the same bytes.
 """
 
@@ -27,7 +27,7 @@ from ..paths import RequestPath
 from ..serve import follow, open_file
 from ..store import seq_offset
 from ..webhooks import WebhookSender
-from . import translate
+from . import events, objects, translate
 from .common import (
     ANSWERS,
     RESPONSE,
@@ -115,7 +115,7 @@ def report_ended(config: Config, webhooks: WebhookSender, doc: dict[str, Any], r
     """OpenAI's webhook event for a response that ended (`[webhooks] openai_url`): `{id, object: event,
     type, created_at, data: {id}}`. Also for one that a restart finished after a crash."""
     url = config.webhooks_openai_url
-    kind = translate.WEBHOOK_EVENT.get(translate.response_status(doc))
+    kind = objects.WEBHOOK_EVENT.get(objects.response_status(doc))
     if not url or kind is None:
         return
     event_id = "evt_" + uuid.uuid4().hex
@@ -155,7 +155,7 @@ async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any]
                      "input": translate.input_items(payload["input"], response_id)}  # fmt: skip
     job = Job(manager, rp, stream=True, doc=doc, body=body, api_key=api_key, organization=organization,
               timeout=config.upstream_max_timeout, connect_timeout=5, key_label=who.label,
-              log_format=translate.ResponsesFormat(response_id, messages))  # fmt: skip
+              log_format=events.ResponsesFormat(response_id, messages))  # fmt: skip
     job.on_close = _closed
     await api.launch(manager, job, request)
     return job, echo, _relay_links(rp, config, authorization), payload.get("stream") is True
@@ -188,7 +188,7 @@ def _object(stored: Stored) -> dict[str, Any]:
     if job is not None and job.assembler.chunks and doc.get("status") not in status.TERMINAL:
         body = job.assembler.completion(job.body["model"])
         doc = {**doc, "response": {**(doc.get("response") or {}), "body": body}}
-    return translate.response_object(doc, stored.messages)
+    return objects.response_object(doc, stored.messages)
 
 
 async def _stream(
@@ -247,7 +247,7 @@ async def cancel(request: web.Request) -> web.Response:
         job.cancel("stop")
         await job.status_settled.wait()
         return await json_answer(request, _object(stored))
-    state = translate.response_status(stored.doc)
+    state = objects.response_status(stored.doc)
     if state not in ("cancelled", "queued", "in_progress"):
         raise OpenAIError(400, f"Cannot cancel a response with status '{state}'.", code="invalid_state")
     return await json_answer(request, _object(stored))

@@ -12,13 +12,14 @@ from aiohttp import web
 from ..keys import CONFIG
 from ..paths import RequestPath
 from ..webhooks import WebhookSender
-from . import chat, responses, translate
+from . import chat, events, responses
+from .chat_index import INDEX, ChatIndex
 from .common import ANSWERS, WORKER, Answers
 
 log = logging.getLogger("relay.openai")
 
 
-LOG_FORMATS = (translate.replay_responses,)  # the face's log formats, for crash recovery (recovery.repair)
+LOG_FORMATS = (events.replay_responses,)  # the face's log formats, for crash recovery (recovery.repair)
 
 
 def add_routes(app: web.Application) -> None:
@@ -52,9 +53,9 @@ def repaired(app: web.Application, webhooks: WebhookSender, rp: RequestPath, doc
 
 
 async def load(app: web.Application) -> None:
-    """At start: the index of stored chat completions (see `chat.ChatIndex`)."""
+    """At start: the index of stored chat completions (see `chat_index.ChatIndex`)."""
     config = app[CONFIG]
-    index = chat.ChatIndex(config.data_dir)
+    index = ChatIndex(config.data_dir)
     count = await asyncio.to_thread(index.load, config.retention_max_age_days)
-    app[chat.INDEX] = index
+    app[INDEX] = index
     log.info("openai: %d stored chat completion(s) in the index", count)
