@@ -1,6 +1,6 @@
 // The relay's web console: chat (stream, stop, continue, private), a stream viewer, and snippets.
-// Plain JavaScript, no build step, nothing fetched from elsewhere. Everything shown that came from the
-// network goes through textContent, never innerHTML.
+// Plain JavaScript, no build step, nothing fetched from elsewhere; the charts are uPlot's, vendored in
+// static/vendor/uplot/. Everything shown that came from the network goes through textContent, never innerHTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -82,6 +82,63 @@ function choiceText(chunk) {
   const choice = (chunk.choices || []).find((c) => (c.index || 0) === 0);
   return (choice && choice.delta && choice.delta.content) || "";
 }
+
+// ----- charts: uPlot (static/vendor/uplot/), made once per box and fed new data on each refresh ------
+const charts = {}; // uPlot instances by the id of the box each is drawn in
+const hhmm = uPlot.fmtDate("{HH}:{mm}");
+const clock = (t) => hhmm(new Date(t * 1000));
+const compact = new Intl.NumberFormat(undefined, { notation: "compact" });
+const INTS = Array.from({ length: 27 }, (_, i) => [1, 2, 5][i % 3] * 10 ** Math.floor(i / 3)); // 1, 2, 5, 10, 20…
+
+// x: {time, step, tick, value}, where `step` is the distance between two bars or points, `tick` formats
+// an axis label and `value` the legend's; y: {label, tick, value, ints}; lines: [{label, color}].
+function plot(id, data, { x, y, lines, bars = true }) {
+  if (charts[id]) {
+    charts[id].setData(data);
+    return;
+  }
+  const box = $(id);
+  const shown = (fmt) => (u, v) => (v === null || v === undefined ? "–" : fmt(v));
+  charts[id] = new uPlot({
+    width: box.clientWidth || 400,
+    height: 150,
+    cursor: { drag: { x: false } }, // no zoom: the next refresh would undo it
+    scales: {
+      // from the first to the last x, and half a step more on each side: every bar shown whole
+      x: { time: x.time, range: ({ data: [xs] }) => (xs.length ? [xs[0] - x.step / 2, xs.at(-1) + x.step / 2] : [0, 1]) },
+      y: { range: (u, lo, hi) => uPlot.rangeNum(0, hi > 0 ? hi : 1, 0.1, true) },
+    },
+    axes: [
+      { values: (u, ticks) => ticks.map(x.tick), incrs: x.time ? undefined : INTS },
+      { label: y.label, size: 64, values: (u, ticks) => ticks.map(y.tick), incrs: y.ints ? INTS : undefined },
+    ],
+    series: [
+      { label: x.label, value: shown(x.value) },
+      ...lines.map((s) => ({
+        label: s.label,
+        stroke: s.color,
+        fill: bars ? s.color + "b0" : undefined,
+        width: bars ? 0 : 2, // no outline: a bar of 0 is no line
+        paths: bars ? uPlot.paths.bars({ size: [0.8, 40] }) : undefined,
+        points: { show: !bars },
+        spanGaps: true,
+        value: shown(y.value),
+      })),
+    ],
+  }, data, box);
+  resized.observe(box);
+}
+
+const resized = new ResizeObserver((entries) => {
+  for (const { target } of entries) {
+    const u = charts[target.id];
+    if (u && target.clientWidth && target.clientWidth !== u.width) u.setSize({ width: target.clientWidth, height: u.height });
+  }
+});
+
+const COUNTS = { tick: (v) => compact.format(v), value: (v) => v.toLocaleString(), ints: true };
+const MINUTES = { time: true, step: 60, label: "minute", tick: clock, value: clock };
+const QUARTERS = { time: true, step: 900, label: "15 minutes", tick: clock, value: (t) => clock(t) + "–" + clock(t + 900) };
 
 // ----- chat -------------------------------------------------------------------------------------
 const chat = {
@@ -304,23 +361,20 @@ function closeViewer() {
 function drawTiming(times) {
   // One bar per gap between two events as they arrived here: a person sees pauses at a glance.
   const gaps = times.slice(1).map((t, i) => t - times[i]);
-  const canvas = $("viewer-chart");
-  const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
   $("viewer-timing").hidden = gaps.length === 0;
   if (!gaps.length) return;
-  const longest = Math.max(...gaps, 1);
-  const width = canvas.width / gaps.length;
-  ctx.fillStyle = "#2f6fed";
-  gaps.forEach((gap, i) => {
-    const h = Math.max(1, (gap / longest) * (canvas.height - 4));
-    ctx.fillRect(i * width, canvas.height - h, Math.max(1, width - 1), h);
+  const ms = (v) => v.toFixed(v < 10 ? 1 : 0) + " ms";
+  const gap = (i) => `#${i}`;
+  plot("viewer-chart", [gaps.map((_, i) => i + 1), gaps], {
+    x: { time: false, step: 1, label: "gap", tick: String, value: gap },
+    y: { label: "ms", tick: (v) => compact.format(v), value: ms },
+    lines: [{ label: "time since the event before", color: "#2f6fed" }],
   });
   const sorted = [...gaps].sort((a, b) => a - b);
   const median = sorted[Math.floor(sorted.length / 2)];
-  canvas.dataset.bars = String(gaps.length);
+  $("viewer-chart").dataset.bars = String(gaps.length);
   $("viewer-chart-caption").textContent =
-    `Time between events as they arrived: ${gaps.length} gaps, median ${median.toFixed(0)} ms, longest ${longest.toFixed(0)} ms.`;
+    `Time between events as they arrived: ${gaps.length} gaps, median ${median.toFixed(0)} ms, longest ${sorted.at(-1).toFixed(0)} ms.`;
 }
 
 async function fetchStatus(statusUrl, token) {
@@ -464,7 +518,7 @@ for (const button of document.querySelectorAll(".copy")) {
 }
 
 // ----- operator page: running requests, finished ones, charts (polls /v1/admin/… every second) ----
-const op = { timer: null, stats: null };
+const op = { timer: null, stats: null, codes: [] };
 
 function opHeaders() {
   return { Authorization: "Bearer " + $("op-key").value.trim() };
@@ -531,87 +585,46 @@ function renderFinished(doc) {
   $("op-finished-count").textContent = `(${doc.count} shown)`;
 }
 
-function bars(canvasId, values, color, labelEvery) {
-  // A bar per bucket, scaled to the largest; the canvas's dataset says how many buckets had data.
-  const canvas = $(canvasId);
-  const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const top = Math.max(1, ...values.map((v) => v.value));
-  // time series fill the width; categories (labelled bars) get at most 90 px each, with a gap
-  const width = labelEvery ? Math.min(90, canvas.width / Math.max(values.length, 1)) : canvas.width / Math.max(values.length, 1);
-  ctx.fillStyle = color;
-  values.forEach((v, i) => {
-    if (!v.value) return;
-    const h = Math.max(2, (v.value / top) * (canvas.height - 16));
-    ctx.fillRect(i * width, canvas.height - h - (labelEvery ? 12 : 0), Math.max(1, width - (labelEvery ? 8 : 1)), h);
-  });
-  ctx.fillStyle = "#667085";
-  ctx.font = "10px system-ui";
-  ctx.fillText(String(top), 2, 10);
-  if (labelEvery) values.forEach((v, i) => { if (v.label && i % labelEvery === 0) ctx.fillText(v.label, i * width, canvas.height - 2); });
-  canvas.dataset.filled = String(values.filter((v) => v.value > 0).length);
-  return top;
-}
-
-function latency(minutes) {
-  // p50 and p99 of first-token latency, one point per minute that had any, as two lines
-  const canvas = $("op-chart-ttft");
-  const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const top = Math.max(0.001, ...minutes.map((m) => (m && m.ttft_p99) || 0));
-  const x = (i) => (i + 0.5) * (canvas.width / minutes.length);
-  const y = (v) => canvas.height - 4 - (v / top) * (canvas.height - 18);
-  let points = 0;
-  for (const [key, color] of [["ttft_p99", "#b42318"], ["ttft_p50", "#2f6fed"]]) {
-    ctx.strokeStyle = color;
-    ctx.fillStyle = color;
-    ctx.lineWidth = 2;
-    ctx.beginPath();
-    let started = false;
-    minutes.forEach((m, i) => {
-      if (!m || m[key] === null || m[key] === undefined) return;
-      if (started) ctx.lineTo(x(i), y(m[key])); else { ctx.moveTo(x(i), y(m[key])); started = true; }
-      ctx.fillRect(x(i) - 2, y(m[key]) - 2, 4, 4);
-      points++;
-    });
-    ctx.stroke();
-  }
-  ctx.fillStyle = "#667085";
-  ctx.font = "10px system-ui";
-  ctx.fillText(seconds(top), 2, 10);
-  canvas.dataset.filled = String(points);
+function counts(id, data, x, label, color) {
+  // bars of a count; the box's dataset says how many had any
+  plot(id, data, { x, y: { label, ...COUNTS }, lines: [{ label, color }] });
+  $(id).dataset.filled = String(data[1].filter((v) => v > 0).length);
 }
 
 function renderStats(s) {
   const now = Math.floor(s.now / 60);
   const byMinute = new Map(s.minutes.map((m) => [Math.floor(m.t / 60), m]));
-  const hour = [];
-  for (let m = now - 59; m <= now; m++) {
-    const x = byMinute.get(m);
-    hour.push({ minute: m, requests: x ? x.requests : 0, tokens: x ? x.tokens : 0 });
-  }
-  bars("op-chart-requests", hour.map((h) => ({ value: h.requests })), "#2f6fed");
+  const minute = (m) => byMinute.get(m) || { requests: 0, tokens: 0 };
+  const hourT = Array.from({ length: 60 }, (_, i) => (now - 59 + i) * 60); // unix seconds of each minute
+  const hour = hourT.map((t) => minute(t / 60));
+  counts("op-chart-requests", [hourT, hour.map((m) => m.requests)], MINUTES, "requests", "#2f6fed");
   $("op-cap-requests").textContent = `Requests per minute, last hour: ${s.hour.requests} in all, ${s.hour.errors} errors.`;
-  bars("op-chart-tokens", hour.map((h) => ({ value: h.tokens })), "#067647");
+  counts("op-chart-tokens", [hourT, hour.map((m) => m.tokens)], MINUTES, "tokens", "#067647");
   $("op-cap-tokens").textContent = `Tokens per minute, last hour: ${s.hour.tokens.toLocaleString()} in all.`;
-  const day = [];
-  for (let q = 95; q >= 0; q--) {  // 96 buckets of 15 minutes
-    let requests = 0, tokens = 0;
-    for (let m = now - q * 15 - 14; m <= now - q * 15; m++) {
-      const x = byMinute.get(m);
-      if (x) { requests += x.requests; tokens += x.tokens; }
-    }
-    day.push({ requests, tokens });
-  }
-  bars("op-chart-day", day.map((d) => ({ value: d.requests })), "#6941c6");
+  const dayT = Array.from({ length: 96 }, (_, i) => (now - (95 - i) * 15 - 14) * 60); // 15 minutes from each
+  const day = dayT.map((t) => {
+    const sum = { requests: 0, tokens: 0 };
+    for (let m = t / 60; m < t / 60 + 15; m++) { sum.requests += minute(m).requests; sum.tokens += minute(m).tokens; }
+    return sum;
+  });
+  counts("op-chart-day", [dayT, day.map((d) => d.requests)], QUARTERS, "requests", "#6941c6");
   $("op-cap-day").textContent = `Requests per 15 minutes, last 24 hours: ${s.day.requests} in all.`;
-  bars("op-chart-day-tokens", day.map((d) => ({ value: d.tokens })), "#0e9384");
+  counts("op-chart-day-tokens", [dayT, day.map((d) => d.tokens)], QUARTERS, "tokens", "#0e9384");
   $("op-cap-day-tokens").textContent = `Tokens per 15 minutes, last 24 hours: ${s.day.tokens.toLocaleString()} in all.`;
-  latency(hour.map((h) => byMinute.get(h.minute)));
+  // p50 and p99 of first-token latency, a point per minute that had any, as two lines
+  const p50 = hour.map((m) => m.ttft_p50 ?? null);
+  const p99 = hour.map((m) => m.ttft_p99 ?? null);
+  plot("op-chart-ttft", [hourT, p50, p99], {
+    x: MINUTES, bars: false, y: { label: "first token", tick: seconds, value: seconds },
+    lines: [{ label: "p50", color: "#2f6fed" }, { label: "p99", color: "#b42318" }],
+  });
+  $("op-chart-ttft").dataset.filled = String([...p50, ...p99].filter((v) => v !== null).length);
   $("op-cap-ttft").textContent =
     `First-token latency per minute, last hour: p50 (blue) ${seconds(s.hour.ttft_p50)}, p99 (red) ${seconds(s.hour.ttft_p99)}.`;
-  const codes = Object.entries(s.day.errors_by_code);
-  bars("op-chart-errors", codes.map(([code, n]) => ({ value: n, label: code })), "#b42318", 1);
+  const codes = op.codes = Object.entries(s.day.errors_by_code);
+  const code = (i) => (op.codes[i] || [""])[0]; // read when drawn: the codes change between refreshes
+  const categories = { time: false, step: 1, label: "code", tick: code, value: code };
+  counts("op-chart-errors", [codes.map((_, i) => i), codes.map(([, n]) => n)], categories, "errors", "#b42318");
   $("op-cap-errors").textContent = codes.length
     ? "Errors by code, last 24 hours: " + codes.map(([c, n]) => `${c} ${n}`).join(", ") + "."
     : "No errors in the last 24 hours.";
@@ -644,8 +657,8 @@ async function pollOperator() {
     }
     renderRunning(await running.json());
     renderFinished(await finished.json());
+    $("op-body").hidden = false; // before the charts, which take the width they are shown at
     renderStats(await stats.json());
-    $("op-body").hidden = false;
     $("op-state").textContent = "Live: refreshed every second at " + new Date().toLocaleTimeString() + ".";
   } catch (err) {
     $("op-state").textContent = "The relay did not answer: " + err;

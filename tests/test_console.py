@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -326,9 +327,9 @@ async def test_operator_page_running_stop_finished_and_charts(browser: Browser, 
         "op-chart-errors",
     ):
         await expect(page.locator(f"#{chart}")).to_have_attribute("data-filled", re.compile(r"^[1-9]"))
-    # the canvas really has colored pixels, not just an attribute
+    # the chart's canvas really has colored pixels, not just an attribute
     painted = await page.evaluate(
-        """() => { const c = document.getElementById('op-chart-requests');
+        """() => { const c = document.querySelector('#op-chart-requests canvas');
                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
     )
@@ -355,3 +356,138 @@ async def test_operator_page_without_admin_keys_says_how_to_enable_it(browser: B
     await expect(page.locator("#op-disabled")).to_contain_text("[auth] admin_keys")
     await expect(page.locator("#op-form")).to_be_hidden()
     await shot(page, "off")
+
+
+# ----- the charts (uPlot): axes with tick labels, and a point's value in the legend on hover ---------
+
+CHARTS = (
+    "op-chart-requests",
+    "op-chart-tokens",
+    "op-chart-day",
+    "op-chart-day-tokens",
+    "op-chart-ttft",
+    "op-chart-errors",
+)
+CLOCK = re.compile(r"^\d\d:\d\d$")  # a time tick: 24-hour HH:MM, in the browser's time zone (this machine's)
+COUNT = re.compile(r"^\d+(\.\d+)?[KMB]?$")  # a count tick: 0, 5, 1.5K…
+DURATION = re.compile(r"^\d+(\.\d+)? m?s$")  # 120 ms, 1.50 s
+
+
+def hhmm(t: float) -> str:
+    return time.strftime("%H:%M", time.localtime(t))
+
+
+def same_duration(shown: str, seconds: float) -> bool:
+    """`shown` ("12 ms", "1.50 s", as the page writes a duration) is `seconds` to its last digit."""
+    number, unit = shown.split()
+    return abs(float(number) / (1000 if unit == "ms" else 1) - seconds) <= (0.0005 if unit == "ms" else 0.005)
+
+
+def points_to_hover(s: dict) -> list[tuple[str, float, float, list[str | float]]]:
+    """From a GET /v1/admin/stats answer: for each chart, points as (chart, x, y) and what the legend must
+    then show, x first: a time or an error code, then counts (as text) or durations (in seconds)."""
+    now = int(s["now"] // 60)
+    minutes = {m["t"] // 60: m for m in s["minutes"]}
+    busy = max(m for m, v in minutes.items() if v["requests"] and m > now - 60)
+    timed = max(m for m, v in minutes.items() if v["ttft_p50"] is not None and m > now - 60)
+    start = now - (now - busy) // 15 * 15 - 14  # the 15 minutes the page sums `busy` into
+    quarter = [minutes.get(m, {"requests": 0, "tokens": 0}) for m in range(start, start + 15)]
+    day = {k: sum(m[k] for m in quarter) for k in ("requests", "tokens")}
+    t, q, m, p = busy * 60, start * 60, minutes[busy], minutes[timed]
+    out: list[tuple[str, float, float, list[str | float]]] = [
+        ("op-chart-requests", t, m["requests"] / 2, [hhmm(t), str(m["requests"])]),
+        ("op-chart-tokens", t, m["tokens"] / 2, [hhmm(t), str(m["tokens"])]),
+        ("op-chart-day", q, day["requests"] / 2, [f"{hhmm(q)}–{hhmm(q + 900)}", str(day["requests"])]),
+        ("op-chart-day-tokens", q, day["tokens"] / 2, [f"{hhmm(q)}–{hhmm(q + 900)}", str(day["tokens"])]),
+        ("op-chart-ttft", timed * 60, p["ttft_p50"], [hhmm(timed * 60), p["ttft_p50"], p["ttft_p99"]]),
+    ]
+    for i, (code, n) in enumerate(s["day"]["errors_by_code"].items()):
+        out.append(("op-chart-errors", i, n / 2, [code, str(n)]))
+    return out
+
+
+async def hover(page: Page, chart: str, x: float, y: float) -> list[str]:
+    """Move the mouse onto the point (x, y) of a chart, in its data's units (uPlot says where that is on
+    the screen); returns the values its legend then shows, x first."""
+    where = await page.evaluate(
+        """([id, x, y]) => { const u = charts[id], box = u.over.getBoundingClientRect();
+                             return [box.left + u.valToPos(x, "x"), box.top + u.valToPos(y, "y")]; }""",
+        [chart, x, y],
+    )
+    await page.mouse.move(*where)
+    return [v.strip() for v in await page.locator(f"#{chart} .u-legend .u-series .u-value").all_text_contents()]
+
+
+def legend_is(shown: list[str], expected: list[str | float]) -> bool:
+    if len(shown) != len(expected):
+        return False
+    for s, e in zip(shown, expected, strict=True):
+        if isinstance(e, float):
+            if not same_duration(s, e):
+                return False
+        elif re.sub(r"[^\w:–]", "", s) != e:  # 1,234 (as the browser's locale writes it) is 1234
+            return False
+    return True
+
+
+async def test_operator_charts_have_axes_and_show_values_on_hover(browser: Browser, make_relay: RelayFactory) -> None:
+    relay = await make_relay(auth_admin_keys=[ADMIN_KEY])
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    traffic = (("echo", "one two three"), ("echo", "four five"), ("echo:delay=0.3", "a slow first token"),
+               ("echo:fail=500", "x"), ("echo:fail=500", "y"), ("echo:drop_after=1", "cut short now"))  # fmt: skip
+    for model, text in traffic:
+        doc = await relay.start({"model": model, "messages": [{"role": "user", "content": text}]})
+        await relay.wait_status(doc["endpoints"]["status_url"])
+    page = await open_console(browser, relay.url, "charts", openai_key=None)
+    await page.click("#tab-operator")
+    await page.fill("#op-key", ADMIN_KEY)
+    await page.click("#op-connect")
+    for chart in CHARTS:
+        await expect(page.locator(f"#{chart}")).to_have_attribute("data-filled", re.compile(r"^[1-9]"))
+    _, stats = await relay.get_json(relay.url + "/v1/admin/stats", admin)
+    codes = list(stats["day"]["errors_by_code"])
+    assert len(codes) == 2 and stats["hour"]["ttft_p99"] > stats["hour"]["ttft_p50"]  # two bars, two lines
+
+    # every chart has both axes with tick labels: times (or the error codes) below, values on the left
+    ticks = await page.evaluate("(ids) => ids.map((id) => charts[id].axes.map((a) => a._values))", list(CHARTS))
+    for chart, (xs, ys) in zip(CHARTS, ticks, strict=True):
+        assert len(ys) >= 2 and all((DURATION if chart == "op-chart-ttft" else COUNT).match(y) for y in ys), (chart, ys)
+        if chart == "op-chart-errors":
+            assert set(codes) <= set(xs), xs
+        else:
+            assert len(xs) >= 3 and all(CLOCK.match(x) for x in xs), (chart, xs)
+
+    # hovering a point shows its value in the legend: the number GET /v1/admin/stats has for it
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for j, (chart, x, y, expected) in enumerate(points_to_hover(stats)):
+        for _ in range(20):  # the page and this test may read the stats either side of a new minute: again
+            shown = await hover(page, chart, x, y)
+            if legend_is(shown, expected):
+                break
+            await asyncio.sleep(0.25)
+            _, stats = await relay.get_json(relay.url + "/v1/admin/stats", admin)
+            _, x, y, expected = points_to_hover(stats)[j]
+        assert legend_is(shown, expected), (chart, shown, expected)
+        await page.locator(f"#{chart}").locator("xpath=..").screenshot(path=str(SHOTS / f"charts-{chart}-{j}.png"))
+    await shot(page, "operator")
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+async def test_viewer_chart_has_axes_and_shows_a_gap_on_hover(browser: Browser, relay: Relay) -> None:
+    doc = await relay.start({"model": "echo:pace=0.05", "messages": [{"role": "user", "content": LONG}]})
+    page = await open_console(browser, relay.url, "viewer-chart")
+    await page.click("#tab-viewer")
+    await page.fill("#viewer-url", doc["endpoints"]["status_url"])
+    await page.click("#viewer-open")
+    await expect(page.locator("#viewer-state")).to_contain_text("Finished")
+    bars = int(await page.locator("#viewer-chart").get_attribute("data-bars") or 0)
+    assert bars >= 4
+    xs, ys = await page.evaluate("() => charts['viewer-chart'].axes.map((a) => a._values)")
+    assert len(xs) >= 2 and all(x.isdigit() and 1 <= int(x) <= bars for x in xs), xs  # gap numbers
+    assert len(ys) >= 2 and all(COUNT.match(y) for y in ys), ys
+    gaps = await page.evaluate("() => charts['viewer-chart'].data[1]")
+    k = max(range(len(gaps)), key=lambda i: gaps[i]) + 1  # the longest gap: it streams live, 50 ms apart
+    shown = await hover(page, "viewer-chart", k, gaps[k - 1] / 2)
+    assert shown[0] == f"#{k}" and same_duration(shown[1], gaps[k - 1] / 1000) and gaps[k - 1] >= 25, (shown, gaps)
+    await page.locator("#viewer-timing").screenshot(path=str(SHOTS / "charts-viewer-chart.png"))
+    assert page.problems == []  # type: ignore[attr-defined]
