@@ -51,7 +51,7 @@ MUTANTS_webhooks  := relay.webhooks.x_address_allowed* relay.webhooks.x__literal
                      relay.webhooks.x_check_url* relay.webhooks.xǁGuardedResolverǁresolve*
 MUTANTS_security  := relay.security.*
 MUTANTS_private   := relay.serve.x__check_token* relay.serve.x__locate* relay.serve.x__stored_auth* \
-                     relay.serve.x_read_auth* relay.api.x_tokens* relay.api.x_resolve_parent* relay.api.x_authorize*
+                     relay.serve.x_read_auth* relay.api.x_tokens* relay.intake.x_resolve_parent* relay.api.x_authorize*
 MUTANTS_ownership := relay.facade.common.x_owner_of* relay.facade.common.x_caller* relay.facade.common.x__located* \
                      relay.facade.common.x_find* relay.facade.common.x_owned* relay.facade.common.xǁAnswersǁanswer* \
                      relay.facade.common.x_stored_answer* relay.facade.chat_index.xǁChatIndexǁlisted*

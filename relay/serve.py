@@ -340,13 +340,7 @@ async def follow(
         while True:
             size = job.size if job is not None else os.fstat(fd).st_size
             if offset < size:
-                events = job.events if job is not None else None
-                if events is not None and offset == events.tail_start:
-                    data = events.tail  # a live reader: the bytes just appended, without a read
-                    if len(data) > READ_BLOCK:  # (then the rest from the file, with backpressure)
-                        data = bytes(memoryview(data)[:READ_BLOCK])
-                else:
-                    data = os.pread(fd, min(size - offset, READ_BLOCK), offset)
+                data = _next_block(fd, offset, size, job)
                 if not data:
                     break
                 offset += len(data)
@@ -354,17 +348,7 @@ async def follow(
                 continue
             if job is None or job.finished:
                 break
-            transport = request.transport
-            if (
-                resp.chunked
-                and transport is not None
-                and offset == job.size
-                and transport.get_write_buffer_size() <= fanout.PUSH_BUFFER_LIMIT  # a backed-up one waits below
-            ):
-                offset, pushed = await fanout.of(job).follow(transport, offset)  # caught up: events are pushed
-                request[fanout.PUSHED] = request.get(fanout.PUSHED, 0) + pushed
-            else:
-                await job.wait_for_more(offset)
+            offset = await _caught_up(request, resp, job, offset)
             if not job.finished and job.size <= offset:
                 await _send(resp, b": keep-alive\n" + blank, seconds)
         await resp.write_eof()
@@ -377,6 +361,35 @@ async def follow(
     finally:
         readers[0] -= 1
     return resp
+
+
+def _next_block(fd: int, offset: int, size: int, job: Job | None) -> bytes:
+    """The log's next bytes from `offset` (at most READ_BLOCK): for a live reader, the bytes just appended,
+    without a read; else from the file."""
+    events = job.events if job is not None else None
+    if events is not None and offset == events.tail_start:
+        data = events.tail
+        if len(data) > READ_BLOCK:  # (then the rest from the file, with backpressure)
+            data = bytes(memoryview(data)[:READ_BLOCK])
+        return data
+    return os.pread(fd, min(size - offset, READ_BLOCK), offset)
+
+
+async def _caught_up(request: web.Request, resp: web.StreamResponse, job: Job, offset: int) -> int:
+    """A reader at the end of a running job's log: its new events are pushed to its socket while it keeps
+    up (see `fanout`); a backed-up one waits for more here. Returns the reader's new offset."""
+    transport = request.transport
+    if (
+        resp.chunked
+        and transport is not None
+        and offset == job.size
+        and transport.get_write_buffer_size() <= fanout.PUSH_BUFFER_LIMIT  # a backed-up one waits below
+    ):
+        offset, pushed = await fanout.of(job).follow(transport, offset)  # caught up: events are pushed
+        request[fanout.PUSHED] = request.get(fanout.PUSHED, 0) + pushed
+    else:
+        await job.wait_for_more(offset)
+    return offset
 
 
 async def _send(resp: web.StreamResponse, data: bytes, seconds: float) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import api, status
+from .. import api, intake, status
 from ..config import Config
 from ..http import HTTPError
 from ..jobs import Events, Job, JobManager
@@ -92,7 +92,7 @@ class ChatFormat:
 
 def _check(payload: dict[str, Any], config: Config) -> tuple[bool, bool, dict[str, str]]:
     try:
-        payload["messages"] = api.parse_messages(payload.get("messages"), config)
+        payload["messages"] = intake.parse_messages(payload.get("messages"), config)
     except HTTPError as exc:
         raise OpenAIError(400, exc.message, param="messages", code=exc.code) from None
     if payload.get("n") not in (None, 1):

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from .. import api, ledger
+from .. import api, intake, ledger
 from ..config import Config
 from ..http import HTTPError
 from ..janitor import EXTENSIONS
@@ -89,8 +89,8 @@ def caller(request: web.Request) -> Caller:
 
 async def read_payload(request: web.Request) -> dict[str, Any]:
     config: Config = request.app[CONFIG]
-    raw = await api.read_body(request, config.server_max_body_bytes, config.server_body_timeout_seconds)
-    payload = api.parse_body(raw, config)
+    raw = await intake.read_body(request, config.server_max_body_bytes, config.server_body_timeout_seconds)
+    payload = intake.parse_body(raw, config)
     if not isinstance(payload, dict):
         raise OpenAIError(400, "The body must be a JSON object.", code="invalid_json")
     return payload

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import api, status
+from .. import api, intake, status
 from ..assemble import assistant_message
 from ..config import Config
 from ..http import HTTPError
@@ -84,7 +84,7 @@ async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list
     if prp is None:
         raise missing
     try:
-        parent = await api.load_parent(prp, config, field="previous_response_id")
+        parent = await intake.load_parent(prp, config, field="previous_response_id")
     except HTTPError as exc:
         if exc.status == 404:
             raise missing from None
@@ -93,7 +93,7 @@ async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list
     if not isinstance(oa, dict) or oa.get("id") != prev or oa.get("owner") != who.owner:
         raise missing
     try:
-        api.check_parent_state(parent)
+        intake.check_parent_state(parent)
     except HTTPError as exc:
         raise OpenAIError(400, exc.message, param="previous_response_id", code=exc.code) from None
     history = (parent.get("parameters") or {}).get("messages") or []
@@ -137,7 +137,7 @@ async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any]
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + await _history(
         payload, config, who
     ) + new  # fmt: skip
-    api.check_count(len(messages), config)
+    intake.check_count(len(messages), config)
     api_key, organization = api.upstream_key(request, config)
     api.take_quota(request, who.entry)
     created_at = int(time.time())
