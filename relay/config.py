@@ -5,7 +5,8 @@ source of each setting: errors name the key and the file, `--help` shows its tex
 (`describe`), and the tests hold `Config`'s defaults, the shipped `config.toml` and the table in
 docs/deploy.md to it. The environment is read here and nowhere else: `RELAY_UPSTREAM_API_KEY`
 overrides `upstream.api_key`, so that a real key can live in a systemd `EnvironmentFile` instead of a
-world-readable config file.
+world-readable config file; the archive's credentials come from `AWS_ACCESS_KEY_ID` and
+`AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) only, never from the file.
 """
 
 from __future__ import annotations
@@ -117,7 +118,31 @@ def _log_level(value: Any) -> str | None:
     return None if value.lower() in ok else "must be one of " + ", ".join(ok)
 
 
-# (section, key, type, default, check, help). `float` accepts ints too.
+def _bucket(value: Any) -> str | None:
+    ok = value == "" or (3 <= len(value) <= 63 and all(c.islower() or c.isdigit() or c in ".-" for c in value))
+    return None if ok and value.isascii() else "must be empty or an S3 bucket name (3-63 of a-z, 0-9, '.', '-')"
+
+
+def _prefix(value: Any) -> str | None:
+    parts = value.strip("/").split("/")
+    if value and (value.startswith("/") or not value.isascii() or not value.isprintable() or " " in value):
+        return 'must be empty or a relative key prefix such as "relay/" (ASCII, no spaces)'
+    return "must not contain empty, `.` or `..` segments" if value and {"", ".", ".."} & set(parts) else None
+
+
+def _keep_hours(value: Any) -> str | None:
+    if value == "forever" or (isinstance(value, int | float) and not isinstance(value, bool) and value >= 0):
+        return None
+    return 'must be a number of hours (0 = remove at once) or "forever"'
+
+
+def _part_size(value: Any) -> str | None:
+    ok = 5 * 1024 * 1024 <= value <= 5 * 1024**3
+    return None if ok else "must be between 5242880 (5 MiB, the S3 minimum) and 5368709120 (5 GiB)"
+
+
+# (section, key, type, default, check, help). `float` accepts ints too; `object` takes any value, which
+# its check then judges (a number or a word).
 SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]] = [
     ("server", "host", str, "127.0.0.1", _non_empty, "address to listen on"),
     ("server", "port", int, 8080, _port, "TCP port to listen on (0 = any free port)"),
@@ -175,7 +200,27 @@ SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]
     ("webhooks", "timeout_seconds", float, 10.0, _positive, "time limit of one delivery attempt"),
     ("webhooks", "max_attempts", int, 3, _positive, "delivery attempts on network errors and 5xx"),
     ("webhooks", "backoff_seconds", float, 1.0, _non_negative, "wait before the 2nd attempt, doubled after"),
+    ("archive", "enabled", bool, False, None, "upload ended requests to an S3-compatible bucket"),
+    ("archive", "endpoint_url", str, "", _optional_url, "the object store, e.g. https://s3.eu-west-1.amazonaws.com"),
+    ("archive", "bucket", str, "", _bucket, "bucket shared by every node (created beforehand; never by the relay)"),
+    ("archive", "prefix", str, "", _prefix, "key prefix before each request's relative path (empty = none)"),
+    ("archive", "region", str, "", None, "signing region (empty = us-east-1)"),
+    ("archive", "upload_after_seconds", float, 0.0, _non_negative, "upload this long after a request ends (0 = then)"),
+    ("archive", "keep_local_hours", object, "forever", _keep_hours, 'hours local files stay once verified; "forever"'),
+    ("archive", "expire_objects", bool, True, None, "janitor deletes objects at max_age_days (false: a rule)"),
+    ("archive", "max_concurrent_uploads", int, 2, _positive, "requests uploaded at once"),
+    ("archive", "part_size_bytes", int, 8 * 1024 * 1024, _part_size, "multipart above this size, in parts this size"),
+    ("archive", "retry_min_seconds", float, 1.0, _positive, "first wait after a failed upload (doubled, with jitter)"),
+    ("archive", "retry_max_seconds", float, 300.0, _positive, "longest wait between two upload attempts"),
+    ("archive", "request_timeout_seconds", float, 30.0, _positive, "connect / silence limit of one store request"),
 ]
+
+# The archive's credentials, read from these variables (the names every S3 tool uses) and never from a file.
+ARCHIVE_ENV = {
+    "archive_access_key_id": "AWS_ACCESS_KEY_ID",
+    "archive_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "archive_session_token": "AWS_SESSION_TOKEN",
+}
 
 
 def describe(section: str, key: str) -> str:
@@ -258,6 +303,23 @@ class Config:
     webhooks_timeout_seconds: float = 10.0
     webhooks_max_attempts: int = 3
     webhooks_backoff_seconds: float = 1.0
+    archive_enabled: bool = False
+    archive_endpoint_url: str = ""
+    archive_bucket: str = ""
+    archive_prefix: str = ""
+    archive_region: str = ""
+    archive_upload_after_seconds: float = 0.0
+    archive_keep_local_hours: float | str = "forever"
+    archive_expire_objects: bool = True
+    archive_max_concurrent_uploads: int = 2
+    archive_part_size_bytes: int = 8 * 1024 * 1024
+    archive_retry_min_seconds: float = 1.0
+    archive_retry_max_seconds: float = 300.0
+    archive_request_timeout_seconds: float = 30.0
+    # the archive's credentials: from the environment only (AWS_ACCESS_KEY_ID, …), never from the file
+    archive_access_key_id: str = field(default="", repr=False)
+    archive_secret_access_key: str = field(default="", repr=False)
+    archive_session_token: str = field(default="", repr=False)
 
     @property
     def public_url(self) -> str:
@@ -330,6 +392,9 @@ def load(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
     env_key = env.get("RELAY_UPSTREAM_API_KEY")
     if env_key:
         values["upstream_api_key"] = env_key
+    for name, var in ARCHIVE_ENV.items():
+        if env.get(var):
+            values[name] = env[var]
     names = {f.name for f in fields(Config)}
     assert set(values) <= names
     return Config(**values)

@@ -514,3 +514,17 @@ async def readers(url: str, header: str, n: int, limit: int = 0) -> None:
     args = (url, header, str(n), str(limit))
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", READERS_SCRIPT, *args)
     assert await asyncio.wait_for(proc.wait(), 120) == 0
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3-compatible store (SeaweedFS `weed mini`, tests/objectstore.py) for a module's tests, with
+    this run's own credentials and a bucket; `stop()` / `start()` it to take it away and bring it back."""
+    from .objectstore import SeaweedS3
+
+    store = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    store.start()
+    try:
+        yield store
+    finally:
+        store.stop()

@@ -1,0 +1,421 @@
+"""The archiver: uploads ended requests, verifies them, records them, removes local copies when due.
+
+Work is driven by the durable state of `state.py`: `ended()` writes a pending entry before it returns, a
+fixed number of workers (`max_concurrent_uploads`) take entries as they fall due, and a failed attempt
+(store down, slow, answering errors or other bytes) leaves everything local and tries again after an
+exponential backoff with jitter. The order for one request is: hash the local files, upload them,
+read each back and compare size and SHA-256, upload the manifest and read it back, check the local
+files did not change meanwhile, write the record; only then is the pending entry removed and the local
+copies become removable (at once, after `keep_local_hours`, or never).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..config import Config
+from ..paths import RequestPath, parse_request_path
+from .client import ArchiveError, Bucket, IntegrityError, NotArchived, describe_error
+from .manifest import EXTS, MAX_MANIFEST_BYTES, Manifest, block_span, decode, hash_request, stamp, verified
+from .settings import ArchiveSettings
+from .state import Pending, State, remove_empty_parents, request_of
+
+log = logging.getLogger("relay.archive")
+
+MANIFESTS_CACHED = 4096
+
+
+class Gone(ArchiveError):
+    """The request's files are no longer on local disk (expired or deleted): nothing to upload."""
+
+
+class Changed(ArchiveError):
+    """A local file changed while it was being archived: archived again."""
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What /metrics and the operator page show of the archive."""
+
+    pending: int  # ended requests not yet archived
+    pending_bytes: int  # their local bytes
+    oldest_pending_seconds: float  # how long the oldest of them has waited (0 when none)
+    failing: int  # pending requests whose last attempt failed
+    failures: int  # failed attempts since start
+    integrity_failures: int  # of which: the store served other bytes or another size
+    archived: int  # requests archived since start
+    archived_bytes: int
+    local_removed: int  # requests whose local copies were removed since start
+    last_error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ArchivedRange:
+    """Bytes [start, end) of an archived file of `size` bytes, verified block by block as they come."""
+
+    size: int
+    start: int
+    end: int
+    chunks: Any  # AsyncIterator[bytes]
+
+    def __aiter__(self) -> Any:
+        return self.chunks.__aiter__()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks])
+
+    async def aclose(self) -> None:
+        """Drop the GET early (a reader that went away)."""
+        await self.chunks.aclose()
+
+
+class Archiver:
+    """See the package's docstring for the API."""
+
+    def __init__(self, config: Config, data_dir: Path | None = None) -> None:
+        self.settings = ArchiveSettings.from_config(config)
+        self.data_dir = Path(data_dir if data_dir is not None else config.data_dir)
+        self.state = State(self.data_dir / "archive")
+        self.bucket = Bucket(self.settings)
+        self._pending: dict[str, Pending] = {}
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._keep: list[tuple[float, str]] = []
+        self._keep_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._counts = dict(failures=0, integrity_failures=0, archived=0, archived_bytes=0, local_removed=0)
+        self._last_error: str | None = None
+
+    # the lifecycle
+
+    async def start(self) -> None:
+        """Load the state left on disk (pending uploads resume) and start the workers."""
+        await asyncio.to_thread(self.state.create)
+        for p in await asyncio.to_thread(self.state.load_pending):
+            self._pending[p.base] = p
+            self._schedule(p.base, p.due)
+        self._keep = await asyncio.to_thread(self.state.load_keep)
+        heapq.heapify(self._keep)
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"archive-{i}") for i in range(self.settings.max_uploads)
+        ]
+        self._tasks.append(asyncio.create_task(self._keeper(), name="archive-keep"))
+        if self._pending:
+            log.info("archive: %d pending upload(s) resumed", len(self._pending))
+
+    async def stop(self) -> None:
+        """Stop the workers; uploads in flight are dropped and resume at the next start."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def ended(self, rp: RequestPath) -> None:
+        """Hand over a request whose ending is durable; returns once its pending entry is on disk."""
+        if rp.base in self._pending:
+            return
+        now = time.time()
+        size = sum(await asyncio.to_thread(_sizes, self.data_dir, rp))
+        p = Pending(rp.base, ended=now, due=now + self.settings.upload_after, bytes=size)
+        await asyncio.to_thread(self.state.save_pending, p)
+        self._pending[p.base] = p
+        self._schedule(p.base, p.due)
+
+    def backlog(self) -> Backlog:
+        now = time.time()
+        pending = self._pending.values()
+        return Backlog(
+            pending=len(self._pending),
+            pending_bytes=sum(p.bytes for p in pending),
+            oldest_pending_seconds=max((now - min(p.ended for p in pending)) if pending else 0.0, 0.0),
+            failing=sum(1 for p in pending if p.error),
+            last_error=self._last_error,
+            **self._counts,
+        )
+
+    # the queue
+
+    def _schedule(self, base: str, due: float) -> None:
+        if base in self._queued or base in self._timers:
+            return
+        delay = due - time.time()
+        if delay <= 0:
+            self._queued.add(base)
+            self._ready.put_nowait(base)
+        else:
+            self._timers[base] = asyncio.get_running_loop().call_later(delay, self._due, base)
+
+    def _due(self, base: str) -> None:
+        self._timers.pop(base, None)
+        self._schedule(base, 0)
+
+    async def _worker(self) -> None:
+        while True:
+            base = await self._ready.get()
+            self._queued.discard(base)
+            if base in self._pending:
+                await self._attempt(base)
+
+    async def _attempt(self, base: str) -> None:
+        p = self._pending[base]
+        try:
+            try:
+                record = await self._archive(base)
+                await self._settle(base, record)
+            except Gone:
+                log.info("archive: %s is gone from local disk before it was archived; dropped", base)
+            await asyncio.to_thread(self.state.drop_pending, base)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # (whatever failed, the local files stay and it is tried again)
+            self._failed(p, exc)
+            return
+        self._pending.pop(base, None)
+
+    def _failed(self, p: Pending, exc: BaseException) -> None:
+        if not isinstance(exc, ArchiveError):
+            log.exception("archive: unexpected failure on %s", p.base)
+        self._counts["failures"] += 1
+        if isinstance(exc, IntegrityError):
+            self._counts["integrity_failures"] += 1
+        p.attempts += 1
+        p.error = self._last_error = describe_error(exc)
+        ceiling = min(self.settings.retry_max, self.settings.retry_min * 2 ** min(p.attempts - 1, 40))
+        now = time.time()
+        p.due = now + random.uniform(ceiling / 2, ceiling)
+        level = logging.WARNING if p.attempts & (p.attempts - 1) == 0 else logging.DEBUG  # (1st, 2nd, 4th, …)
+        log.log(level, "archive: %s failed (attempt %d, next in %.1f s): %s", p.base, p.attempts, p.due - now, p.error)
+        task = asyncio.create_task(asyncio.to_thread(self.state.save_pending, p, False))
+        # (not durable, and only the backlog's numbers are lost if this write fails)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._schedule(p.base, p.due)
+
+    # one request
+
+    async def _archive(self, base: str) -> dict[str, Any]:
+        """Upload, verify and record one request (or its record, when that was done before)."""
+        record = await asyncio.to_thread(self.state.read_record, base)
+        if record is not None:
+            return record
+        rp = request_of(base)
+        manifest = await asyncio.to_thread(hash_request, self.data_dir, rp) if rp else None
+        if rp is None or manifest is None:
+            raise Gone(base)
+        s = self.settings
+        for ext, fs in manifest.files.items():
+            await self.bucket.put_file(s.key(rp.rel(ext)), rp.file(self.data_dir, ext), fs.size)
+        for ext, fs in manifest.files.items():
+            size, sha = await self.bucket.digest(s.key(rp.rel(ext)))
+            if (size, sha) != (fs.size, fs.sha256):
+                raise IntegrityError(
+                    f"{rp.rel(ext)}: the store holds {size} bytes, SHA-256 {sha[:12]}…, not what was sent"
+                )
+        encoded = manifest.encode()
+        await self.bucket.put_bytes(s.key(rp.rel("manifest.json")), encoded)
+        if await self.bucket.get_bytes(s.key(rp.rel("manifest.json")), MAX_MANIFEST_BYTES) != encoded:
+            raise IntegrityError(f"{rp.rel('manifest.json')}: the store holds other bytes than were sent")
+        stamps = {ext: fs.stamp for ext, fs in manifest.files.items()}
+        if await asyncio.to_thread(_stamps, self.data_dir, rp) != stamps:
+            raise Changed(f"{base}: a local file changed during its upload")
+        record = {
+            "manifest": orjson.loads(manifest.encode()),
+            "archived_at": time.time(),
+            "stamps": stamps,
+            "local": True,
+        }
+        await asyncio.to_thread(self.state.write_record, base, record)
+        self._counts["archived"] += 1
+        self._counts["archived_bytes"] += manifest.bytes
+        log.info("archive: %s archived (%d file(s), %d bytes, verified)", base, len(manifest.files), manifest.bytes)
+        return record
+
+    async def _settle(self, base: str, record: dict[str, Any]) -> None:
+        """After the record: remove the local copies now, or plan their removal, or keep them."""
+        keep = self.settings.keep_local
+        if keep is None or not record.get("local", True):
+            return
+        if keep <= 0:
+            if await self._remove_local(base) == "changed":
+                raise Changed(f"{base}: a local file changed after it was archived")
+            return
+        due = float(record.get("archived_at", 0)) + keep
+        await asyncio.to_thread(self.state.save_keep, base, due)
+        heapq.heappush(self._keep, (due, base))
+        self._keep_wake.set()
+
+    async def _remove_local(self, base: str) -> str:
+        """Remove a request's local files if they are exactly the ones verified: "removed". When one
+        changed, nothing is removed and its record is dropped, to archive it again: "changed"."""
+        record = await asyncio.to_thread(self.state.read_record, base)
+        rp = request_of(base)
+        if record is None or rp is None or record.get("local") is False:
+            return "gone"
+        outcome = await asyncio.to_thread(_unlink_verified, self.data_dir, rp, record.get("stamps", {}))
+        if outcome == "changed":
+            log.warning("archive: %s changed after it was archived: archiving it again", base)
+            await asyncio.to_thread(self.state.drop_record, base)
+            self._manifests.pop(base, None)
+            return outcome
+        record["local"] = False
+        await asyncio.to_thread(self.state.write_record, base, record, False)
+        self._counts["local_removed"] += 1
+        return outcome
+
+    async def _keeper(self) -> None:
+        """Remove local copies as their `keep_local_hours` run out."""
+        while True:
+            self._keep_wake.clear()
+            now = time.time()
+            while self._keep and self._keep[0][0] <= now:
+                _due, base = heapq.heappop(self._keep)
+                if self.settings.keep_local is None:  # ("forever" now: planned before a change of mind)
+                    await asyncio.to_thread(self.state.drop_keep, base)
+                    continue
+                try:
+                    if await self._remove_local(base) == "changed" and (rp := request_of(base)) is not None:
+                        await self.ended(rp)
+                    await asyncio.to_thread(self.state.drop_keep, base)
+                except (OSError, ArchiveError) as exc:
+                    log.warning("archive: cannot remove the local copy of %s: %s", base, exc)
+                    heapq.heappush(self._keep, (now + self.settings.retry_max, base))
+            delay = self._keep[0][0] - time.time() if self._keep else 3600.0
+            try:
+                await asyncio.wait_for(self._keep_wake.wait(), max(delay, 0.01))
+            except TimeoutError:
+                pass
+
+    # reading
+
+    async def open(self, rel: str, start: int = 0, end: int | None = None) -> ArchivedRange:
+        """Bytes [start, end) (end None: to the end) of an archived file, `rel` as in its URL without the
+        leading `/`. One ranged GET; the bytes come verified. NotArchived (a FileNotFoundError) when
+        there is no such archived file, ValueError for a range outside it, StoreError when the store
+        fails, IntegrityError (from the iteration too) when it serves other bytes than were archived."""
+        parsed = parse_request_path("/" + rel)
+        if parsed is None or parsed[1] not in EXTS:
+            raise NotArchived(rel)
+        rp, ext = parsed
+        manifest = await self._manifest(rp)
+        fs = manifest.files.get(ext)
+        if fs is None:
+            raise NotArchived(rel)
+        end = fs.size if end is None else end
+        if not 0 <= start <= end <= fs.size:
+            raise ValueError(f"range {start}-{end} is outside {rel} ({fs.size} bytes)")
+        if start == end:
+            return ArchivedRange(fs.size, start, end, _empty())
+        first, last = block_span(fs, manifest.block, start, end)
+        size, chunks = await self.bucket.open_range(self.settings.key(rel), first, last)
+        if size != fs.size:
+            raise IntegrityError(f"{rel}: the store holds {size} bytes, {fs.size} were archived")
+        return ArchivedRange(fs.size, start, end, verified(chunks, fs, manifest.block, start, end, rel))
+
+    async def read(self, rel: str, start: int = 0, end: int | None = None) -> bytes:
+        """`open(…)`'s bytes, whole."""
+        return await (await self.open(rel, start, end)).read()
+
+    async def _manifest(self, rp: RequestPath) -> Manifest:
+        """The manifest of an archived request: this node's record, else the one in the store (cached)."""
+        cached = self._manifests.get(rp.base)
+        if cached is not None:
+            self._manifests.move_to_end(rp.base)
+            return cached
+        record = await asyncio.to_thread(self.state.read_record, rp.base)
+        if record is not None and isinstance(record.get("manifest"), dict):
+            manifest = decode(orjson.dumps(record["manifest"]), rp.base)
+        else:
+            data = await self.bucket.get_bytes(self.settings.key(rp.rel("manifest.json")), MAX_MANIFEST_BYTES)
+            manifest = decode(data, rp.base)
+        self._manifests[rp.base] = manifest
+        if len(self._manifests) > MANIFESTS_CACHED:
+            self._manifests.popitem(last=False)
+        return manifest
+
+    # expiry and deletion
+
+    async def expire(self, cutoff: float, batch: int = 500) -> int:
+        """Forget archived requests created before `cutoff` (epoch seconds): their objects are deleted
+        (unless `expire_objects` is false: a bucket rule does it) and their records removed. Returns how
+        many; StoreError leaves the rest for the next run."""
+        count = 0
+        while True:
+            bases = await asyncio.to_thread(self.state.expired_records, cutoff, batch)
+            for base in bases:
+                rp = request_of(base)
+                if rp is not None:
+                    await self._forget(rp, self.settings.expire_objects)
+                    count += 1
+            if len(bases) < batch:
+                return count
+
+    async def forget(self, rp: RequestPath) -> None:
+        """Delete a request from the archive now (its objects, record and pending upload): for a request
+        deleted on purpose. StoreError when the store cannot be reached (then try again)."""
+        await self._forget(rp, True)
+
+    async def _forget(self, rp: RequestPath, delete_objects: bool) -> None:
+        base = rp.base
+        if base in self._pending:
+            self._pending.pop(base)
+            await asyncio.to_thread(self.state.drop_pending, base)
+        if delete_objects:
+            for ext in ("manifest.json", *EXTS):  # (the manifest first: a half-deleted request is not served)
+                await self.bucket.delete(self.settings.key(rp.rel(ext)))
+        self._manifests.pop(base, None)
+        await asyncio.to_thread(self._drop_record, base)
+
+    def _drop_record(self, base: str) -> None:
+        self.state.drop_record(base)
+        self.state.drop_keep(base)
+        remove_empty_parents(self.state.record_path(base).parent, self.state.records_dir)
+
+
+# blocking helpers (run in threads)
+
+
+def _sizes(data_dir: Path, rp: RequestPath) -> list[int]:
+    out = []
+    for ext in EXTS:
+        try:
+            out.append(rp.file(data_dir, ext).stat().st_size)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _stamps(data_dir: Path, rp: RequestPath) -> dict[str, tuple[int, int]]:
+    return {ext: s for ext in EXTS if (s := stamp(rp.file(data_dir, ext))) is not None}
+
+
+def _unlink_verified(data_dir: Path, rp: RequestPath, stamps: dict[str, Any]) -> str:
+    """Remove the request's local files if each is the one verified (same inode and mtime): "removed";
+    "changed" (nothing removed) when one is not."""
+    now = _stamps(data_dir, rp)
+    if any(ext not in stamps or tuple(stamps[ext]) != s for ext, s in now.items()):
+        return "changed"
+    for ext in EXTS:
+        rp.file(data_dir, ext).unlink(missing_ok=True)
+    return "removed"
+
+
+async def _empty() -> Any:
+    return
+    yield b""
