@@ -223,6 +223,18 @@ async def test_local_copies_are_kept_forever_or_for_their_hours(tmp_path: Path, 
     assert a.backlog().local_removed == 0 and b.backlog().local_removed == 1
 
 
+async def test_upload_after_seconds_holds_the_upload_back(tmp_path: Path, s3: SeaweedS3, archivers: Any) -> None:
+    data = tmp_path / "data"
+    rp = make_request(data)
+    archiver = await archivers(data, keep_local_hours=0, upload_after_seconds=1)
+    await archiver.ended(rp)
+    await asyncio.sleep(0.6)
+    assert archiver.backlog().pending == 1 and len(local(data, rp)) == 3
+    assert not [k for k in s3.keys(archivers.prefix) if rp.request_id in k]  # not yet
+    await archived(archiver, 1)
+    assert local(data, rp) == {} and len([k for k in s3.keys(archivers.prefix) if rp.request_id in k]) == 4
+
+
 async def test_a_file_larger_than_the_part_size_goes_up_in_parts_off_the_event_loop(
     tmp_path: Path, s3: SeaweedS3, archivers: Any
 ) -> None:

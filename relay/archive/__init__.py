@@ -28,11 +28,14 @@ raised before any wrong byte is given out, also from within the iteration).
 
 Objects: `<prefix><rel>` for each of a request's files, and `<prefix><base>.manifest.json` (sizes and
 SHA-256 of each file and of each 256 KiB block of it), written last: any node can serve any archived
-file. Local state: `<data_dir>/archive/` (see `state.py`). Why obstore: see docs/development.md.
+file. Local state: `<data_dir>/archive/` (see `state.py`). Modules: `settings` (the config, checked),
+`client` (the store, through obstore), `manifest` (hashes), `state` (the queue and records on disk),
+`archiver` (the workers), `reader` (verified reads). Why obstore: see docs/development.md.
 """
 
-from .archiver import ArchivedRange, Archiver, Backlog
+from .archiver import Archiver, Backlog
 from .client import ArchiveError, IntegrityError, NotArchived, StoreError
+from .reader import ArchivedRange
 from .settings import ArchiveSettings
 
 __all__ = [

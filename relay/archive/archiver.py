@@ -16,7 +16,6 @@ import heapq
 import logging
 import random
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,14 @@ from typing import Any
 import orjson
 
 from ..config import Config
-from ..paths import RequestPath, parse_request_path
-from .client import ArchiveError, Bucket, IntegrityError, NotArchived, describe_error
-from .manifest import EXTS, MAX_MANIFEST_BYTES, Manifest, block_span, decode, hash_request, stamp, verified
+from ..paths import RequestPath
+from .client import ArchiveError, Bucket, IntegrityError, describe_error
+from .manifest import EXTS, MAX_MANIFEST_BYTES, hash_request, stamp
+from .reader import ArchivedRange, Reader
 from .settings import ArchiveSettings
 from .state import Pending, State, remove_empty_parents, request_of
 
 log = logging.getLogger("relay.archive")
-
-MANIFESTS_CACHED = 4096
 
 
 class Gone(ArchiveError):
@@ -62,26 +60,6 @@ class Backlog:
         return dict(self.__dict__)
 
 
-@dataclass
-class ArchivedRange:
-    """Bytes [start, end) of an archived file of `size` bytes, verified block by block as they come."""
-
-    size: int
-    start: int
-    end: int
-    chunks: Any  # AsyncIterator[bytes]
-
-    def __aiter__(self) -> Any:
-        return self.chunks.__aiter__()
-
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks])
-
-    async def aclose(self) -> None:
-        """Drop the GET early (a reader that went away)."""
-        await self.chunks.aclose()
-
-
 class Archiver:
     """See the package's docstring for the API."""
 
@@ -97,7 +75,7 @@ class Archiver:
         self._keep: list[tuple[float, str]] = []
         self._keep_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self.reader = Reader(self.settings, self.bucket, self.state)
         self._counts = dict(failures=0, integrity_failures=0, archived=0, archived_bytes=0, local_removed=0)
         self._last_error: str | None = None
 
@@ -272,7 +250,7 @@ class Archiver:
         if outcome == "changed":
             log.warning("archive: %s changed after it was archived: archiving it again", base)
             await asyncio.to_thread(self.state.drop_record, base)
-            self._manifests.pop(base, None)
+            self.reader.forget(base)
             return outcome
         record["local"] = False
         await asyncio.to_thread(self.state.write_record, base, record, False)
@@ -305,49 +283,12 @@ class Archiver:
     # reading
 
     async def open(self, rel: str, start: int = 0, end: int | None = None) -> ArchivedRange:
-        """Bytes [start, end) (end None: to the end) of an archived file, `rel` as in its URL without the
-        leading `/`. One ranged GET; the bytes come verified. NotArchived (a FileNotFoundError) when
-        there is no such archived file, ValueError for a range outside it, StoreError when the store
-        fails, IntegrityError (from the iteration too) when it serves other bytes than were archived."""
-        parsed = parse_request_path("/" + rel)
-        if parsed is None or parsed[1] not in EXTS:
-            raise NotArchived(rel)
-        rp, ext = parsed
-        manifest = await self._manifest(rp)
-        fs = manifest.files.get(ext)
-        if fs is None:
-            raise NotArchived(rel)
-        end = fs.size if end is None else end
-        if not 0 <= start <= end <= fs.size:
-            raise ValueError(f"range {start}-{end} is outside {rel} ({fs.size} bytes)")
-        if start == end:
-            return ArchivedRange(fs.size, start, end, _empty())
-        first, last = block_span(fs, manifest.block, start, end)
-        size, chunks = await self.bucket.open_range(self.settings.key(rel), first, last)
-        if size != fs.size:
-            raise IntegrityError(f"{rel}: the store holds {size} bytes, {fs.size} were archived")
-        return ArchivedRange(fs.size, start, end, verified(chunks, fs, manifest.block, start, end, rel))
+        """Bytes [start, end) of an archived file: see `Reader.open`."""
+        return await self.reader.open(rel, start, end)
 
     async def read(self, rel: str, start: int = 0, end: int | None = None) -> bytes:
         """`open(…)`'s bytes, whole."""
-        return await (await self.open(rel, start, end)).read()
-
-    async def _manifest(self, rp: RequestPath) -> Manifest:
-        """The manifest of an archived request: this node's record, else the one in the store (cached)."""
-        cached = self._manifests.get(rp.base)
-        if cached is not None:
-            self._manifests.move_to_end(rp.base)
-            return cached
-        record = await asyncio.to_thread(self.state.read_record, rp.base)
-        if record is not None and isinstance(record.get("manifest"), dict):
-            manifest = decode(orjson.dumps(record["manifest"]), rp.base)
-        else:
-            data = await self.bucket.get_bytes(self.settings.key(rp.rel("manifest.json")), MAX_MANIFEST_BYTES)
-            manifest = decode(data, rp.base)
-        self._manifests[rp.base] = manifest
-        if len(self._manifests) > MANIFESTS_CACHED:
-            self._manifests.popitem(last=False)
-        return manifest
+        return await (await self.reader.open(rel, start, end)).read()
 
     # expiry and deletion
 
@@ -379,7 +320,7 @@ class Archiver:
         if delete_objects:
             for ext in ("manifest.json", *EXTS):  # (the manifest first: a half-deleted request is not served)
                 await self.bucket.delete(self.settings.key(rp.rel(ext)))
-        self._manifests.pop(base, None)
+        self.reader.forget(base)
         await asyncio.to_thread(self._drop_record, base)
 
     def _drop_record(self, base: str) -> None:
@@ -414,8 +355,3 @@ def _unlink_verified(data_dir: Path, rp: RequestPath, stamps: dict[str, Any]) ->
     for ext in EXTS:
         rp.file(data_dir, ext).unlink(missing_ok=True)
     return "removed"
-
-
-async def _empty() -> Any:
-    return
-    yield b""
