@@ -19,8 +19,8 @@ object in the body (`"dev": {"pace": 0.05}`), which the relay forwards untouched
 | error_after   | send an OpenAI-style `{"error": …}` event after this many chunks        |
 | chunks        | emit exactly this many content chunks (cycling the words)               |
 | text          | echo this text instead of the last user message                         |
-| tool_call     | answer with a streamed tool call instead of text                        |
-|               | (also when the request has `tools` and its last message is not a tool's) |
+| tool_call     | answer with a tool call (also when `tools` are offered): to the function|
+|               | `tool_choice` names, else the first, arguments from its JSON Schema    |
 | no_done       | end the stream without `data: [DONE]`                                   |
 | json_instead  | answer a streaming request with a plain `chat.completion` JSON body     |
 | stamp         | add `x_seq` (0, 1, …) and `x_sent` (CLOCK_MONOTONIC) to content chunks  |
@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import math
 import re
 import time
 import uuid
@@ -69,6 +70,8 @@ QUIRKS_DIR = Path(__file__).resolve().parent / "quirks"
 # The end of an event (or comment): a line end followed by an empty line, with any of the three line
 # ends SSE allows (CRLF, lone CR, LF).
 EVENT_END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+Doc = dict[str, Any]
+Pieces = list[tuple[list[str], bool]]  # each choice's words, and whether max_tokens cut them
 
 
 def quirk_names() -> list[str]:
@@ -205,33 +208,23 @@ class DevUpstream:
         base_text = str(opts["text"]) if opts.get("text") else _last_user_text(body["messages"])
         if last.get("role") == "tool" and not opts.get("text"):
             base_text = f"the tool said: {last.get('content')}"  # the second half of a function-call round trip
-        texts = [base_text if i == 0 else f"({i}) {base_text}" for i in range(n)]
-        pieces = [_pieces(t, chunks, limit) for t in texts]
+        pieces = [_pieces(base_text if i == 0 else f"({i}) {base_text}", chunks, limit) for i in range(n)]
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),
             "model": str(body.get("model") or "echo").split(":", 1)[0],
             "system_fingerprint": "fp_dev",
         }
-        prompt_tokens = sum(len(_last_user_text([m]).split()) for m in body["messages"])
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": sum(len(p[0]) for p in pieces),
-            "total_tokens": prompt_tokens + sum(len(p[0]) for p in pieces),
-        }
-        tools = body.get("tools")
-        tool = bool(opts.get("tool_call")) or (
-            isinstance(tools, list) and bool(tools) and body.get("tool_choice") != "none" and last.get("role") != "tool"
-        )
+        prompt = sum(len(_last_user_text([m]).split()) for m in body["messages"])
+        completion = sum(len(p[0]) for p in pieces)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        tool = bool(opts.get("tool_call")) or (_offered(body) is not None and last.get("role") != "tool")
         if not body.get("stream") or opts.get("json_instead"):
             choices = []
             for i, (words, truncated) in enumerate(pieces):
-                message: dict[str, Any] = {"role": "assistant", "content": "".join(words)}
-                if tool:
-                    call = _tool_call(i)
-                    call["function"]["arguments"] = _tool_args(body)
-                    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                said = {"content": None, "tool_calls": [_tool_call(i, body)]} if tool else {"content": "".join(words)}
                 finish = "tool_calls" if tool else ("length" if truncated else "stop")
+                message = {"role": "assistant", **said}
                 choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
             doc = {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
             if opts.get("deep"):
@@ -266,14 +259,7 @@ class DevUpstream:
         return resp
 
     async def _stream(
-        self,
-        request: web.Request,
-        body: dict[str, Any],
-        opts: dict[str, Any],
-        meta: dict[str, Any],
-        pieces: list[tuple[list[str], bool]],
-        usage: dict[str, Any],
-        tool: bool,
+        self, request: web.Request, body: Doc, opts: Doc, meta: Doc, pieces: Pieces, usage: Doc, tool: bool
     ) -> web.StreamResponse:
         """A streamed answer: the role chunk, the content (or tool call) chunks, the finish chunks, the
         usage chunk when asked for, `[DONE]` — unless an option misbehaves on the way."""
@@ -319,11 +305,11 @@ class _Writer:
         await self.resp.write(b"data: " + orjson.dumps(doc) + b"\n\n")
 
 
-async def _tool_call_chunks(out: _Writer, body: dict[str, Any], n: int) -> None:
-    """Each choice calls `get_weather`: the call's id and name, then its arguments 8 characters at a time."""
-    args = _tool_args(body)
+async def _tool_call_chunks(out: _Writer, body: Doc, n: int) -> None:
+    """Each choice calls the tool: the call's id and name, then its arguments 8 characters at a time."""
     for i in range(n):
-        call = _tool_call(i)
+        call = _tool_call(i, body)
+        args = call["function"]["arguments"]
         first = {"index": 0, "id": call["id"], "type": "function", "function": {**call["function"], "arguments": ""}}
         await out.chunk([{"index": i, "delta": {"tool_calls": [first]}, "finish_reason": None}])
         for j in range(0, len(args), 8):
@@ -331,9 +317,7 @@ async def _tool_call_chunks(out: _Writer, body: dict[str, Any], n: int) -> None:
             await out.chunk([{"index": i, "delta": {"tool_calls": [part]}, "finish_reason": None}])
 
 
-async def _word_chunks(
-    out: _Writer, request: web.Request, opts: dict[str, Any], pieces: list[tuple[list[str], bool]], pace: float
-) -> bool:
+async def _word_chunks(out: _Writer, request: web.Request, opts: Doc, pieces: Pieces, pace: float) -> bool:
     """The words of every choice, interleaved, on a fixed schedule. False when an option ended the stream
     early (drop_after, malformed_after, error_after)."""
     sent = 0
@@ -439,12 +423,61 @@ async def _huge_error(request: web.Request, status: int, size: int) -> web.Strea
     return resp
 
 
-def _tool_args(body: dict[str, Any]) -> str:
-    return orjson.dumps({"city": _last_user_text(body["messages"])[:40], "unit": "celsius"}).decode()
+def _offered(body: Doc) -> Doc | None:
+    """The function to call: the one `tool_choice` names, else the first offered (None: "none", or none)."""
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    fns = [f for t in tools if isinstance(t, dict) and isinstance(f := t.get("function"), dict) and "name" in f]
+    choice = body.get("tool_choice")
+    pick = choice.get("function", choice) if isinstance(choice, dict) else {}  # chat's shape, or Responses'
+    named = pick.get("name") if isinstance(pick, dict) else None
+    return None if choice == "none" else next((f for f in fns if f["name"] == named), fns[0] if fns else None)
 
 
-def _tool_call(i: int) -> dict[str, Any]:
-    return {"id": f"call_dev_{i}", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+FORMATS = {"date": "2025-01-01", "date-time": "2025-01-01T00:00:00Z", "email": "dev@x.test", "uri": "https://x.test/"}
+
+
+def _value(schema: Any, text: str, root: Any, left: list[int], depth: int = 0) -> Any:
+    """A value `schema` accepts: const, default, enum[0], examples[0], the first of anyOf/oneOf/allOf, a local
+    $ref's, else by type (all properties, `text` in free strings); 8 levels and `left[0]` values at most."""
+    left[0] -= 1
+    if isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and left[0] > 0:
+        target = root
+        for part in filter(None, schema["$ref"].removeprefix("#").split("/")):
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        return _value(target, text, root, left, depth)
+    if not isinstance(schema, dict):
+        return text
+    for key in ("const", "default", "enum", "examples", "anyOf", "oneOf", "allOf"):
+        if key in ("const", "default") and key in schema:
+            return schema[key]
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _value(schema[key][0], text, root, left, depth) if key.endswith("Of") else schema[key][0]
+    kind = schema.get("type")
+    kind = next((k for k in kind if k != "null"), "null") if isinstance(kind, list) else kind
+    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) and depth < 8 else {}
+        return {k: _value(sub, text, root, left, depth + 1) for k, sub in props.items() if left[0] > 0}
+    num = {k: v for k, v in schema.items() if k.endswith(("imum", "Length", "Items")) and type(v) in (int, float)}
+    if kind == "array":
+        count = min(int(num.get("minItems", 1)), int(num.get("maxItems", 8)), 8 if depth < 8 else 0)
+        return [_value(schema.get("items"), text, root, left, depth + 1) for _ in range(count) if left[0] > 0]
+    if kind in ("integer", "number"):
+        value = min(num.get("minimum", num.get("exclusiveMinimum", 0) + 1), num.get("maximum", math.inf))
+        return math.ceil(value) if kind == "integer" else value
+    if kind in ("boolean", "null"):
+        return True if kind == "boolean" else None
+    value = FORMATS.get(str(schema.get("format")), text).ljust(min(int(num.get("minLength", 0)), 256), "x")
+    return value[: int(num.get("maxLength", len(value)))]
+
+
+def _tool_call(i: int, body: Doc) -> Doc:
+    """Choice `i`'s call of the offered function (`get_weather` of the user's text when none is offered)."""
+    text = _last_user_text(body["messages"])[:40] or "echo"
+    fn = _offered(body)
+    params = (fn.get("parameters") or {"type": "object"}) if fn else None
+    args = _value(params, text, params, [200]) if fn else {"city": text, "unit": "celsius"}
+    call = {"name": str(fn["name"]) if fn else "get_weather", "arguments": orjson.dumps(args).decode()}
+    return {"id": f"call_dev_{i}", "type": "function", "function": call}
 
 
 async def start(
