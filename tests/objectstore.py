@@ -105,8 +105,9 @@ class SeaweedS3:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
-        for name in ("master.grpc", "volume.grpc"):  # (sockets weed leaves in /tmp)
-            Path(f"/tmp/seaweedfs-{name.split('.')[0]}-grpc-{self.ports[name]}.sock").unlink(missing_ok=True)
+        for port in self.ports.values():  # (the gRPC sockets weed may leave in /tmp)
+            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)

@@ -8,9 +8,10 @@ too, so the SigV4 signatures still hold) and, depending on `mode`, spoils the an
     "short"     GET bodies one byte short, Content-Length and Content-Range made to agree
     "long"      GET bodies with a byte added, Content-Length made to agree
     "etag"      every ETag replaced by another (bodies intact)
+    "lose"      PUTs answered 200 but never forwarded: the store says it has what it does not
 
 `only` limits the spoiling to requests whose path contains it (e.g. ".txt"); `hits` counts the requests
-seen, by method.
+seen, by method, and `most_puts` the most PUTs that were in flight at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class HostileS3Proxy:
         self.delay = 5.0
         self.only = ""
         self.hits: Counter[str] = Counter()
+        self.puts = 0
+        self.most_puts = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -61,6 +64,16 @@ class HostileS3Proxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.method] += 1
+        if request.method != "PUT":
+            return await self._answer(request)
+        self.puts += 1
+        self.most_puts = max(self.most_puts, self.puts)
+        try:
+            return await self._answer(request)
+        finally:
+            self.puts -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         spoil = self._spoils(request)
         if spoil and self.mode == "error":
@@ -68,6 +81,8 @@ class HostileS3Proxy:
             return web.Response(status=503, body=xml, content_type="application/xml")
         if spoil and self.mode == "slow":
             await asyncio.sleep(self.delay)
+        if spoil and self.mode == "lose" and request.method == "PUT":
+            return web.Response(status=200, headers={"ETag": '"0123456789abcdef0123456789abcdef"'})
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP | {"content-length"}}
         assert self._session is not None
         async with self._session.request(

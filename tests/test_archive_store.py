@@ -209,7 +209,7 @@ async def test_local_copies_are_kept_forever_or_for_their_hours(tmp_path: Path, 
     forever_dir, hours_dir = tmp_path / "forever", tmp_path / "hours"
     kept, timed = make_request(forever_dir), make_request(hours_dir)
     a = await archivers(forever_dir, keep_local_hours="forever")
-    b = await archivers(hours_dir, keep_local_hours=0.0004)  # 1.44 s
+    b = await archivers(hours_dir, keep_local_hours=0.001)  # 3.6 s
     await a.ended(kept)
     await b.ended(timed)
     await archived(a, 1)
@@ -226,9 +226,9 @@ async def test_local_copies_are_kept_forever_or_for_their_hours(tmp_path: Path, 
 async def test_upload_after_seconds_holds_the_upload_back(tmp_path: Path, s3: SeaweedS3, archivers: Any) -> None:
     data = tmp_path / "data"
     rp = make_request(data)
-    archiver = await archivers(data, keep_local_hours=0, upload_after_seconds=1)
+    archiver = await archivers(data, keep_local_hours=0, upload_after_seconds=1.5)
     await archiver.ended(rp)
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.5)
     assert archiver.backlog().pending == 1 and len(local(data, rp)) == 3
     assert not [k for k in s3.keys(archivers.prefix) if rp.request_id in k]  # not yet
     await archived(archiver, 1)
@@ -286,8 +286,21 @@ async def test_expire_deletes_old_archived_objects_and_keeps_the_rest(
     with pytest.raises(NotArchived):
         await archiver.read(old.rel("txt"))
     assert await archiver.read(new.rel("txt")) == new.file(data, "txt").read_bytes()
+    listed = await archiver.bucket.list(archivers.prefix)
+    assert {m["path"]: m["size"] for m in listed} == keys  # (the client's listing: what the store holds)
     await archiver.forget(new)
     assert s3.keys(archivers.prefix) == {}
+
+
+async def test_uploads_are_bounded_in_concurrency(tmp_path: Path, proxy: HostileS3Proxy, archivers: Any) -> None:
+    data = tmp_path / "data"
+    requests = [make_request(data) for _ in range(5)]
+    proxy.mode, proxy.delay = "slow", 0.03  # every answer a little late, so that uploads overlap if they may
+    archiver = await archivers(data, endpoint=proxy.endpoint, max_concurrent_uploads=2)
+    for rp in requests:
+        await archiver.ended(rp)
+    await archived(archiver, 5)
+    assert proxy.most_puts == 2  # two requests at a time, each one file at a time (small files: one PUT)
 
 
 # an outage, a restart, a kill -9
@@ -373,9 +386,9 @@ async def test_pending_uploads_resume_after_a_kill_9(
 # a hostile store: slow, failing, or serving other bytes
 
 
-@pytest.mark.parametrize("mode", ["slow", "error", "corrupt", "short", "long"])
+@pytest.mark.parametrize("mode", ["slow", "error", "corrupt", "short", "long", "lose"])
 async def test_a_hostile_store_never_costs_the_local_copy(
-    tmp_path: Path, proxy: HostileS3Proxy, archivers: Any, mode: str
+    tmp_path: Path, s3: SeaweedS3, proxy: HostileS3Proxy, archivers: Any, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = tmp_path / "data"
     rp = make_request(data, raw_bytes=300 * 1024)
@@ -386,10 +399,12 @@ async def test_a_hostile_store_never_costs_the_local_copy(
     await until(lambda: archiver.backlog().failures >= 2, 20, "failed attempts")
     backlog = archiver.backlog()
     assert backlog.archived == 0 and backlog.pending == 1 and backlog.local_removed == 0
-    if mode in ("corrupt", "short", "long"):  # uploaded fine, but what came back was not what was sent
+    if mode in ("corrupt", "short", "long", "lose"):  # "stored", but what came back was not what was sent
         assert backlog.integrity_failures >= 1, backlog
     assert local(data, rp) == before
     assert not (data / "archive" / "records" / (rp.base + ".json")).exists()
+    assert "archive:" in caplog.text and s3.secret_key not in caplog.text  # logged, without the credentials
+    assert all(s3.secret_key.encode() not in f.read_bytes() for f in (data / "archive").rglob("*") if f.is_file())
     proxy.mode = "pass"  # the store comes to its senses: the upload goes through
     await archived(archiver, 1)
     assert local(data, rp) == {}

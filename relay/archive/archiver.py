@@ -24,7 +24,7 @@ import orjson
 
 from ..config import Config
 from ..paths import RequestPath
-from .client import ArchiveError, Bucket, IntegrityError, describe_error
+from .client import ArchiveError, Bucket, IntegrityError, NotArchived, describe_error
 from .manifest import EXTS, MAX_MANIFEST_BYTES, hash_request, stamp
 from .reader import ArchivedRange, Reader
 from .settings import ArchiveSettings
@@ -201,7 +201,10 @@ class Archiver:
         for ext, fs in manifest.files.items():
             await self.bucket.put_file(s.key(rp.rel(ext)), rp.file(self.data_dir, ext), fs.size)
         for ext, fs in manifest.files.items():
-            size, sha = await self.bucket.digest(s.key(rp.rel(ext)))
+            try:
+                size, sha = await self.bucket.digest(s.key(rp.rel(ext)))
+            except NotArchived:
+                raise IntegrityError(f"{rp.rel(ext)}: missing from the store right after its upload") from None
             if (size, sha) != (fs.size, fs.sha256):
                 raise IntegrityError(
                     f"{rp.rel(ext)}: the store holds {size} bytes, SHA-256 {sha[:12]}…, not what was sent"
