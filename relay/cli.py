@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ from aiohttp import web
 
 from . import devupstream, janitor, ledger, usage
 from .app import AccessLogger, make_app
-from .config import Config, ConfigError, check_startup, describe, load
+from .config import Config, ConfigError, check_public_url, check_startup, describe, load
 from .keys import MANAGER
 from .recovery import running_ids
 from .server import RelayRunner
@@ -96,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo",
         action="store_true",
-        help="when no upstream key is configured, run the built-in echo upstream beside the relay and use it",
+        help="first run: when no upstream key is configured, run the built-in echo upstream beside the relay "
+        "and use it; when no admin key is configured, turn the operator page on with a random admin key "
+        "printed once in the start-up log",
     )
     nodes = sub.add_parser(
         "nodes",
@@ -109,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     nodes.add_argument("--data-dir", help="parent of the nodes' data directories (default: [storage] data_dir)")
     nodes.add_argument("--public-url", help="base of every generated URL: the proxy in front of the nodes")
     nodes.add_argument("--upstream-base-url", help=describe("upstream", "base_url"))
-    nodes.add_argument("--demo", action="store_true", help="as for serve: each node with its own echo upstream")
+    nodes.add_argument(
+        "--demo", action="store_true", help="as for serve: each node with its own echo upstream and admin key"
+    )
     jan = sub.add_parser("janitor", help="remove expired requests once, print what was removed, and exit")
     jan.add_argument("--config", help="config file (default: ./config.toml if it exists)")
     jan.add_argument("--data-dir", help=describe("storage", "data_dir"))
@@ -148,12 +154,16 @@ def load_config(args: argparse.Namespace) -> Config:
         server_event_loop=getattr(args, "event_loop", None),
     )
     check_startup(config, path or "defaults")
+    if getattr(args, "command", None) == "serve" and getattr(args, "public_url", None) is None:
+        check_public_url(config, path or "defaults")  # (a URL passed as --public-url is meant as it is)
     return config
 
 
-async def _serve(config: Config, demo: bool) -> None:
+async def _demo(config: Config) -> tuple[Config, web.AppRunner | None, str | None]:
+    """`--demo`: the built-in echo upstream when no upstream key is configured, and the operator page on
+    with a random admin key, in memory only (printed once at start-up), when no admin key is configured."""
     demo_runner = None
-    if demo and not config.upstream_api_key:
+    if not config.upstream_api_key:
         # paced like a real model (50 ms a word), so that a newcomer sees the answer stream in
         demo_runner, _, port = await devupstream.start("127.0.0.1", 0, default_pace=0.05)
         config = config.with_overrides(upstream_base_url=f"http://127.0.0.1:{port}/v1", upstream_api_key="demo")
@@ -162,6 +172,59 @@ async def _serve(config: Config, demo: bool) -> None:
             "(set [upstream] api_key or RELAY_UPSTREAM_API_KEY to use a real model)",
             port,
         )
+    admin_key = None
+    if not config.auth_admin_keys:
+        admin_key = secrets.token_urlsafe(24)
+        config = config.with_overrides(auth_admin_keys=[admin_key])
+    return config, demo_runner, admin_key
+
+
+def _any_port(host: str) -> socket.socket:
+    """A listening socket on a free port of `host`, for `port = 0`: bound before the app is made, because
+    every URL the relay makes names the port (when `public_url` is not set)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _announce(config: Config, demo: bool, admin_key: str | None) -> None:
+    log.info(
+        "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s, %s event loop)",
+        config.server_host,
+        config.server_port,
+        config.public_url,
+        config.server_node_id,
+        config.data_dir.resolve(),
+        config.upstream_base_url,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
+    )
+    if not config.server_public_url and config.server_host.strip("[]") in ("0.0.0.0", "::"):
+        log.warning("[server] public_url is not set: the URLs the relay makes name %s, which only this machine "
+                    "reaches; set it to the address clients use", config.public_url)  # fmt: skip
+    if admin_key:  # like a notebook server's token: for this start only, never written anywhere
+        log.info("operator page: %s/ (the Operator tab), admin key for this start only: %s", config.public_url,
+                 admin_key)  # fmt: skip
+    elif demo:
+        log.info("operator page: %s/ (the Operator tab), with a key of [auth] admin_keys", config.public_url)
+
+
+async def _serve(config: Config, demo: bool) -> None:
+    demo_runner, admin_key = None, None
+    if demo:
+        config, demo_runner, admin_key = await _demo(config)
+    sock = None
+    if config.server_port == 0:
+        try:
+            sock = _any_port(config.server_host)
+        except OSError as exc:
+            raise CannotStart(1, f"cannot listen on {config.server_host}:0: {exc.strerror}") from None
+        config = config.with_overrides(server_port=sock.getsockname()[1])
     app = make_app(config)
     runner = RelayRunner(
         app,
@@ -173,22 +236,16 @@ async def _serve(config: Config, demo: bool) -> None:
         await runner.setup()  # creates the data directory, repairs what a crash left
     except OSError as exc:
         raise CannotStart(2, f"cannot use the data directory {config.data_dir}: {exc.strerror}") from None
-    site = web.TCPSite(runner, config.server_host, config.server_port, reuse_address=True, backlog=4096)
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock, backlog=4096)
+    else:
+        site = web.TCPSite(runner, config.server_host, config.server_port, reuse_address=True, backlog=4096)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise CannotStart(1, f"cannot listen on {config.server_host}:{config.server_port}: {exc.strerror}") from None
-    log.info(
-        "relay listening on http://%s:%d (public URL %s, node %d, data in %s, upstream %s, %s event loop)",
-        config.server_host,
-        config.server_port,
-        config.public_url,
-        config.server_node_id,
-        config.data_dir.resolve(),
-        config.upstream_base_url,
-        type(asyncio.get_running_loop()).__module__.split(".")[0],
-    )
+    _announce(config, demo, admin_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -233,6 +290,8 @@ def run_nodes(args: argparse.Namespace) -> int:
     passed = []
     for flag in ("config", "host", "public_url", "upstream_base_url"):
         value = getattr(args, flag)
+        if flag == "public_url" and value is None:
+            value = config.server_public_url or None  # the proxy in front, never a node's own port
         if value is not None:
             passed += ["--" + flag.replace("_", "-"), str(value)]
     if args.demo:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .paths import is_http_url
 
@@ -146,7 +147,7 @@ def _part_size(value: Any) -> str | None:
 SCHEMA: list[tuple[str, str, type, Any, Callable[[Any], str | None] | None, str]] = [
     ("server", "host", str, "127.0.0.1", _non_empty, "address to listen on"),
     ("server", "port", int, 8080, _port, "TCP port to listen on (0 = any free port)"),
-    ("server", "public_url", str, "http://127.0.0.1:8080", _url, "base of every generated URL"),
+    ("server", "public_url", str, "", _optional_url, "base of every generated URL; empty = http://<host>:<port>"),
     ("server", "node_id", int, 1, _node_id, "this instance's number, first path segment of every file URL"),
     ("server", "max_body_bytes", int, 4 * 1024 * 1024, _positive, "largest accepted POST body (413 above)"),
     ("server", "max_concurrent_jobs", int, 512, _positive, "running requests at once (503 above)"),
@@ -227,7 +228,7 @@ def describe(section: str, key: str) -> str:
     """`--help` text of a setting, from the schema: what it is, the key it overrides, its default."""
     for s, k, _kind, default, _check, text in SCHEMA:
         if (s, k) == (section, key):
-            return f"{text} (overrides [{section}] {key}; default: {default})"
+            return f"{text} (overrides [{section}] {key}; default: {default if default != '' else 'empty'})"
     raise KeyError((section, key))
 
 
@@ -256,7 +257,7 @@ class Config:
 
     server_host: str = "127.0.0.1"
     server_port: int = 8080
-    server_public_url: str = "http://127.0.0.1:8080"
+    server_public_url: str = ""
     server_node_id: int = 1
     server_max_body_bytes: int = 4 * 1024 * 1024
     server_max_concurrent_jobs: int = 512
@@ -323,7 +324,8 @@ class Config:
 
     @property
     def public_url(self) -> str:
-        return self.server_public_url.rstrip("/")
+        """`[server] public_url`, or where the relay listens when it is not set."""
+        return self.server_public_url.rstrip("/") or listen_url(self.server_host, self.server_port)
 
     @property
     def data_dir(self) -> Path:
@@ -416,4 +418,31 @@ def check_startup(config: Config, where: str = "config") -> None:
         raise ConfigError(
             f"{where}: [auth] api_keys is empty but [server] host = {config.server_host!r} is not loopback: "
             "set relay access keys in [auth] api_keys, or listen on 127.0.0.1"
+        )
+
+
+def listen_url(host: str, port: int) -> str:
+    """The URL of a relay listening on `host`:`port`, as a client on this machine reaches it: a wildcard
+    address (0.0.0.0, ::) stands for this machine's loopback address."""
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def check_public_url(config: Config, where: str = "config") -> None:
+    """Refuse a `public_url` on this machine's loopback that names another port than the one a relay
+    listening on loopback serves: every URL it made would be dead (a `--port` changed, the file not)."""
+    if not config.server_public_url or not config.server_port or not is_loopback_host(config.server_host):
+        return
+    parts = urlsplit(config.server_public_url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port out of range: not a URL of this machine's
+        return
+    if is_loopback_host(parts.hostname or "") and port != config.server_port:
+        raise ConfigError(
+            f"{where}: [server] public_url = {config.server_public_url!r} names port {port} of this machine, "
+            f"but the relay listens on {config.server_host}:{config.server_port}, so every URL it makes would "
+            "be dead: remove public_url (it then follows the port) or make the two agree "
+            "(behind a proxy on this machine, pass its URL as --public-url)"
         )

@@ -44,7 +44,7 @@ def test_help_lists_every_command() -> None:
     [
         ('[server]\nport = "eighty"\n', "[server] port must be an integer"),
         ("[server]\nport = 70000\n", "[server] port must be between"),
-        ('[server]\npublic_url = "nope"\n', "[server] public_url must be an absolute http(s) URL"),
+        ('[server]\npublic_url = "nope"\n', "[server] public_url must be empty or an absolute http(s) URL"),
         ("[upstream]\nmax_timeout = -1\n", "[upstream] max_timeout must be greater than 0"),
         ("[storage]\nbogus = 1\n", "unknown key [storage] bogus"),
         ("[nonsense]\n", "unknown section [nonsense]"),
@@ -138,14 +138,14 @@ async def test_serve_process_end_to_end_with_flags_logs_and_sigterm(tmp_path: Pa
             assert b"UPSTREAMKEY" not in p.read_bytes()
 
 
-def start_demo(data: Path, output: int = subprocess.PIPE) -> tuple[subprocess.Popen[bytes], int, str]:
-    """`serve --demo` as `make start` runs it (no upstream key anywhere), on a free port."""
+def start_demo(data: Path, output: int = subprocess.PIPE, *extra: str) -> tuple[subprocess.Popen[bytes], int, str]:
+    """`serve --demo` as `make start` runs it (the shipped config.toml, no upstream key anywhere), on a free
+    port: the URLs it makes follow the port."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RELAY_UPSTREAM_API_KEY"}
     proc = subprocess.Popen(
-        [sys.executable, "relay.py", "serve", "--demo", "--port", str(port), "--public-url", url,
-         "--data-dir", str(data)],
+        [sys.executable, "relay.py", "serve", "--demo", "--port", str(port), "--data-dir", str(data), *extra],
         cwd=ROOT, stdout=output, stderr=output, env=env,
     )  # fmt: skip
     return proc, port, url
@@ -162,6 +162,7 @@ async def test_demo_mode_answers_with_the_echo_upstream(tmp_path: Path) -> None:
             ) as r:
                 assert r.status == 200
                 doc = await r.json()
+            assert doc["endpoints"]["stream_events_url"].startswith(url + "/1/r/pub/")
             async with s.get(doc["endpoints"]["stream_events_url"]) as r:
                 assert text_of(parse_sse((await r.read()).decode())) == "hi demo"
         proc.send_signal(signal.SIGINT)
