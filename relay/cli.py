@@ -208,7 +208,7 @@ def _announce(config: Config, demo: bool, admin_key: str | None) -> None:
         log.warning("[server] public_url is not set: the URLs the relay makes name %s, which only this machine "
                     "reaches; set it to the address clients use", config.public_url)  # fmt: skip
     if admin_key:  # like a notebook server's token: for this start only, never written anywhere
-        log.info("operator page: %s/ (the Operator tab), admin key for this start only: %s", config.public_url,
+        log.info("operator page: %s/#operator?key=%s (an admin key for this start only)", config.public_url,
                  admin_key)  # fmt: skip
     elif demo:
         log.info("operator page: %s/ (the Operator tab), with a key of [auth] admin_keys", config.public_url)
@@ -342,7 +342,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if choice == "asyncio":
         return None
     try:
-        import uvloop
+        import uvloop  # noqa: PLC0415 (optional: only when installed)
     except ImportError:
         if choice == "uvloop":
             raise CannotStart(2, '[server] event_loop = "uvloop", but uvloop is not installed') from None

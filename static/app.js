@@ -672,6 +672,18 @@ $("op-form").addEventListener("submit", (ev) => {
   op.timer = setInterval(() => { if (!document.hidden) pollOperator(); }, 1000);
 });
 
+// `serve --demo` prints the page's URL with its one-time admin key as `#operator?key=…`: the key goes to
+// the form (and this tab's session storage), out of the address bar and history, and the page opens live.
+(function keyFromFragment() {
+  const m = /^#operator\?key=([A-Za-z0-9_-]{16,256})$/.exec(location.hash);
+  if (!m) return;
+  history.replaceState(null, "", location.pathname + location.search);
+  $("op-key").value = m[1];
+  sessionStorage.setItem("relay.op-key", m[1]);
+  document.querySelector('.tab[data-tab="operator"]').click();
+  $("op-form").requestSubmit();
+})();
+
 fetch("/v1/info").then((r) => (r.ok ? r.json() : null)).then((info) => {
   if (info && info.operator_enabled === false) {
     $("op-disabled").hidden = false;

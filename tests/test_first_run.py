@@ -21,7 +21,7 @@ from .conftest import ROOT, free_port
 from .test_cli import start_demo
 from .test_console import CHROMIUM, FLAGS, open_console, shot
 
-OPERATOR_LINE = r"operator page: (http://\S+) \(the Operator tab\), admin key for this start only: (\S+)$"
+OPERATOR_LINE = r"operator page: (http://\S+/)#operator\?key=(\S+) \(an admin key for this start only\)$"
 
 
 async def read_log_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float = 20) -> tuple[re.Match[str], str]:
@@ -98,11 +98,13 @@ async def test_the_key_from_the_log_opens_the_operator_page_in_a_browser(tmp_pat
             async with s.post(url + "/v1/async-chatgpt", json=body) as r:
                 assert r.status == 200
         page = await open_console(chromium, page_url.rstrip("/"), "first-run-operator", openai_key=None)
-        await page.click("#tab-operator")
+        await page.goto("about:blank")
+        await page.goto(f"{page_url}#operator?key={key}")  # the URL as printed opens the page live
+        await expect(page.locator("#operator")).to_be_visible()
         await expect(page.locator("#op-disabled")).to_be_hidden()
-        await page.fill("#op-key", key)
-        await page.click("#op-connect")
         await expect(page.locator("#op-state")).to_contain_text("Live")
+        assert "key=" not in page.url  # taken out of the address bar (and the history)
+        assert await page.input_value("#op-key") == key
         await expect(page.locator("#op-finished tbody tr")).to_have_count(1)
         await shot(page, "live")
         assert page.problems == []  # type: ignore[attr-defined]
