@@ -100,7 +100,7 @@ class SeaweedS3:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=3)  # (it sometimes hangs on the way out: then as a kill -9)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

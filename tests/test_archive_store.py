@@ -292,6 +292,23 @@ async def test_expire_deletes_old_archived_objects_and_keeps_the_rest(
     assert s3.keys(archivers.prefix) == {}
 
 
+async def test_forget_during_an_upload_leaves_nothing_in_the_bucket(
+    tmp_path: Path, s3: SeaweedS3, proxy: HostileS3Proxy, archivers: Any
+) -> None:
+    data = tmp_path / "data"
+    rp = make_request(data)
+    proxy.mode, proxy.delay = "slow", 0.15
+    archiver = await archivers(data, endpoint=proxy.endpoint, keep_local_hours="forever")
+    await archiver.ended(rp)
+    await until(lambda: proxy.hits["PUT"] >= 1, 10, "the upload under way")
+    await archiver.forget(rp)  # (a request deleted on purpose, mid-upload)
+    await asyncio.sleep(0.5)
+    assert not [k for k in s3.keys(archivers.prefix) if rp.request_id in k]
+    assert archiver.backlog().pending == 0 and os.listdir(data / "archive" / "pending") == []
+    assert not (data / "archive" / "records" / (rp.base + ".json")).exists()
+    assert len(local(data, rp)) == 3  # (its local files are the caller's to delete)
+
+
 async def test_uploads_are_bounded_in_concurrency(tmp_path: Path, proxy: HostileS3Proxy, archivers: Any) -> None:
     data = tmp_path / "data"
     requests = [make_request(data) for _ in range(5)]

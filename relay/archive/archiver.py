@@ -75,6 +75,7 @@ class Archiver:
         self._keep: list[tuple[float, str]] = []
         self._keep_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._busy: dict[str, asyncio.Event] = {}
         self.reader = Reader(self.settings, self.bucket, self.state)
         self._counts = dict(failures=0, integrity_failures=0, archived=0, archived_bytes=0, local_removed=0)
         self._last_error: str | None = None
@@ -154,6 +155,7 @@ class Archiver:
 
     async def _attempt(self, base: str) -> None:
         p = self._pending[base]
+        self._busy[base] = done = asyncio.Event()  # (a `forget` of this request waits for the attempt)
         try:
             try:
                 record = await self._archive(base)
@@ -161,14 +163,16 @@ class Archiver:
             except Gone:
                 log.info("archive: %s is gone from local disk before it was archived; dropped", base)
             await asyncio.to_thread(self.state.drop_pending, base)
+            self._pending.pop(base, None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # (whatever failed, the local files stay and it is tried again)
-            self._failed(p, exc)
-            return
-        self._pending.pop(base, None)
+            await self._failed(p, exc)
+        finally:
+            del self._busy[base]
+            done.set()
 
-    def _failed(self, p: Pending, exc: BaseException) -> None:
+    async def _failed(self, p: Pending, exc: BaseException) -> None:
         if not isinstance(exc, ArchiveError):
             log.exception("archive: unexpected failure on %s", p.base)
         self._counts["failures"] += 1
@@ -181,10 +185,11 @@ class Archiver:
         p.due = now + random.uniform(ceiling / 2, ceiling)
         level = logging.WARNING if p.attempts & (p.attempts - 1) == 0 else logging.DEBUG  # (1st, 2nd, 4th, …)
         log.log(level, "archive: %s failed (attempt %d, next in %.1f s): %s", p.base, p.attempts, p.due - now, p.error)
-        task = asyncio.create_task(asyncio.to_thread(self.state.save_pending, p, False))
-        # (not durable, and only the backlog's numbers are lost if this write fails)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._schedule(p.base, p.due)
+        try:  # (not durable: only the backlog's numbers would be lost)
+            await asyncio.to_thread(self.state.save_pending, p, False)
+        except OSError as write_error:
+            log.warning("archive: cannot update the pending entry of %s: %s", p.base, write_error)
 
     # one request
 
@@ -317,6 +322,8 @@ class Archiver:
 
     async def _forget(self, rp: RequestPath, delete_objects: bool) -> None:
         base = rp.base
+        if (busy := self._busy.get(base)) is not None:
+            await busy.wait()  # (an upload in flight would otherwise put back what is deleted here)
         if base in self._pending:
             self._pending.pop(base)
             await asyncio.to_thread(self.state.drop_pending, base)
