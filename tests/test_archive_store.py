@@ -225,14 +225,18 @@ async def test_local_copies_are_kept_forever_or_for_their_hours(tmp_path: Path, 
 
 async def test_upload_after_seconds_holds_the_upload_back(tmp_path: Path, s3: SeaweedS3, archivers: Any) -> None:
     data = tmp_path / "data"
-    rp = make_request(data)
+    rp, early = make_request(data), make_request(data)
+    unstarted = Archiver(load(write_config(tmp_path / "c.toml", s3.endpoint, s3.bucket), env=s3.env()), data)
+    await unstarted.ended(early)  # (handed over before any start: on disk, uploaded once an archiver runs)
     archiver = await archivers(data, keep_local_hours=0, upload_after_seconds=1.5)
     await archiver.ended(rp)
     await asyncio.sleep(0.5)
-    assert archiver.backlog().pending == 1 and len(local(data, rp)) == 3
+    assert len(local(data, rp)) == 3 and rp.marker_name in os.listdir(data / "archive" / "pending")
     assert not [k for k in s3.keys(archivers.prefix) if rp.request_id in k]  # not yet
-    await archived(archiver, 1)
-    assert local(data, rp) == {} and len([k for k in s3.keys(archivers.prefix) if rp.request_id in k]) == 4
+    await archived(archiver, 2)
+    for request in (rp, early):
+        assert local(data, request) == {}
+        assert len([k for k in s3.keys(archivers.prefix) if request.request_id in k]) == 4
 
 
 async def test_a_file_larger_than_the_part_size_goes_up_in_parts_off_the_event_loop(

@@ -61,6 +61,7 @@ class State:
     # pending/
 
     def save_pending(self, p: Pending, durable: bool = True) -> None:
+        self.pending_dir.mkdir(parents=True, exist_ok=True)  # (`ended` may come before `start`)
         write_atomic(self.pending_dir / self._marker(p.base), orjson.dumps(asdict(p)), durable=durable)
 
     def drop_pending(self, base: str) -> None:
