@@ -19,7 +19,7 @@ from .config import ApiKey, Config
 from .http import HTTPError, json_response
 from .intake import NewRequest, bad, check_count, header_value, parse_body, read_body, resolve_parent, validate
 from .jobs import Job, JobManager
-from .keys import CONFIG, KEY_CLAIM, MANAGER, QUOTAS
+from .keys import ARCHIVE, CONFIG, KEY_CLAIM, MANAGER, QUOTAS
 from .paths import RequestPath
 from .quotas import QuotaExceeded
 from .security import find_key, hash_token, new_token, relay_key
@@ -109,7 +109,7 @@ async def admit(request: web.Request, manager: JobManager, config: Config) -> Ad
     raw = await read_body(request, config.server_max_body_bytes, config.server_body_timeout_seconds)
     req = validate(parse_body(raw, config), config)
     api_key, organization = upstream_key(request, config)
-    parent = await resolve_parent(req, config) if req.from_status_url else None
+    parent = await resolve_parent(req, config, request.app[ARCHIVE]) if req.from_status_url else None
     if req.webhook_url:
         try:
             await check_url(req.webhook_url, manager.webhooks.resolver)

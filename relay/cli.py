@@ -21,6 +21,7 @@ from aiohttp import web
 
 from . import devupstream, janitor, ledger, usage
 from .app import AccessLogger, make_app
+from .archive import ArchiveSettings
 from .config import Config, ConfigError, check_public_url, check_startup, describe, load
 from .keys import MANAGER
 from .recovery import running_ids
@@ -154,6 +155,8 @@ def load_config(args: argparse.Namespace) -> Config:
         server_event_loop=getattr(args, "event_loop", None),
     )
     check_startup(config, path or "defaults")
+    if config.archive_enabled:
+        ArchiveSettings.from_config(config, path or "defaults")  # (ConfigError: a setting or a credential missing)
     if getattr(args, "command", None) == "serve" and getattr(args, "public_url", None) is None:
         check_public_url(config, path or "defaults")  # (a URL passed as --public-url is meant as it is)
     return config

@@ -13,6 +13,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 MAX_MODELS = 100  # distinct model labels on the token counters
+ARCHIVE_GAUGES = (  # (metric, key of the archive's backlog, help)
+    ("relay_archive_pending_requests", "pending", "Ended requests waiting to be uploaded to the archive"),
+    ("relay_archive_pending_bytes", "pending_bytes", "Bytes of the requests waiting to be uploaded"),
+    ("relay_archive_oldest_pending_seconds", "oldest_pending_seconds", "Age of the oldest upload waiting"),
+    ("relay_archive_failing_requests", "failing", "Pending uploads whose last attempt failed"),
+    ("relay_archive_failures", "failures", "Upload attempts that failed, since start"),
+    ("relay_archive_integrity_failures", "integrity_failures", "Uploads or reads whose bytes did not match"),
+    ("relay_archive_archived_requests", "archived", "Requests archived and verified, since start"),
+    ("relay_archive_archived_bytes", "archived_bytes", "Bytes archived and verified, since start"),
+    ("relay_archive_local_removed_requests", "local_removed", "Requests whose local copy was removed once archived"),
+)
 
 
 class Metrics:
@@ -70,6 +81,13 @@ class Metrics:
     def bind(self, running: Callable[[], int], readers: Callable[[], int]) -> None:
         self.running.set_function(running)
         self.readers.set_function(readers)
+
+    def bind_archive(self, backlog: Callable[[], dict[str, Any]]) -> None:
+        """The archive tier's backlog and totals ([archive] enabled only), read at each scrape."""
+        r = self.registry
+        for name, key, text in ARCHIVE_GAUGES:
+            gauge = Gauge(name, text, registry=r)
+            gauge.set_function(lambda key=key: float(backlog().get(key) or 0))
 
     async def handler(self, request: web.Request) -> web.Response:
         return web.Response(

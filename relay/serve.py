@@ -25,11 +25,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import fanout
+from . import fanout, tiers
+from .archive import Archiver
 from .config import Config
 from .http import HTTPError, json_response
 from .jobs import Job, JobManager
-from .keys import CONFIG, MANAGER, READERS
+from .keys import ARCHIVE, CONFIG, MANAGER, READERS
 from .paths import RequestPath, expired, parse_request_path
 from .security import bearer, token_matches
 from .status import authorization_span, public_bytes, public_head
@@ -51,7 +52,9 @@ def _not_found() -> HTTPError:
     return HTTPError(404, "not_found", "no such request here: the URL is wrong, or the request has expired")
 
 
-async def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> dict[str, Any]:
+async def _stored_auth(
+    manager: JobManager, config: Config, rp: RequestPath, archiver: Archiver | None
+) -> dict[str, Any]:
     """The stored token hashes of a request: in memory while it runs, else from the head of its status
     document on disk (see `read_auth`)."""
     job = manager.get(rp.request_id)
@@ -59,7 +62,12 @@ async def _stored_auth(manager: JobManager, config: Config, rp: RequestPath) -> 
         return job.doc["authorization"]
     try:
         return await asyncio.to_thread(read_auth, config.data_dir, rp.rel("json"))
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
+        auth = await tiers.authorization(archiver, rp)  # (only in the archive now, or nowhere)
+        if auth is None:
+            raise _not_found() from None
+        return auth
+    except ValueError:
         raise _not_found() from None
 
 
@@ -128,7 +136,7 @@ async def _locate(request: web.Request) -> tuple[RequestPath, str]:
     if manager.get(rp.request_id) is None and expired(rp, config.retention_max_age_days):
         raise _not_found()
     if rp.private:
-        _check_token(request, await _stored_auth(manager, config, rp), kind)
+        _check_token(request, await _stored_auth(manager, config, rp, request.app[ARCHIVE]), kind)
     return rp, kind
 
 
@@ -160,7 +168,7 @@ async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.Stream
     except FileNotFoundError:
         if kind == "raw" and await _exists(config, rp, "json"):
             raise HTTPError(404, "not_ready", "the raw upstream response is written when the request ends") from None
-        raise _not_found() from None
+        return await _archived(request, rp, kind)
     try:
         if kind == "json" and rp.private:
             return await _private_status(request, fd)
@@ -268,9 +276,23 @@ async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
         finally:
             asyncio.get_running_loop().call_later(STOP_ANSWER_LEAD, _release, hold)
         return resp
-    if not await _exists(config, rp, "json"):
+    if not await _exists(config, rp, "json") and await tiers.size(request.app[ARCHIVE], rp, "json") is None:
         raise _not_found()
     return json_response({"status": "success"})
+
+
+async def _archived(request: web.Request, rp: RequestPath, kind: str) -> web.StreamResponse:
+    """A file that is no longer on the local disk: from the archive tier when it is there (see `tiers`)."""
+    archiver = request.app[ARCHIVE]
+    if archiver is None:
+        raise _not_found()
+    seconds = request.app[CONFIG].server_send_timeout_seconds
+    try:
+        if kind == "txt":
+            return await tiers.events(request, archiver, rp, _resume_id(request), seconds)
+        return await tiers.plain(request, archiver, rp, kind, seconds)
+    except FileNotFoundError:
+        raise _not_found() from None
 
 
 def _release(hold: asyncio.Future[None]) -> None:
@@ -296,7 +318,7 @@ async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
     try:
         fd = await open_file(config, rp, "txt")
     except FileNotFoundError:
-        raise _not_found() from None
+        return await _archived(request, rp, "txt")
     try:
         size = job.size if job is not None else os.fstat(fd).st_size
         offset = 0

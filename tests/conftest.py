@@ -7,6 +7,7 @@ openai SDK) to the dev upstream, exactly as in production.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import socket
@@ -265,7 +266,11 @@ async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayF
     relays: list[Relay] = []
 
     async def factory(
-        upstream_url: str | None = None, resolver: Any = None, data_dir: Path | None = None, **overrides: Any
+        upstream_url: str | None = None,
+        resolver: Any = None,
+        data_dir: Path | None = None,
+        secrets: dict[str, str] | None = None,
+        **overrides: Any,
     ) -> Relay:
         port = free_port()
         data_dir = data_dir or tmp_path / f"data{len(relays)}"
@@ -277,6 +282,8 @@ async def make_relay(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RelayF
             upstream_default_model="echo",
         )
         config = config.with_overrides(**overrides)
+        if secrets:  # (what `load` reads from the environment, e.g. the archive's credentials)
+            config = dataclasses.replace(config, **secrets)
         app = make_app(config, resolver)
         runner = RelayRunner(app, config, shutdown_timeout=5, access_log_class=AccessLogger)
         await runner.setup()

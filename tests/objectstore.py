@@ -8,9 +8,11 @@ keep its data directory (and ports), so a test can take the store away mid-test 
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +24,6 @@ import obstore
 import orjson
 from obstore.store import S3Store
 
-from .conftest import free_port
-
 
 def weed_binary() -> str:
     """The `weed` of the venv running the tests (installed by `make test`), else one on the PATH."""
@@ -34,6 +34,21 @@ def weed_binary() -> str:
     return found
 
 
+def store_port() -> int:
+    """A free loopback port below the kernel's ephemeral range (32768-60999 here): weed binds its ports
+    a moment after they are chosen, and again at each restart, so a port the kernel may hand to any
+    outgoing connection meanwhile (as `bind(0)` chooses them) could be taken by then."""
+    low, _high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    while True:
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
 class SeaweedS3:
     def __init__(self, root: Path, bucket: str = "relay-archive") -> None:
         self.root = root
@@ -41,11 +56,10 @@ class SeaweedS3:
         self.region = "us-east-1"
         self.access_key = "AK" + secrets.token_hex(8).upper()
         self.secret_key = secrets.token_urlsafe(30)
-        self.port = free_port()
+        self.port = store_port()
         self.proc: subprocess.Popen[bytes] | None = None
         names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc", "admin"]
-        self.ports = {name: free_port() for name in names}
-        self.ports["admin.grpc"] = free_port()
+        self.ports = {name: store_port() for name in [*names, "admin.grpc"]}
 
     @property
     def endpoint(self) -> str:

@@ -191,6 +191,8 @@ class Ending:
             problems = ["release: internal error"]
         if not had_line and self.ledger_line is not None:  # written just now (once, even if a retry follows)
             manager.counted(self.ledger_line)
+        if not problems:
+            manager.released(self.job.rp)
         return problems
 
     def _release_files(self, durable: bool) -> list[str]:

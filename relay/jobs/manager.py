@@ -12,6 +12,7 @@ import aiofiles.os
 
 from ..config import Config
 from ..metrics import Metrics
+from ..paths import RequestPath
 from ..refresh import StatusWriter
 from ..store import Reserve
 from ..upstream import Upstream
@@ -43,6 +44,7 @@ class JobManager:
         self.storage = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-storage")
         self.statuses = StatusWriter(self.storage)
         self.count_listeners: list[Callable[[dict[str, Any]], None]] = []  # told of every ledger line written
+        self.release_listeners: list[Callable[[RequestPath], None]] = []  # told of every ending made durable
 
     async def on_intake(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in the intake pool (the files of a new request)."""
@@ -123,6 +125,18 @@ class JobManager:
     def on_counted(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Tell `listener` of every usage line written to the ledger (the operator view's book)."""
         self.count_listeners.append(listener)
+
+    def on_released(self, listener: Callable[[RequestPath], None]) -> None:
+        """Tell `listener` of every request whose ending is durable and whose running marker is gone (the
+        archive tier uploads it then)."""
+        self.release_listeners.append(listener)
+
+    def released(self, rp: RequestPath) -> None:
+        for listener in self.release_listeners:
+            try:
+                listener(rp)
+            except Exception:
+                log.exception("request %s: a listener of its ending failed", rp.request_id)
 
     def counted(self, line: dict[str, Any]) -> None:
         """A request's usage line is in the ledger: the token counters, and the listeners."""

@@ -75,6 +75,8 @@ class Host(Protocol):
 
     def counted(self, line: dict[str, Any]) -> None: ...
 
+    def released(self, rp: RequestPath) -> None: ...
+
 
 class JobView(Protocol):
     """A job, as its upstream read and its ending work on it."""
