@@ -22,7 +22,7 @@ from .archive.reader import ArchivedRange
 from .http import HTTPError
 from .paths import RequestPath
 from .status import authorization_span, public_bytes, public_head
-from .store import MAX_EVENT_SCAN
+from .store import MAX_EVENT_SCAN, SEQ_KEY, FileTooLarge
 
 log = logging.getLogger("relay.archive")
 
@@ -198,3 +198,141 @@ async def _send(request: web.Request, resp: web.StreamResponse, rng: ArchivedRan
     finally:
         await rng.aclose()
     return resp
+
+
+async def document(archiver: Archiver | None, rp: RequestPath, limit: int = MAX_DOCUMENT) -> bytes:
+    """The whole archived status document of a request (for the OpenAI-compatible face, which parses it
+    off the loop); FileNotFoundError when it is not archived (or no archive), FileTooLarge when it is
+    larger than `limit` bytes."""
+    total = await size(archiver, rp, "json")
+    if total is None or archiver is None:
+        raise FileNotFoundError(rp.rel("json"))
+    if total > limit:
+        raise FileTooLarge(total)
+    return await read(archiver, rp.rel("json"))
+
+
+async def forget(archiver: Archiver | None, rp: RequestPath) -> None:
+    """A request deleted on purpose: its objects leave the archive (nothing without an archive); 503
+    `archive_unavailable` when the store cannot be reached (the client tries the DELETE again)."""
+    if archiver is None:
+        return
+    try:
+        await archiver.forget(rp)
+    except (StoreError, IntegrityError) as exc:
+        raise _failed(exc, rp.rel("json")) from None
+
+
+SEARCH_BLOCK = 256 * 1024  # the unit of the reads of a search in an archived log (the manifest's block)
+SEARCH_BLOCKS = 80  # blocks a search keeps (a search that lands in a 16 MiB event reads that far)
+
+
+class _Blocks:
+    """An archived file read in aligned blocks, each fetched once (one ranged GET) while a search runs."""
+
+    def __init__(self, archiver: Archiver, rel: str, total: int) -> None:
+        self.archiver, self.rel, self.total = archiver, rel, total
+        self._kept: dict[int, bytes] = {}
+
+    async def pread(self, n: int, at: int) -> bytes:
+        end = min(at + n, self.total)
+        parts = []
+        while at < end:
+            index = at // SEARCH_BLOCK
+            block = self._kept.get(index)
+            if block is None:
+                start = index * SEARCH_BLOCK
+                block = await read(self.archiver, self.rel, start, min(start + SEARCH_BLOCK, self.total))
+                self._kept[index] = block
+                if len(self._kept) > SEARCH_BLOCKS:
+                    del self._kept[next(iter(self._kept))]
+            skip = at - index * SEARCH_BLOCK
+            piece = block[skip : skip + end - at]
+            parts.append(piece)
+            at += len(piece)
+        return b"".join(parts)
+
+
+async def log_offset(archiver: Archiver | None, rp: RequestPath, after: int | None, tail: Any = None) -> int | None:
+    """Where a Responses stream resumed after sequence number `after` starts in the archived log (0 for
+    None), as `store.seq_offset` finds it in a local one: the same binary search, over ranged reads of
+    SEARCH_BLOCK bytes (a few GETs whatever the position; none among the closing events `tail` places).
+    None when the log is not archived."""
+    total = await size(archiver, rp, "txt")
+    if total is None or archiver is None:
+        return None
+    if after is None:
+        return 0
+    blocks = _Blocks(archiver, rp.rel("txt"), total)
+    end = total
+    if _closing_places(tail, total):
+        first, starts = tail[0], tail[1:]
+        if after >= first:
+            return int(starts[min(after - first + 1, len(starts) - 1)])
+        end = starts[0]
+    lo, hi = 0, end  # events starting before lo are <= after; events starting at or after hi are > after
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = await _next_event(blocks, mid, end)
+        if start >= hi:
+            hi = mid
+            continue
+        seq = _sequence_number(await blocks.pread(512, start))
+        if seq is None or seq > after:  # ([DONE] and other unnumbered events come last)
+            hi = start
+        else:
+            lo = start + 1
+    return await _next_event(blocks, lo, end)
+
+
+async def _next_event(blocks: _Blocks, pos: int, end: int) -> int:
+    """The offset of the first event that starts at or after `pos` (`end` when none does before it)."""
+    if pos <= 0:
+        return 0
+    at = max(pos - 2, 0)  # a start at `pos` shows as "\n\nid: " two bytes before it
+    window = 4096
+    while at < end:
+        data = await blocks.pread(min(window, end - at), at)
+        if not data:
+            break
+        i = data.find(b"\n\nid: ")
+        while i >= 0:
+            start = at + i + 2
+            if start >= pos and (await blocks.pread(24, start)).startswith(b"id: %d\n" % start):
+                return start
+            i = data.find(b"\n\nid: ", i + 1)
+        at += max(len(data) - 6, 1)  # the pattern may straddle two reads
+        window = min(window * 4, MAX_EVENT_SCAN)
+    return end
+
+
+def _sequence_number(head: bytes) -> int | None:
+    """The `sequence_number` of the event whose first bytes are `head` (second in its data, after `type`)."""
+    i = head.find(SEQ_KEY)
+    if i < 0:
+        return None
+    digits = head[i + len(SEQ_KEY) : i + len(SEQ_KEY) + 20]
+    n = 0
+    for c in digits:
+        if not 48 <= c <= 57:
+            break
+        n = n * 10 + c - 48
+    return n
+
+
+def _closing_places(tail: Any, total: int) -> bool:
+    """`tail` is [a number, then offsets in order, all within a log of `total` bytes] (as in `store`)."""
+    if not (isinstance(tail, list) and len(tail) >= 2 and all(type(n) is int for n in tail)):
+        return False
+    return tail[1:] == sorted(tail[1:]) and 0 <= tail[1] and tail[-1] < total
+
+
+async def log_from(request: web.Request, archiver: Archiver, rp: RequestPath, offset: int, prefix: bytes,
+                   headers: dict[str, str], seconds: float) -> web.StreamResponse:  # fmt: skip
+    """An archived (so finished) event log from `offset` to its end, after `prefix`, as `serve.follow`
+    sends a finished local one: one ranged GET; FileNotFoundError when it is not archived."""
+    rng = await _open(archiver, rp.rel("txt"), offset)
+    resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    if request.version >= (1, 1):
+        resp.enable_chunked_encoding()
+    return await _send(request, resp, rng, prefix, seconds)

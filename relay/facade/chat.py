@@ -12,7 +12,6 @@ metadata update and per deletion, read once at start (and compacted then); kept 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from .. import api, intake, status
 from ..config import Config
 from ..http import HTTPError
 from ..jobs import Events, Job, JobManager
-from ..keys import CONFIG, MANAGER
+from ..keys import ARCHIVE, CONFIG, MANAGER
 from ..paths import RequestPath
 from ..serve import follow, open_file, send_bytes
 from ..status import ending_events
@@ -38,6 +37,7 @@ from .common import (
     Stored,
     answering,
     caller,
+    discard,
     ended,
     find,
     json_answer,
@@ -47,7 +47,6 @@ from .common import (
     page,
     paging,
     read_payload,
-    remove_files,
     stored_answer,
 )
 from .errors import OpenAIError, not_found
@@ -271,9 +270,9 @@ async def delete(request: web.Request) -> web.Response:
     who = caller(request)
     stored = await _find_done(request, who)
     cid = stored.doc["openai"]["id"]
-    request.app[INDEX].record({"op": "delete", "id": cid})
     request.app[ANSWERS].drop(cid)
-    await asyncio.to_thread(remove_files, request.app[CONFIG], stored.rp)
+    await discard(request.app[CONFIG], request.app[ARCHIVE], stored.rp)  # (503 from an unreachable archive: kept)
+    request.app[INDEX].record({"op": "delete", "id": cid})
     return await json_answer(request, {"object": "chat.completion.deleted", "id": cid, "deleted": True})
 
 

@@ -22,15 +22,16 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from .. import api, intake, ledger
+from .. import api, intake, ledger, tiers
+from ..archive import Archiver
 from ..config import Config
 from ..http import HTTPError
 from ..janitor import EXTENSIONS
 from ..jobs import Job, JobManager
-from ..keys import CONFIG, MANAGER
+from ..keys import ARCHIVE, CONFIG, MANAGER
 from ..paths import RequestPath, expired
 from ..serve import read_auth, send_bytes
-from ..store import read_json_under
+from ..store import FileTooLarge, read_json_under
 from .errors import OpenAIError, not_found
 
 _ID_RE = re.compile(
@@ -136,12 +137,24 @@ async def find(request: web.Request, prefix: str, object_id: str, who: Caller) -
     else:
         try:
             doc = await off_loop(request, read_json_under, config.data_dir, rp.rel("json"))
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            doc = await _archived_doc(request, rp, prefix, object_id)
+        except ValueError:
             raise not_found(NAMES[prefix], object_id) from None
     oa = doc.get("openai") if isinstance(doc, dict) else None
     if not isinstance(oa, dict) or oa.get("id") != object_id or oa.get("owner") != who.owner:
         raise not_found(NAMES[prefix], object_id)
     return Stored(rp, doc, job)
+
+
+async def _archived_doc(request: web.Request, rp: RequestPath, prefix: str, object_id: str) -> Any:
+    """The status document of an object that is only in the archive tier now (see `tiers`), read within
+    `tiers.MAX_DOCUMENT` bytes and parsed off the loop; 404 when it is not there either."""
+    try:
+        raw = await tiers.document(request.app[ARCHIVE], rp)
+        return await off_loop(request, orjson.loads, raw)
+    except (FileNotFoundError, FileTooLarge, ValueError):
+        raise not_found(NAMES[prefix], object_id) from None
 
 
 def owned(prefix: str, who: Caller) -> dict[str, str]:
@@ -163,7 +176,12 @@ async def find_owned(
     if job is None:
         try:
             auth = await asyncio.to_thread(read_auth, config.data_dir, rp.rel("json"))
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            archived = await tiers.authorization(request.app[ARCHIVE], rp)  # (only in the archive now)
+            if archived is None:
+                raise not_found(NAMES[prefix], object_id) from None
+            auth = archived
+        except ValueError:
             raise not_found(NAMES[prefix], object_id) from None
         if "owner" in auth:
             if auth.get("openai") != KINDS[prefix] or auth.get("owner") != who.owner:
@@ -181,6 +199,14 @@ def remove_files(config: Config, rp: RequestPath) -> None:
             (config.data_dir / (rp.base + ext)).unlink(missing_ok=True)
         except OSError:
             pass
+
+
+async def discard(config: Config, archiver: Archiver | None, rp: RequestPath) -> None:
+    """A request's files go from both tiers: the local ones first, then its objects in the archive and its
+    pending upload (`Archiver.forget`, which waits for an upload in flight), so that no upload can put
+    back what was removed. HTTPError 503 `archive_unavailable` when the store cannot be reached."""
+    await asyncio.to_thread(remove_files, config, rp)
+    await tiers.forget(archiver, rp)
 
 
 BACKGROUND: set[asyncio.Task[Any]] = set()

@@ -9,6 +9,8 @@ upstream's chunks (see `events.ResponsesFormat`). Every stream of it, live or re
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import os
 import time
 import uuid
@@ -17,12 +19,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import api, intake, status
+from .. import api, intake, status, tiers
+from ..archive import Archiver
 from ..assemble import assistant_message
 from ..config import Config
 from ..http import HTTPError
 from ..jobs import Job, JobManager
-from ..keys import CONFIG, MANAGER
+from ..keys import ARCHIVE, CONFIG, MANAGER
 from ..paths import RequestPath
 from ..serve import follow, open_file
 from ..store import seq_offset
@@ -35,6 +38,7 @@ from .common import (
     Stored,
     answering,
     caller,
+    discard,
     ended,
     find,
     find_owned,
@@ -47,12 +51,13 @@ from .common import (
     paging,
     parse_id,
     read_payload,
-    remove_files,
     stored_answer,
 )
 from .errors import OpenAIError, not_found
 
 ENDPOINT = "/v1/responses"
+
+log = logging.getLogger("relay.openai")
 
 
 def _relay_links(rp: RequestPath, config: Config, authorization: dict[str, Any]) -> dict[str, str]:
@@ -70,9 +75,11 @@ def _headers(links: dict[str, str]) -> dict[str, str]:
             "X-Relay-Bearer-Token": links["bearer_token"]}  # fmt: skip
 
 
-async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list[dict[str, Any]]:
+async def _history(
+    payload: dict[str, Any], config: Config, who: Caller, archiver: Archiver | None
+) -> list[dict[str, Any]]:
     """The conversation before this turn: a previous response's messages and answer (without its
-    instructions, which OpenAI does not carry over)."""
+    instructions, which OpenAI does not carry over), from the disk or else from the archive tier."""
     prev = payload.get("previous_response_id")
     if prev is None:
         return []
@@ -84,7 +91,7 @@ async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list
     if prp is None:
         raise missing
     try:
-        parent = await intake.load_parent(prp, config, field="previous_response_id")
+        parent = await intake.load_parent(prp, config, field="previous_response_id", archiver=archiver)
     except HTTPError as exc:
         if exc.status == 404:
             raise missing from None
@@ -103,12 +110,20 @@ async def _history(payload: dict[str, Any], config: Config, who: Caller) -> list
     return list(history) + ([reply] if reply else [])
 
 
-def _closed(job: Job) -> None:
+def _closed(archiver: Archiver | None, job: Job) -> None:
     """A response ended: OpenAI's webhook event; and, for `store: false`, its files go (the answer was
-    built from memory; a reader still streaming keeps its open file)."""
+    built from memory; a reader still streaming keeps its open file), and so does whatever the archive
+    tier may have taken of them (see `common.discard`)."""
     report_ended(job.manager.config, job.manager.webhooks, job.doc, job.rp.request_id)
     if not job.doc["openai"]["echo"]["store"]:
-        in_background(asyncio.to_thread(remove_files, job.manager.config, job.rp))
+        in_background(_unstored(job.manager.config, archiver, job.rp))
+
+
+async def _unstored(config: Config, archiver: Archiver | None, rp: RequestPath) -> None:
+    try:
+        await discard(config, archiver, rp)
+    except HTTPError:
+        log.warning("request %s (store: false): its archived objects could not be deleted", rp.request_id)
 
 
 def report_ended(config: Config, webhooks: WebhookSender, doc: dict[str, Any], request_id: str) -> None:
@@ -135,7 +150,7 @@ async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any]
     new = translate.input_messages(payload["input"])
     instructions = echo["instructions"]
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + await _history(
-        payload, config, who
+        payload, config, who, request.app[ARCHIVE]
     ) + new  # fmt: skip
     intake.check_count(len(messages), config)
     api_key, organization = api.upstream_key(request, config)
@@ -156,7 +171,7 @@ async def _start(request: web.Request, who: Caller) -> tuple[Job, dict[str, Any]
     job = Job(manager, rp, stream=True, doc=doc, body=body, api_key=api_key, organization=organization,
               timeout=config.upstream_max_timeout, connect_timeout=5, key_label=who.label,
               log_format=events.ResponsesFormat(response_id, messages))  # fmt: skip
-    job.on_close = _closed
+    job.on_close = functools.partial(_closed, request.app[ARCHIVE])
     await api.launch(manager, job, request)
     return job, echo, _relay_links(rp, config, authorization), payload.get("stream") is True
 
@@ -201,7 +216,7 @@ async def _stream(
     try:
         fd = await open_file(config, rp, "txt")
     except FileNotFoundError:
-        raise not_found("response", object_id(RESPONSE, rp)) from None
+        return await _archived_stream(request, rp, after, headers, tail)
     try:
         job = job if job is not None and job.events is not None else None
         size = job.size if job is not None else os.fstat(fd).st_size
@@ -209,6 +224,22 @@ async def _stream(
         return await follow(request, fd, offset, job, headers, blank=b"")
     finally:
         os.close(fd)
+
+
+async def _archived_stream(
+    request: web.Request, rp: RequestPath, after: int | None, headers: dict[str, str] | None, tail: Any
+) -> web.StreamResponse:
+    """The events of a response that is only in the archive tier now (so ended): as `_stream` sends them
+    from a local log, from the event after `after` (see `tiers.log_offset`)."""
+    archiver = request.app[ARCHIVE]
+    try:
+        offset = await tiers.log_offset(archiver, rp, after, tail)
+        if offset is None or archiver is None:
+            raise FileNotFoundError(rp.rel("txt"))
+        seconds = request.app[CONFIG].server_send_timeout_seconds
+        return await tiers.log_from(request, archiver, rp, offset, b": connected\n", headers or {}, seconds)
+    except FileNotFoundError:
+        raise not_found("response", object_id(RESPONSE, rp)) from None
 
 
 @answering
@@ -262,7 +293,7 @@ async def delete(request: web.Request) -> web.Response:
         job.cancel("stop")
         await ended(job)
     request.app[ANSWERS].drop(rid)
-    await asyncio.to_thread(remove_files, request.app[CONFIG], rp)
+    await discard(request.app[CONFIG], request.app[ARCHIVE], rp)
     return await json_answer(request, {"id": rid, "object": "response.deleted", "deleted": True})
 
 
