@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
+from relay import tiers
 from relay.facade.chat_index import INDEX
 from relay.facade.common import ANSWERS, CHAT, RESPONSE, parse_id
+from relay.keys import ARCHIVE
 
-from .conftest import Relay, RelayFactory, until
+from .conftest import Relay, RelayFactory, parse_sse, until
 from .objectstore import SeaweedS3
 from .test_archive_serving import archive_settings
 from .test_openai import KEY_A, KEY_B, sdk
@@ -220,5 +223,36 @@ async def test_an_archive_that_is_away_answers_503_in_openai_shape(make_relay: R
         assert await raw(relay, f"/v1/responses/{r.id}?stream=true&starting_after=2") == first
         await a.responses.delete(r.id)
         assert objects_of(s3, r.id) == []
+    finally:
+        await a.close()
+
+
+@pytest.mark.timeout(180)
+async def test_a_long_archived_log_resumes_anywhere(make_relay: RelayFactory, s3: SeaweedS3) -> None:
+    """A log of several of the search's blocks: every resume lands where it did on the local log, with or
+    without the closing events' places (`tiers.log_offset` against the ids the stream carried)."""
+    relay = await make_relay(auth_api_keys=KEYS, **archive_settings(s3))
+    a = sdk(relay, KEY_A)
+    try:
+        r = await a.responses.create(model="echo", input=" ".join(f"word{i}" for i in range(6000)))
+        status, body = await raw(relay, f"/v1/responses/{r.id}?stream=true")
+        assert status == 200 and len(body) > 3 * tiers.SEARCH_BLOCK
+        starts = [(int(e.id), orjson.loads(e.data)["sequence_number"]) for e in parse_sse(body.decode())
+                  if e.id is not None and e.data.startswith("{")]  # fmt: skip
+        last = starts[-1][1]
+        picks = sorted({0, 1, 2, 77, last // 3, last // 2, last - 3, last - 2, last - 1, last, last + 1})
+        before = {
+            after: await raw(relay, f"/v1/responses/{r.id}?stream=true&starting_after={after}") for after in picks
+        }
+        await archived(relay, s3, [r.id])
+        rp = parse_id(RESPONSE, r.id)
+        assert rp is not None
+        size = len(body) - len(b": connected\n")
+        for after in picks:
+            assert await raw(relay, f"/v1/responses/{r.id}?stream=true&starting_after={after}") == before[after]
+            want = next((offset for offset, seq in starts if seq > after), None)
+            got = await tiers.log_offset(relay.app[ARCHIVE], rp, after, None)
+            assert got == want or (want is None and got is not None and got >= starts[-1][0]), after
+            assert got is not None and got <= size
     finally:
         await a.close()
