@@ -351,7 +351,24 @@ NOT_SECRETS = {
     ("relay/facade/translate.py", "key not in ('format', 'verbosity')"): "a JSON field name",
     ("relay/facade/translate.py", "key in WHY_REFUSED"): "a JSON field name",
     ("relay/facade/translate.py", "key in TAKEN"): "a JSON field name",
-    ("relay/facade/chat.py", "keys[i] == key"): "an index entry: (created, object id)",
+    ("relay/facade/chat_index.py", "keys[i] == key"): "an index entry: (created, object id)",
+    (
+        "relay/archive/archiver.py",
+        "await self.bucket.get_bytes(s.key(rp.rel('manifest.json')), MAX_MANIFEST_BYTES) != encoded",
+    ): "a manifest read back from the bucket (sizes and hashes of a request's files): integrity, not a secret",
+    (
+        "relay/archive/archiver.py",
+        "(size, sha) != (fs.size, fs.sha256)",
+    ): "the SHA-256 of an uploaded file's bytes read back: integrity, not a secret",
+    (
+        "relay/archive/manifest.py",
+        "hashlib.sha256(piece).hexdigest() != fs.blocks[index]",
+    ): "the SHA-256 of a block read from the bucket: integrity, not a secret",
+    (
+        "relay/devupstream.py",
+        "key in ('const', 'default')",
+    ): "a JSON Schema keyword (the dev upstream's tool arguments)",
+    ("relay/devupstream.py", "key in schema"): "a JSON Schema keyword (the dev upstream's tool arguments)",
     ("relay/usage.py", "line.get('key') != key"): "a key's name in the operator's own ledger (the `usage` CLI)",
 }
 
