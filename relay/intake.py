@@ -214,8 +214,10 @@ async def load_parent(
 ) -> dict[str, Any]:
     """The status document a new request chains from (from the disk, else from the archive tier), read
     within the bounds that keep parsing it cheap (HTTPError when it is on another node, expired, missing,
-    too large or not a status document)."""
-    if prp.node_id != config.server_node_id:
+    too large or not a status document). Another node's parent is read from the archive tier once it is
+    archived (several hosts sharing one bucket); until then it belongs to its node (400 `wrong_node`)."""
+    foreign = prp.node_id != config.server_node_id
+    if foreign and (archiver is None or await tiers.size(archiver, prp, "json") is None):
         raise HTTPError(
             400,
             "wrong_node",
@@ -228,6 +230,8 @@ async def load_parent(
     try:
         limit = config.server_max_conversation_bytes
         try:
+            if foreign:
+                raise FileNotFoundError(prp.rel("json"))
             raw = await asyncio.to_thread(read_under, config.data_dir, prp.rel("json"), limit)
         except FileNotFoundError:
             raw = await _archived_parent(archiver, prp, limit)

@@ -1,7 +1,11 @@
 """GET of status / raw files, the tail-following event stream, the stop URL.
 
 Every request for a file goes through `_locate`, which parses the raw URL path (see `paths.py`),
-refuses other nodes and expired requests, and checks private tokens, before anything touches the disk.
+refuses expired requests, and checks private tokens, before anything touches the disk. A URL of another
+node (several hosts sharing one bucket) is answered from the archive tier only, when there is one: an
+ended request of that node once it is archived (nginx sends it here when its owner is down); its running
+requests and its files not yet uploaded belong to its owner (404 here). Without an archive, another
+node's URL is 404.
 
 Files are opened with `store.open_under`: no symlink is followed anywhere below the data directory,
 and only regular files are served, from the descriptor that was opened.
@@ -61,6 +65,8 @@ async def _stored_auth(
     if job is not None and job.rp == rp:
         return job.doc["authorization"]
     try:
+        if rp.node_id != config.server_node_id:
+            raise FileNotFoundError(rp.rel("json"))  # (another node's: in the archive, or not here)
         return await asyncio.to_thread(read_auth, config.data_dir, rp.rel("json"))
     except FileNotFoundError:
         auth = await tiers.authorization(archiver, rp)  # (only in the archive now, or nowhere)
@@ -131,7 +137,7 @@ async def _locate(request: web.Request) -> tuple[RequestPath, str]:
     if parsed is None:
         raise _not_found()
     rp, kind = parsed
-    if rp.node_id != config.server_node_id:
+    if rp.node_id != config.server_node_id and request.app[ARCHIVE] is None:
         raise _not_found()
     if manager.get(rp.request_id) is None and expired(rp, config.retention_max_age_days):
         raise _not_found()
@@ -157,8 +163,15 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
         return exc.response()
 
 
+def _foreign(request: web.Request, rp: RequestPath) -> bool:
+    """True for a URL of another node: only its archived files are served here (see the module's doc)."""
+    return rp.node_id != request.app[CONFIG].server_node_id
+
+
 async def _plain(request: web.Request, rp: RequestPath, kind: str) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
+    if _foreign(request, rp):
+        return await _archived(request, rp, kind)
     if kind == "json":
         content_type = "application/json"
     else:
@@ -276,7 +289,8 @@ async def _stop(request: web.Request, rp: RequestPath) -> web.Response:
         finally:
             asyncio.get_running_loop().call_later(STOP_ANSWER_LEAD, _release, hold)
         return resp
-    if not await _exists(config, rp, "json") and await tiers.size(request.app[ARCHIVE], rp, "json") is None:
+    local = not _foreign(request, rp) and await _exists(config, rp, "json")
+    if not local and await tiers.size(request.app[ARCHIVE], rp, "json") is None:
         raise _not_found()
     return json_response({"status": "success"})
 
@@ -312,6 +326,8 @@ def _resume_id(request: web.Request) -> str | None:
 async def _events(request: web.Request, rp: RequestPath) -> web.StreamResponse:
     config: Config = request.app[CONFIG]
     manager: JobManager = request.app[MANAGER]
+    if _foreign(request, rp):
+        return await _archived(request, rp, "txt")
     job: Job | None = manager.get(rp.request_id)
     if job is not None and (job.rp != rp or job.events is None):
         job = None

@@ -31,7 +31,7 @@ class Nginx:
             "/var/log/nginx/relay.access.log": f"{workdir}/logs/relay.access.log",
             **replacements,
         }
-        for snippet in ("relay-common.conf", "relay-static.conf"):
+        for snippet in ("relay-common.conf", "relay-static.conf", "relay-bucket.conf"):
             shutil.copy(DEPLOY / snippet, workdir / snippet)
         text = (DEPLOY / site).read_text()
         for old, new in replacements.items():
