@@ -409,11 +409,13 @@ def points_to_hover(s: dict) -> list[tuple[str, float, float, list[str | float]]
 async def hover(page: Page, chart: str, x: float, y: float) -> list[str]:
     """Move the mouse onto the point (x, y) of a chart, in its data's units (uPlot says where that is on
     the screen); returns the values its legend then shows, x first."""
-    where = await page.evaluate(
-        """([id, x, y]) => { const u = charts[id], box = u.over.getBoundingClientRect();
+    await page.locator(f"#{chart}").scroll_into_view_if_needed()
+    where = await page.evaluate(  # (syncRect: uPlot keeps the plot's place on the page, which a scroll moves)
+        """([id, x, y]) => { const u = charts[id]; u.syncRect(); const box = u.over.getBoundingClientRect();
                              return [box.left + u.valToPos(x, "x"), box.top + u.valToPos(y, "y")]; }""",
         [chart, x, y],
     )
+    await page.mouse.move(where[0] + 7, where[1] + 7)  # (a move, so that the one below is one too)
     await page.mouse.move(*where)
     return [v.strip() for v in await page.locator(f"#{chart} .u-legend .u-series .u-value").all_text_contents()]
 
