@@ -6,7 +6,8 @@ Every workload starts its own relay process (so CPU time and peak memory are its
 upstream, and drives them with load generators in separate processes (bench/loadgen.py). The relay's
 CPU is read from /proc/<pid>/stat, its memory from /proc/<pid>/status. Baselines: the same readers
 reading the dev upstream directly (W1), nginx + nchan fanning out the same events (W2), nginx serving
-the same `.txt` as a static file (W3). Every request goes to 127.0.0.1, bounded in count and time.
+the same `.txt` as a static file (W3), the same stream read from the local disk before it is archived
+(W8, against a real SeaweedFS). Every request goes to 127.0.0.1, bounded in count and time.
 """
 
 from __future__ import annotations
@@ -136,7 +137,13 @@ class Bench:
         self.upstream = Proc(proc, port)
 
     async def start_relay(
-        self, name: str, extra: str = "", loop: str = "auto", node: int = 1, public_url: str | None = None
+        self,
+        name: str,
+        extra: str = "",
+        loop: str = "auto",
+        node: int = 1,
+        public_url: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         assert self.upstream is not None
         port = free_port()
@@ -151,7 +158,7 @@ class Bench:
         proc = subprocess.Popen(
             [PY, "relay.py", "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data),
              "--public-url", public_url or f"http://127.0.0.1:{port}", "--upstream-base-url", f"http://127.0.0.1:{self.upstream.port}/v1"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
         )  # fmt: skip
         await wait_port(port)
         return Proc(proc, port)
@@ -333,6 +340,156 @@ http {{
         native = min(entry["native"]["cpu_us_per_chunk"], entry["native_again"]["cpu_us_per_chunk"])
         entry["ratio"] = entry["facade"]["cpu_us_per_chunk"] / native
         self.results["W7 OpenAI face"] = entry
+
+    async def w8(self) -> None:
+        """The archive tier ([archive] enabled, a real SeaweedFS on loopback: tests/objectstore.py).
+
+        Uploads: N requests (instant upstream, small answers) finished at intake's pace on a relay with
+        `keep_local_hours = 0` and the default `max_concurrent_uploads`; their uploads are held back
+        `upload_after_seconds` until every request has ended, so that the clock and the relay's CPU count
+        the uploads (PUTs, the read-back check, the manifest, removing the local copies) and nothing of the
+        intake. Done when /metrics shows every request archived and its local copy removed (its polls, every
+        20 ms, are in the relay's CPU).
+
+        Reads: one finished stream of a few hundred chunks on a second relay, its `.txt` read K times by a
+        few keep-alive readers (bench/reads.py) while the file is local (its upload held back), then the
+        same once the relay has archived it and removed the local copy (served from the bucket); and a
+        resume from the middle (Last-Event-ID) in each tier."""
+        sys.path.insert(0, str(ROOT))
+        from tests.objectstore import SeaweedS3  # a real S3 store; `make test` installs `weed`
+
+        n, k, readers, chunks = (50, 50, 4, 400) if self.quick else (500, 500, 4, 400)
+        hold = 2.0 + n / 100  # seconds an upload waits after its request ended: longer than the intake
+        s3 = SeaweedS3(self.workdir / "s3")
+        relays: list[Proc] = []
+        entry: dict[str, Any] = {"requests": n, "reads": k, "readers": readers}
+        try:
+            await s3.astart()
+            store_pids = tree(s3.proc.pid) if s3.proc else []
+
+            def archive(prefix: str, after: float) -> str:
+                return (f'[archive]\nenabled = true\nendpoint_url = "{s3.endpoint}"\nbucket = "{s3.bucket}"\n'
+                        f'prefix = "{prefix}"\nregion = "{s3.region}"\nkeep_local_hours = 0\n'
+                        f"upload_after_seconds = {after}\n")  # fmt: skip
+
+            # ----- uploads per second
+            relay = await self.start_relay("w8-uploads", archive("w8-uploads/", hold), env=s3.env())
+            relays.append(relay)
+            body = {"model": "echo", "messages": [{"role": "user", "content": "archive me, a short answer"}]}
+            posts = await self.loadgen({"kind": "post", "url": f"http://127.0.0.1:{relay.port}/v1/stream-chatgpt",
+                                        "body": body, "count": n, "concurrency": 20})  # fmt: skip
+            assert posts["ok"] == n, posts
+            t_posts = time.monotonic() - posts["duration"]  # the first POST (after the load generator started)
+            await self.wait_idle(relay)
+            await self.wait_metrics(relay, lambda m: m["relay_archive_pending_requests"] >= n, 30)
+            cpu0, store0 = cpu_seconds([relay.pid]), cpu_seconds(store_pids)
+            t_start = t_posts + hold  # (the first request ended just after its POST: its upload is due then)
+            early = (await self.metrics(relay))["relay_archive_archived_requests"]
+            assert early == 0 and time.monotonic() < t_start, "the intake took longer than `hold`: raise it"
+            last = await self.wait_metrics(relay, lambda m: m["relay_archive_local_removed_requests"] >= n
+                                           and m["relay_archive_pending_requests"] == 0, 60 + n / 2)  # fmt: skip
+            took = max(time.monotonic() - t_start, 1e-9)
+            cpu, store_cpu = cpu_seconds([relay.pid]) - cpu0, cpu_seconds(store_pids) - store0
+            entry["uploads"] = {
+                "posts": posts, "hold_s": hold, "seconds": took,
+                "archived": last["relay_archive_archived_requests"], "bytes": last["relay_archive_archived_bytes"],
+                "failures": last["relay_archive_failures"] + last["relay_archive_integrity_failures"],
+                "per_s": n / took, "bytes_per_s": last["relay_archive_archived_bytes"] / took,
+                "cpu_us_per_request": cpu / n * 1e6, "store_cpu_us_per_request": store_cpu / n * 1e6,
+            }  # fmt: skip
+            relay.stop()
+
+            # ----- one stream read from the local disk, then from the bucket
+            held = 5.0 + k / 50  # the local reads fit well within it (checked below)
+            relay = await self.start_relay("w8-reads", archive("w8-reads/", held), env=s3.env())
+            relays.append(relay)
+            words = " ".join(f"word{i}" for i in range(40))
+            doc = await self.post(
+                relay, {"model": f"echo:chunks={chunks}", "messages": [{"role": "user", "content": words}]}
+            )
+            await self.wait_done(doc["endpoints"]["status_url"])
+            url = doc["endpoints"]["stream_events_url"]
+            local_file = self.workdir / "data-w8-reads" / url.split("/", 3)[3]
+            tiers: dict[str, Any] = {}
+            for tier in ("local", "archived"):
+                if tier == "archived":
+                    await self.wait_metrics(relay, lambda m: m["relay_archive_local_removed_requests"] >= 1, 60 + held)
+                    assert not local_file.exists(), local_file
+                else:
+                    assert local_file.exists(), local_file
+                async with aiohttp.ClientSession() as s, s.get(url) as r:
+                    assert r.status == 200, r.status
+                    whole = await r.read()
+                ids = [line[4:] for line in whole.decode().split("\n") if line.startswith("id: ")]
+                cpu0 = cpu_seconds([relay.pid])
+                res = await self.reads({"url": url, "count": k, "concurrency": readers})
+                res["cpu_us_per_read"] = (cpu_seconds([relay.pid]) - cpu0) / k * 1e6
+                resume = await self.reads({"url": url, "count": 5, "headers": {"Last-Event-ID": ids[len(ids) // 2]}})
+                tiers[tier] = {**res, "whole": whole, "events": len(ids), "resume": resume}
+                if tier == "local":  # the upload was still held back: every read above came from the disk
+                    m = await self.metrics(relay)
+                    assert m["relay_archive_archived_requests"] == 0 and local_file.exists(), "raise `held`"
+            local, archived = tiers["local"], tiers["archived"]
+            assert local.pop("whole") == archived.pop("whole"), "the archive served other bytes"
+            entry.update(local=local, archived=archived, ratio=archived["reads_per_s"] / local["reads_per_s"],
+                         p50_ratio=archived["p50_ms"] / local["p50_ms"], chunks=chunks)  # fmt: skip
+        finally:
+            for r in relays:
+                r.stop()
+            await s3.astop()
+        self.results["W8 archive tier"] = entry
+
+    @staticmethod
+    async def reads(job: dict[str, Any]) -> dict[str, Any]:
+        """Timed whole GETs in their own process (bench/reads.py)."""
+        proc = await asyncio.create_subprocess_exec(
+            PY, str(ROOT / "bench" / "reads.py"), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate((json.dumps(job) + "\n").encode()), 300)
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+    @staticmethod
+    async def metrics(relay: Proc) -> dict[str, float]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{relay.port}/metrics") as r:
+            text = await r.text()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    async def wait_metrics(self, relay: Proc, done: Any, timeout: float) -> dict[str, float]:
+        """Poll /metrics (every 20 ms) until `done(metrics)`; the last metrics."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = await self.metrics(relay)
+            if done(m):
+                return m
+            if time.monotonic() > deadline:
+                archive = {k: v for k, v in m.items() if k.startswith("relay_archive")}
+                raise TimeoutError(f"the archive did not get there in {timeout:.0f} s: {archive}")
+            await asyncio.sleep(0.02)
+
+    @staticmethod
+    async def wait_done(status_url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                async with s.get(status_url) as r:
+                    if (await r.json())["status"] == "done":
+                        return
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"{status_url} is not done")
 
     async def poll_operator(self, relay: Proc) -> None:
         """What the console's operator page does: the three admin endpoints, every second."""
@@ -629,6 +786,8 @@ http {{
                 await self.w6()
             if want("w7"):
                 await self.w7()
+            if want("w8"):
+                await self.w8()
         finally:
             assert self.upstream is not None
             self.upstream.stop()
@@ -743,6 +902,32 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
             v = r[key]
             lines.append(f"| {name} | {f(v['cpu_us_per_chunk'])} | {v['events']} | {v['failed']} |")
         lines += ["", f"Facade against native: **{r['ratio']:.2f} ×** the CPU per chunk."]
+    if "W8 archive tier" in results:
+        r = results["W8 archive tier"]
+        u, lo, ar = r["uploads"], r["local"], r["archived"]
+        lines += ["", "## W8: the archive tier (SeaweedFS `weed mini` on loopback)", "",
+                  f"Uploads: {r['requests']} requests (instant upstream, small answers) finished at intake's pace, "
+                  f"`keep_local_hours = 0`, default `max_concurrent_uploads`, uploads held back {u['hold_s']:.2f} s so that "
+                  f"the clock and the CPU count the uploads only: every request archived (uploaded, read back and "
+                  f"checked) and its local copy removed in {u['seconds']:.2f} s, **{u['per_s']:.1f} requests/s**, "
+                  f"{u['bytes_per_s'] / 1e3:.0f} KB/s ({u['bytes'] / max(u['archived'], 1) / 1e3:.1f} KB a request); "
+                  f"relay CPU {u['cpu_us_per_request']:.0f} µs per archived request (the store's: "
+                  f"{u['store_cpu_us_per_request']:.0f} µs); {u['failures']:.0f} failed attempts.", "",
+                  f"Reads: one finished stream of {r['chunks']} chunks ({lo['events']} events, {lo['size']:,} bytes), its `.txt` "
+                  f"read {r['reads']} times by {r['readers']} keep-alive readers from the local disk, then from the bucket once "
+                  "the relay archived it and removed the local copy (same relay, same bytes); a resume from the middle "
+                  "(`Last-Event-ID`), 5 times.", "",
+                  "| tier | reads/s | p50 / p99 (ms) | relay CPU µs/read | resume p50 / max (ms) | failed |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, v in (("local disk", lo), ("archive (bucket)", ar)):
+            lines.append(
+                f"| {name} | {v['reads_per_s']:.0f} | {f(v['p50_ms'])} / {f(v['p99_ms'])} | {v['cpu_us_per_read']:.0f} | "
+                f"{f(v['resume']['p50_ms'])} / {f(v['resume']['max_ms'])} | {v['failed'] + v['resume']['failed']} |"
+            )
+        lines += [
+            "",
+            f"Archived against local: **{r['ratio']:.2f} ×** the reads per second, {r['p50_ratio']:.1f} × the p50 latency.",
+        ]
     if "Idle readers" in results:
         r = results["Idle readers"]
         lines += [
@@ -765,7 +950,7 @@ def main() -> int:
         help=f"where the relays' data directories go (default {WORKDIR}: a disk like a VPS's /var/lib)",
     )
     parser.add_argument(
-        "--only", default="", help="comma-separated workloads to run (w1,w2,w3,w4,w5,w6,w7,idle); all by default"
+        "--only", default="", help="comma-separated workloads to run (w1,w2,w3,w4,w5,w6,w7,w8,idle); all by default"
     )
     args = parser.parse_args()
     only = {w.strip().lower() for w in args.only.split(",") if w.strip()}

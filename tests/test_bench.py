@@ -82,6 +82,22 @@ def test_bench_compares_the_openai_face_with_the_native_endpoint(tmp_path: Path)
     assert "Facade against native" in out.stdout
 
 
+def test_bench_measures_the_archive_tier(tmp_path: Path) -> None:
+    """`bench/run.py --only w8` (quick sizes) against a real SeaweedFS: every request archived and its local
+    copy removed, uploads per second reported, and the same stream read from the disk and from the bucket
+    (same bytes, every read and resume answered), with the ratio of the two."""
+    out, results = run_bench(tmp_path, "w8")
+    r = results["W8 archive tier"]
+    u = r["uploads"]
+    assert u["archived"] == r["requests"] and u["failures"] == 0 and u["per_s"] > 0 and u["bytes"] > 0, u
+    for tier in ("local", "archived"):
+        v = r[tier]
+        assert v["reads"] == r["reads"] and v["failed"] == 0 and v["resume"]["failed"] == 0, v
+        assert 0 < v["resume"]["size"] < v["size"] == r["local"]["size"] and v["p50_ms"] <= v["p99_ms"], v
+    assert r["ratio"] > 0
+    assert "requests/s" in out.stdout and "Archived against local" in out.stdout
+
+
 async def test_passthrough_reference_relays_a_stream(relay: Relay) -> None:
     """The W1 reference proxy passes the upstream's events through unchanged."""
     assert relay.upstream is not None
