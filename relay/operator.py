@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .book import RECENT
 from .http import HTTPError, json_response
-from .keys import BOOK, CONFIG, MANAGER
+from .keys import ARCHIVE, BOOK, CONFIG, MANAGER
 from .security import bearer
 
 
@@ -112,7 +112,10 @@ async def finished(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     require_admin(request)
-    return json_response(request.app[BOOK].stats())
+    doc = request.app[BOOK].stats()
+    archiver = request.app[ARCHIVE]
+    doc["archive"] = archiver.backlog().as_dict() if archiver is not None else None  # ([archive] enabled)
+    return json_response(doc)
 
 
 def _answering(handler: Callable[[web.Request], Awaitable[web.Response]]) -> Callable[..., Awaitable[web.Response]]:

@@ -591,7 +591,18 @@ function counts(id, data, x, label, color) {
   $(id).dataset.filled = String(data[1].filter((v) => v > 0).length);
 }
 
+function renderArchive(a) {
+  // The archive tier's backlog ([archive] enabled): what waits to be uploaded, and what failed.
+  $("op-archive").hidden = !a;
+  if (!a) return;
+  const mb = (a.pending_bytes / 1048576).toFixed(1);
+  const waiting = a.pending ? `${a.pending} waiting (${mb} MB, oldest ${seconds(a.oldest_pending_seconds)})` : "nothing waiting";
+  const failing = a.failing ? `, ${a.failing} failing: ${a.last_error || "see the log"}` : "";
+  $("op-archive").textContent = `Archive: ${waiting}${failing}; ${a.archived} archived since start, ${a.integrity_failures} integrity failures.`;
+}
+
 function renderStats(s) {
+  renderArchive(s.archive);
   const now = Math.floor(s.now / 60);
   const byMinute = new Map(s.minutes.map((m) => [Math.floor(m.t / 60), m]));
   const minute = (m) => byMinute.get(m) || { requests: 0, tokens: 0 };

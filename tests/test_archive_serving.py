@@ -4,6 +4,7 @@ a store that is away answers 503 (never a wrong byte), and the backlog shows on 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -148,3 +149,43 @@ def test_an_archive_enabled_without_its_settings_refuses_to_start(tmp_path: Path
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "AWS_ACCESS_KEY_ID" in lines[0], proc.stderr
+
+
+ADMIN = "admin-key-for-the-archive-tests-0123"
+
+
+async def metric(relay: Relay, name: str) -> float:
+    async with relay.session.get(relay.url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} on /metrics")
+
+
+@pytest.mark.timeout(180)
+async def test_a_store_away_under_load_fails_no_request_and_loses_nothing(
+    make_relay: RelayFactory, s3: SeaweedS3
+) -> None:
+    relay = await make_relay(auth_admin_keys=[ADMIN], **archive_settings(s3))
+    await s3.astop()
+    try:
+        docs = await asyncio.gather(*(relay.start(msg(f"request number {i} of a burst")) for i in range(24)))
+        for doc in docs:
+            assert (await relay.wait_status(doc["endpoints"]["status_url"]))["status"] == "done"
+        urls = [u for d in docs for u in (d["endpoints"]["status_url"], d["endpoints"]["stream_events_url"])]
+        before = [await fetch(relay, url) for url in urls]
+        assert all(status == 200 for status, _, _ in before)
+        await asyncio.sleep(1.0)  # (uploads are tried, and fail, meanwhile)
+        files = [f for d in docs for f in files_of(relay, d["endpoints"]["status_url"])]
+        assert all(f.exists() for f in files)  # nothing removed while nothing is verified
+        assert await metric(relay, "relay_archive_pending_requests") == 24
+        assert await metric(relay, "relay_archive_failures") >= 1
+        code, stats = await relay.get_json(relay.url + "/v1/admin/stats", {"Authorization": f"Bearer {ADMIN}"})
+        assert code == 200 and stats["archive"]["pending"] == 24 and stats["archive"]["failing"] >= 1
+        assert stats["archive"]["last_error"] and s3.secret_key not in stats["archive"]["last_error"]
+    finally:
+        await s3.astart()
+    await until(lambda: not any(f.exists() for f in files), timeout=90, what="the backlog drained")
+    assert await metric(relay, "relay_archive_pending_requests") == 0
+    assert await metric(relay, "relay_archive_archived_requests") == 24
+    assert [await fetch(relay, url) for url in urls] == before
