@@ -169,7 +169,7 @@ async def _janitor_loop(app: web.Application) -> None:
             app[METRICS].janitor_requests.inc(report.requests)
             app[METRICS].janitor_bytes.inc(report.bytes)
             archiver = app[ARCHIVE]
-            if archiver is not None and config.archive_expire_objects:  # (else a bucket lifecycle rule does it)
+            if archiver is not None:  # (its objects too, unless [archive] expire_objects leaves them to a rule)
                 gone = await archiver.expire(time.time() - config.retention_max_age_days * 86400)
                 if gone:
                     log.info("janitor: removed %d expired request(s) from the archive", gone)

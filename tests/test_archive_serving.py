@@ -189,3 +189,19 @@ async def test_a_store_away_under_load_fails_no_request_and_loses_nothing(
     assert await metric(relay, "relay_archive_pending_requests") == 0
     assert await metric(relay, "relay_archive_archived_requests") == 24
     assert [await fetch(relay, url) for url in urls] == before
+
+
+@pytest.mark.timeout(120)
+async def test_the_janitor_expires_archived_requests_from_the_bucket(make_relay: RelayFactory, s3: SeaweedS3) -> None:
+    relay = await make_relay(
+        retention_max_age_days=8 / 86400, retention_janitor_interval_seconds=0.5, **archive_settings(s3)
+    )
+    doc = await relay.start(msg("gone in eight seconds"))
+    status_url = doc["endpoints"]["status_url"]
+    await relay.wait_status(status_url)
+    base = "serving/" + status_url.split("/", 3)[3][: -len(".json")]
+    await until(lambda: f"{base}.manifest.json" in s3.keys("serving/"), timeout=30, what="archived")
+    assert (await fetch(relay, status_url))[0] == 200
+    await until(lambda: not any(k.startswith(base) for k in s3.keys("serving/")), timeout=60, what="expired")
+    assert not any(f.exists() for f in files_of(relay, status_url))
+    assert (await fetch(relay, status_url))[0] == 404
