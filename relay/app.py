@@ -21,7 +21,6 @@ from .fanout import PUSHED
 from .jobs import JobManager
 from .keys import ARCHIVE, BOOK, CONFIG, MANAGER, METRICS, QUOTAS, READERS
 from .metrics import Metrics
-from .paths import RequestPath
 from .quotas import Quotas
 from .status import public_view
 from .upstream import Upstream
@@ -32,7 +31,6 @@ log = logging.getLogger("relay")
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
 RESOLVER: web.AppKey[AbstractResolver] = web.AppKey("resolver")
-ARCHIVE_HANDING: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("archive_handing", set)  # (see _start_archive)
 
 
 def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Application:
@@ -40,7 +38,6 @@ def make_app(config: Config, resolver: AbstractResolver | None = None) -> web.Ap
     app = web.Application(middlewares=[site.json_errors])  # POST bodies are read (and bounded) by api
     app[CONFIG] = config
     app[READERS] = [0]
-    app[ARCHIVE_HANDING] = set()
     app[METRICS] = Metrics()
     app.router.add_get("/metrics", app[METRICS].handler)
     if resolver is not None:
@@ -81,15 +78,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[MANAGER] = manager
     metrics.bind(manager.running, lambda: app[READERS][0])
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    archiver = await _start_archive(app, manager)  # (first: repaired requests are handed to it too)
     repaired = recovery.repair(config.data_dir, config.server_node_id, config.public_url, reserve=manager.reserve,
-                               formats=facade.LOG_FORMATS)  # fmt: skip
-    archiver = await _start_archive(app, manager)
+                               formats=facade.LOG_FORMATS, released=manager.releasing)  # fmt: skip
     for rp, doc, webhook_url in repaired:
         if webhook_url:
             webhooks.send_later(webhook_url, public_view(doc), rp.request_id)
         facade.repaired(app, webhooks, rp, doc)
-        if archiver is not None:
-            await archiver.ended(rp)
     book = UsageBook()
     loaded = book.load(config.data_dir)  # the operator page's recent history, from the ledger's tail
     log.info("usage: %d request(s) of the last 24 hours read from the ledger", loaded)
@@ -111,15 +106,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*background, return_exceptions=True)
     await drain()  # the chat index's last lines, files of unstored responses
     if archiver is not None:
-        await asyncio.gather(*app[ARCHIVE_HANDING])  # the requests that ended at shutdown: queued on disk
         await archiver.stop()  # (an upload in flight resumes at the next start)
     await webhooks.close()  # (the jobs ended in _shutdown, before the server stopped its handlers)
     await upstream.close()
 
 
 async def _start_archive(app: web.Application, manager: JobManager) -> Archiver | None:
-    """The archive tier ([archive] enabled): its pending uploads resumed, and every request whose ending is
-    durable (its marker removed) handed to it; shutdown waits until those are queued on disk."""
+    """The archive tier ([archive] enabled): its pending uploads resumed, and every request that ends handed
+    to it (its pending entry written before the request's running marker is removed)."""
     config = app[CONFIG]
     archiver = Archiver(config) if config.archive_enabled else None
     app[ARCHIVE] = archiver
@@ -127,20 +121,8 @@ async def _start_archive(app: web.Application, manager: JobManager) -> Archiver 
         return None
     await archiver.start()
     app[METRICS].bind_archive(lambda: archiver.backlog().as_dict())
-    handing: set[asyncio.Task[None]] = app[ARCHIVE_HANDING]
-
-    async def hand_over(rp: RequestPath) -> None:
-        try:
-            await archiver.ended(rp)
-        except Exception:  # (a full disk: the request stays local only; logged, never fatal)
-            log.exception("request %s: cannot queue its upload to the archive", rp.request_id)
-
-    def released(rp: RequestPath) -> None:
-        task = asyncio.create_task(hand_over(rp), name=f"archive-{rp.request_id}")
-        handing.add(task)
-        task.add_done_callback(handing.discard)
-
-    manager.on_released(released)
+    loop = asyncio.get_running_loop()
+    manager.on_released(lambda rp: archiver.ending(rp, loop))
     return archiver
 
 

@@ -132,10 +132,12 @@ def repair(
     now: float | None = None,
     reserve: Reserve | None = None,
     formats: LogFormats = (),
+    released: Callable[[RequestPath], None] | None = None,
 ) -> list[tuple[RequestPath, dict[str, Any], str | None]]:
     """Finish every request a previous run left running. Returns (request, final status, webhook URL)
     of each. `public_url` is the base of the `response_raw_url` it adds; `formats` are the faces' log
-    formats (see `LogFormats`).
+    formats (see `LogFormats`); `released` is told of each request ended, before its marker is removed
+    (as `JobManager.on_released`: an OSError keeps the marker for the next start).
 
     Never raises: a marker that cannot be repaired now (disk full or read-only) stays for the next
     start; one whose files are damaged beyond repair, or not the relay's own, is moved to
@@ -151,7 +153,7 @@ def repair(
         return []
     if reserve is not None:
         reserve.release()
-    run = _Run(data_dir, node_id, public_url, time.time() if now is None else now, formats)
+    run = _Run(data_dir, node_id, public_url, time.time() if now is None else now, formats, released)
     # the lines a crashed run wrote just before it died (its end's day: the start's, or the day after)
     parsed = [(marker, parse_marker_name(marker.name)) for marker in markers]
     known = {rp.request_id: rp for _, rp in parsed if rp is not None}
@@ -181,6 +183,7 @@ class _Run:
     public_url: str
     now: float
     formats: LogFormats
+    released: Callable[[RequestPath], None] | None = None
     ledgered: set[str] = field(default_factory=set)  # requests whose ledger line is already written
 
 
@@ -215,6 +218,8 @@ def _repair_marker(run: _Run, marker: Path, rp: RequestPath) -> tuple[RequestPat
             line = ledger.entry(final, request_id=rp.request_id, node=run.node_id, key=key, path=rp.base,
                                 ttft=None, now=run.now)  # fmt: skip
             ledger.append(run.data_dir, line, durable=True)
+        if final is not None and run.released is not None:
+            run.released(rp)
     except OSError as exc:
         log.error("cannot repair request %s now (%s); it is retried at the next start", rp.request_id, exc.strerror)
         return None

@@ -6,16 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 
 from relay.paths import parse_request_path
 
-from .conftest import Relay, RelayFactory, msg, parse_sse, until
+from .conftest import (
+    TEST_KEY,
+    Relay,
+    RelayFactory,
+    Upstream,
+    free_port,
+    msg,
+    parse_sse,
+    start_relay,
+    until,
+    wait_healthy,
+)
 from .objectstore import SeaweedS3
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,3 +219,44 @@ async def test_the_janitor_expires_archived_requests_from_the_bucket(make_relay:
     await until(lambda: not any(k.startswith(base) for k in s3.keys("serving/")), timeout=60, what="expired")
     assert not any(f.exists() for f in files_of(relay, status_url))
     assert (await fetch(relay, status_url))[0] == 404
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("delay", [0.02, 0.1, 0.25, 0.5])
+async def test_a_relay_killed_during_its_endings_still_archives_every_request(
+    tmp_path: Path, s3: SeaweedS3, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, delay: float
+) -> None:
+    """kill -9 at any moment while a burst of requests ends (a pending upload is written before a request's
+    running marker goes, and recovery hands over what it ends): after a restart, every one is archived."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    prefix = f"kill-{secrets.token_hex(4)}/"
+    toml = (f'[archive]\nenabled = true\nendpoint_url = "{s3.endpoint}"\nbucket = "{s3.bucket}"\n'
+            f'prefix = "{prefix}"\nretry_min_seconds = 0.1\nretry_max_seconds = 0.5\n')  # fmt: skip
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_relay(port, data, upstream, toml=toml)
+    try:
+        await wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as s:
+
+            async def post(i: int) -> str:
+                body = orjson.dumps(msg(f"request {i} of a burst cut short"))
+                endpoint = "/v1/stream-chatgpt" if i % 2 else "/v1/async-chatgpt"
+                async with s.post(url + endpoint, data=body, headers={"X-OpenAI-API-Key": TEST_KEY}) as r:
+                    assert r.status == 200
+                    return (await r.json())["endpoints"]["status_url"]
+
+            status_urls = await asyncio.gather(*(post(i) for i in range(30)))
+        await asyncio.sleep(delay)
+        proc.kill()
+        proc.wait(10)
+        proc = start_relay(port, data, upstream, toml=toml)
+        await wait_healthy(url, proc)
+        bases = [prefix + u.split("/", 3)[3][: -len(".json")] for u in status_urls]
+        await until(lambda: all(f"{b}.manifest.json" in s3.keys(prefix) for b in bases), timeout=90,
+                    what="every request archived")  # fmt: skip
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)

@@ -111,12 +111,28 @@ class Archiver:
         """Hand over a request whose ending is durable; returns once its pending entry is on disk."""
         if rp.base in self._pending:
             return
+        self._adopt(await asyncio.to_thread(self._save_pending, rp))
+
+    def ending(self, rp: RequestPath, loop: asyncio.AbstractEventLoop) -> None:
+        """From a worker thread, while a request's ending is made durable and before its running marker
+        is removed (see `JobManager.on_released`): its pending entry written, then handed to `loop`. An
+        OSError leaves the marker, and the ending is retried, so a kill -9 never loses the upload."""
+        pending = self._save_pending(rp)
+        try:
+            loop.call_soon_threadsafe(self._adopt, pending)
+        except RuntimeError:  # the loop has closed (shutdown): the entry on disk is resumed at the next start
+            pass
+
+    def _save_pending(self, rp: RequestPath) -> Pending:
         now = time.time()
-        size = sum(await asyncio.to_thread(_sizes, self.data_dir, rp))
-        p = Pending(rp.base, ended=now, due=now + self.settings.upload_after, bytes=size)
-        await asyncio.to_thread(self.state.save_pending, p)
-        self._pending[p.base] = p
-        self._schedule(p.base, p.due)
+        p = Pending(rp.base, ended=now, due=now + self.settings.upload_after, bytes=sum(_sizes(self.data_dir, rp)))
+        self.state.save_pending(p)
+        return p
+
+    def _adopt(self, p: Pending) -> None:
+        if p.base not in self._pending:
+            self._pending[p.base] = p
+            self._schedule(p.base, p.due)
 
     def backlog(self) -> Backlog:
         now = time.time()

@@ -191,8 +191,6 @@ class Ending:
             problems = ["release: internal error"]
         if not had_line and self.ledger_line is not None:  # written just now (once, even if a retry follows)
             manager.counted(self.ledger_line)
-        if not problems:
-            manager.released(self.job.rp)
         return problems
 
     def _release_files(self, durable: bool) -> list[str]:
@@ -216,6 +214,7 @@ class Ending:
                 return [f".txt: {exc.strerror}"]
         self.close_files()
         try:
+            job.manager.releasing(job.rp)  # (the archive's pending entry: durable before the marker goes)
             remove_marker(cfg.data_dir, job.rp)
         except OSError as exc:
             return [f"marker: {exc.strerror}"]

@@ -44,7 +44,7 @@ class JobManager:
         self.storage = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-storage")
         self.statuses = StatusWriter(self.storage)
         self.count_listeners: list[Callable[[dict[str, Any]], None]] = []  # told of every ledger line written
-        self.release_listeners: list[Callable[[RequestPath], None]] = []  # told of every ending made durable
+        self.release_listeners: list[Callable[[RequestPath], None]] = []  # see on_released (worker thread)
 
     async def on_intake(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in the intake pool (the files of a new request)."""
@@ -127,16 +127,15 @@ class JobManager:
         self.count_listeners.append(listener)
 
     def on_released(self, listener: Callable[[RequestPath], None]) -> None:
-        """Tell `listener` of every request whose ending is durable and whose running marker is gone (the
-        archive tier uploads it then)."""
+        """Tell `listener` of every request whose ending is being made durable: called in a storage worker
+        thread (so it must be thread-safe and may write to disk), after the ending's files and before the
+        running marker is removed. Should it raise (an OSError: a full disk), the marker stays and the
+        ending is retried, so what it writes survives a kill -9 as the ending does (the archive tier)."""
         self.release_listeners.append(listener)
 
-    def released(self, rp: RequestPath) -> None:
+    def releasing(self, rp: RequestPath) -> None:
         for listener in self.release_listeners:
-            try:
-                listener(rp)
-            except Exception:
-                log.exception("request %s: a listener of its ending failed", rp.request_id)
+            listener(rp)
 
     def counted(self, line: dict[str, Any]) -> None:
         """A request's usage line is in the ledger: the token counters, and the listeners."""

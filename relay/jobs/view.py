@@ -75,7 +75,7 @@ class Host(Protocol):
 
     def counted(self, line: dict[str, Any]) -> None: ...
 
-    def released(self, rp: RequestPath) -> None: ...
+    def releasing(self, rp: RequestPath) -> None: ...  # (in a worker thread, see JobManager.on_released)
 
 
 class JobView(Protocol):
