@@ -262,7 +262,11 @@ def _event_start(fd: int, pos: int, size: int) -> int:
 
 def _sequence_number(fd: int, start: int) -> int | None:
     """The `sequence_number` of the event at `start` (written second in its data, after `type`)."""
-    head = os.pread(fd, 512, start)
+    return sequence_number(os.pread(fd, 512, start))
+
+
+def sequence_number(head: bytes) -> int | None:
+    """The `sequence_number` of the event whose first bytes are `head` (second in its data, after `type`)."""
     i = head.find(SEQ_KEY)
     if i < 0:
         return None
@@ -285,7 +289,7 @@ def seq_offset(fd: int, size: int, after: int, tail: Any = None) -> int:
     each closing event starts] (numbered in order; the last one, `[DONE]`, is not): the search is then
     confined to the events before them, and a resume among them needs no read at all. A `tail` that is
     not that (as read from a status document) is not used."""
-    if _closing_places(tail, size):
+    if closing_places(tail, size):
         first, starts = tail[0], tail[1:]
         if after >= first:
             return starts[min(after - first + 1, len(starts) - 1)]
@@ -305,7 +309,7 @@ def seq_offset(fd: int, size: int, after: int, tail: Any = None) -> int:
     return _event_start(fd, lo, size)
 
 
-def _closing_places(tail: Any, size: int) -> bool:
+def closing_places(tail: Any, size: int) -> bool:
     """`tail` is [a number, then offsets in order, all within a log of `size` bytes]."""
     if not (isinstance(tail, list) and len(tail) >= 2 and all(type(n) is int for n in tail)):
         return False

@@ -22,7 +22,7 @@ from .archive.reader import ArchivedRange
 from .http import HTTPError
 from .paths import RequestPath
 from .status import authorization_span, public_bytes, public_head
-from .store import MAX_EVENT_SCAN, SEQ_KEY, FileTooLarge
+from .store import MAX_EVENT_SCAN, FileTooLarge, closing_places, sequence_number
 
 log = logging.getLogger("relay.archive")
 
@@ -265,7 +265,7 @@ async def log_offset(archiver: Archiver | None, rp: RequestPath, after: int | No
         return 0
     blocks = _Blocks(archiver, rp.rel("txt"), total)
     end = total
-    if _closing_places(tail, total):
+    if closing_places(tail, total):
         first, starts = tail[0], tail[1:]
         if after >= first:
             return int(starts[min(after - first + 1, len(starts) - 1)])
@@ -277,7 +277,7 @@ async def log_offset(archiver: Archiver | None, rp: RequestPath, after: int | No
         if start >= hi:
             hi = mid
             continue
-        seq = _sequence_number(await blocks.pread(512, start))
+        seq = sequence_number(await blocks.pread(512, start))
         if seq is None or seq > after:  # ([DONE] and other unnumbered events come last)
             hi = start
         else:
@@ -304,27 +304,6 @@ async def _next_event(blocks: _Blocks, pos: int, end: int) -> int:
         at += max(len(data) - 6, 1)  # the pattern may straddle two reads
         window = min(window * 4, MAX_EVENT_SCAN)
     return end
-
-
-def _sequence_number(head: bytes) -> int | None:
-    """The `sequence_number` of the event whose first bytes are `head` (second in its data, after `type`)."""
-    i = head.find(SEQ_KEY)
-    if i < 0:
-        return None
-    digits = head[i + len(SEQ_KEY) : i + len(SEQ_KEY) + 20]
-    n = 0
-    for c in digits:
-        if not 48 <= c <= 57:
-            break
-        n = n * 10 + c - 48
-    return n
-
-
-def _closing_places(tail: Any, total: int) -> bool:
-    """`tail` is [a number, then offsets in order, all within a log of `total` bytes] (as in `store`)."""
-    if not (isinstance(tail, list) and len(tail) >= 2 and all(type(n) is int for n in tail)):
-        return False
-    return tail[1:] == sorted(tail[1:]) and 0 <= tail[1] and tail[-1] < total
 
 
 async def log_from(request: web.Request, archiver: Archiver, rp: RequestPath, offset: int, prefix: bytes,
