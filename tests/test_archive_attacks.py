@@ -33,7 +33,10 @@ async def _all_reads_safe(reader: Any, rp: Any, before: dict[str, bytes]) -> int
     return served
 
 
-async def test_a_damaged_manifest_from_the_store_never_serves_a_wrong_byte(tmp_path: Path, archivers: Any) -> None:
+async def test_a_damaged_manifest_from_the_store_never_serves_a_wrong_byte(
+    tmp_path: Path,
+    archivers: Any,  # noqa: F811 (the fixture imported above)
+) -> None:
     data = tmp_path / "data"
     rp = make_request(data, raw_bytes=600 * 1024, events=3000)
     before = local(data, rp)
