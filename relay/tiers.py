@@ -63,9 +63,7 @@ async def read(archiver: Archiver, rel: str, start: int = 0, end: int | None = N
     """Bytes [start, end) of an archived file; FileNotFoundError when it is not archived."""
     try:
         return await archiver.read(rel, start, end)
-    except NotArchived:
-        raise
-    except (StoreError, IntegrityError) as exc:
+    except (StoreError, IntegrityError) as exc:  # (NotArchived, a FileNotFoundError, goes through)
         raise _failed(exc, rel) from None
 
 
@@ -79,7 +77,8 @@ async def authorization(archiver: Archiver | None, rp: RequestPath) -> dict[str,
     span = authorization_span(head)
     if span is not None:
         return span[2]
-    doc = orjson.loads(await read(archiver, rp.rel("json"), 0, min(total, MAX_DOCUMENT)))
+    data = await read(archiver, rp.rel("json"), 0, min(total, MAX_DOCUMENT))
+    doc = await asyncio.to_thread(orjson.loads, data)  # (a whole document: parsed off the loop)
     auth = doc.get("authorization") if isinstance(doc, dict) else None
     return auth if isinstance(auth, dict) else {}
 
@@ -87,9 +86,7 @@ async def authorization(archiver: Archiver | None, rp: RequestPath) -> dict[str,
 async def _open(archiver: Archiver, rel: str, start: int, end: int | None = None) -> ArchivedRange:
     try:
         return await archiver.open(rel, start, end)
-    except NotArchived:
-        raise
-    except (StoreError, IntegrityError) as exc:
+    except (StoreError, IntegrityError) as exc:  # (NotArchived, a FileNotFoundError, goes through)
         raise _failed(exc, rel) from None
 
 
@@ -112,7 +109,8 @@ async def plain(
     if kind == "json" and rp.private:
         head = public_head(await read(archiver, rel, 0, min(AUTH_HEAD, total)))
         if head is None:  # not in the usual order: parsed whole, as from the local file
-            data = public_bytes(await read(archiver, rel, 0, min(total, MAX_DOCUMENT)))
+            whole = await read(archiver, rel, 0, min(total, MAX_DOCUMENT))
+            data = await asyncio.to_thread(public_bytes, whole)  # (parsed whole: off the loop)
             return web.Response(body=data, headers=headers)
         prefix, skip = head
     rng = await _open(archiver, rel, skip)
