@@ -318,14 +318,7 @@ async def test_operator_page_running_stop_finished_and_charts(browser: Browser, 
     await expect(row).to_be_visible()
     await expect(page.locator("#op-finished tbody tr")).to_have_count(2)
     await expect(page.locator("#op-finished")).to_contain_text("upstream_error")
-    for chart in (
-        "op-chart-requests",
-        "op-chart-tokens",
-        "op-chart-day",
-        "op-chart-day-tokens",
-        "op-chart-ttft",
-        "op-chart-errors",
-    ):
+    for chart in CHARTS:
         await expect(page.locator(f"#{chart}")).to_have_attribute("data-filled", re.compile(r"^[1-9]"))
     # the chart's canvas really has colored pixels, not just an attribute
     painted = await page.evaluate(
