@@ -19,18 +19,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 
 
-async def main(streams: int, seconds: float, out: Path | None) -> str:
+async def main(streams: int, seconds: float, out: Path | None, native: bool = False, workload: str = "w1") -> str:
     with tempfile.TemporaryDirectory(prefix="relay-profile-", dir=run.WORKDIR) as tmp:
         bench = run.Bench(Path(tmp), quick=True)
         await bench.start_upstream()
         relay = await bench.start_relay("profile")
         stacks = Path(tmp) / "stacks.txt"
         try:
-            model = "echo:chunks=400,pace=0.02,delay=1.5,stamp"
-            messages = [{"role": "user", "content": "profile me"}]
-            docs = await asyncio.gather(
-                *(bench.post(relay, {"model": model, "messages": messages}) for _ in range(streams))
-            )
+            if workload == "w4":  # intake: POSTs with an instant upstream, 20 connections (W4)
+                url = f"http://127.0.0.1:{relay.port}/v1/stream-chatgpt"
+                body = {"model": "echo", "messages": [{"role": "user", "content": "intake"}]}
+                load = {"kind": "post", "url": url, "body": body, "count": int(seconds * 400), "concurrency": 20}
+            else:  # W1: streams of 400 chunks at 20 ms, one reader each
+                model = "echo:chunks=400,pace=0.02,delay=1.5,stamp"
+                messages = [{"role": "user", "content": "profile me"}]
+                docs = await asyncio.gather(
+                    *(bench.post(relay, {"model": model, "messages": messages}) for _ in range(streams))
+                )
+                load = {"kind": "stream", "targets": [{"url": d["endpoints"]["stream_events_url"]} for d in docs],
+                        "expected": 400}  # fmt: skip
             spy = await asyncio.create_subprocess_exec(
                 str(Path(sys.executable).parent / "py-spy"),
                 "record",
@@ -44,12 +51,11 @@ async def main(streams: int, seconds: float, out: Path | None) -> str:
                 "raw",
                 "--output",
                 str(stacks),
-                "--nonblocking",
+                *(["--native"] if native else ["--nonblocking"]),  # (py-spy refuses the two together)
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
-            await asyncio.gather(bench.loadgen({"kind": "stream", "targets": targets, "expected": 400}), spy.wait())
+            await asyncio.gather(bench.loadgen(load), spy.wait())
         finally:
             relay.stop()
             assert bench.upstream is not None
@@ -71,8 +77,8 @@ async def main(streams: int, seconds: float, out: Path | None) -> str:
             if "fanout.py" in joined or "serve.py" in joined
             else "status refresh pass (relay/refresh.py, its worker thread)"
             if "refresh.py" in joined
-            else "job: parse, assemble, append (relay/jobs.py, assemble.py, store.py)"
-            if any(k in joined for k in ("jobs.py", "assemble.py", "store.py"))
+            else "job: parse, assemble, append (relay/jobs/, assemble.py, store.py)"
+            if any(k in joined for k in ("relay/jobs/", "assemble.py", "store.py"))
             else "upstream read (aiohttp client)"
             if any(k in joined for k in ("aiohttp/streams.py", "client_proto.py", "upstream.py"))
             else "event loop (uvloop's C code or asyncio's selector loop)"
@@ -99,5 +105,7 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native): what the loop's time is")
+    parser.add_argument("--workload", choices=("w1", "w4"), default="w1", help="w4: intake, POSTs with an instant upstream")
     args = parser.parse_args()
-    print(asyncio.run(main(args.streams, args.seconds, args.out)))
+    print(asyncio.run(main(args.streams, args.seconds, args.out, args.native, args.workload)))

@@ -25,6 +25,8 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 log = logging.getLogger("relay.upstream")
 
@@ -117,11 +119,18 @@ class Upstream:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:  # made inside the running loop, on first use
+            # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the SDK's client honoured them: looked up once here, not
+            # per call (aiohttp's trust_env does it per request, in a worker thread, reading ~/.netrc each time)
+            try:
+                proxy, proxy_auth = get_env_proxy_for_url(URL(self.url))
+            except LookupError:
+                proxy, proxy_auth = None, None
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, keepalive_timeout=30),
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the SDK's client honoured them
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             )
         return self._session
 
