@@ -106,6 +106,8 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native): what the loop's time is")
-    parser.add_argument("--workload", choices=("w1", "w4"), default="w1", help="w4: intake, POSTs with an instant upstream")
+    parser.add_argument(
+        "--workload", choices=("w1", "w4"), default="w1", help="w4: intake, POSTs with an instant upstream"
+    )
     args = parser.parse_args()
     print(asyncio.run(main(args.streams, args.seconds, args.out, args.native, args.workload)))
