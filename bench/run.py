@@ -163,6 +163,21 @@ class Bench:
         await wait_port(port)
         return Proc(proc, port)
 
+    async def start_bare(self) -> Proc:
+        """The bare pass-through (bench/passthrough.py) in front of the dev upstream."""
+        assert self.upstream is not None
+        port = free_port()
+        url = f"http://127.0.0.1:{self.upstream.port}/v1/chat/completions"
+        proc = subprocess.Popen([PY, str(ROOT / "bench" / "passthrough.py"), url, str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        bare = Proc(proc, port)
+        try:
+            await wait_port(port)
+        except BaseException:
+            bare.stop()
+            raise
+        return bare
+
     async def start_peer(self) -> tuple[Proc, list[int]]:
         """The LiteLLM proxy (one process, its defaults) in front of the same dev upstream."""
         assert self.upstream is not None
@@ -280,17 +295,14 @@ http {{
             if poller is not None:
                 entry[name]["polls"] = self.polls
         # reference: a bare aiohttp pass-through (bench/passthrough.py), the least a Python proxy can do per chunk
-        port = free_port()
-        bare = subprocess.Popen([PY, str(ROOT / "bench" / "passthrough.py"), direct[0]["url"], str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        bare = await self.start_bare()
         try:
-            await wait_port(port)
-            targets = [{**t, "url": f"http://127.0.0.1:{port}/s"} for t in direct]
+            targets = [{**t, "url": f"http://127.0.0.1:{bare.port}/s"} for t in direct]
             cpu0 = cpu_seconds([bare.pid])
             res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
             entry["bare"] = figures(res, base, cpu_seconds([bare.pid]) - cpu0, delay, memory_kb(bare.pid, "VmHWM"))
         finally:
-            Proc(bare, port).stop()
+            bare.stop()
         if c == 100:  # the peer: LiteLLM's proxy, streaming the same upstream to the same readers
             peer, pids = await self.start_peer()
             try:
@@ -628,12 +640,25 @@ http {{
             )
         finally:
             relay.stop()
+        # reference: the same POSTs through the bare pass-through, each answered with the upstream's whole
+        # (non-streamed) answer: the least a Python proxy does per POST on this machine
+        bare = await self.start_bare()
+        try:
+            cpu0 = cpu_seconds([bare.pid])
+            bare_posts = await self.loadgen({"kind": "post", "url": f"http://127.0.0.1:{bare.port}/c", "body": body,
+                                             "count": count, "concurrency": 20,
+                                             "headers": {"Authorization": f"Bearer {KEY}"}})  # fmt: skip
+            bare_cpu = cpu_seconds([bare.pid]) - cpu0
+        finally:
+            bare.stop()
         self.results["W4 intake"] = {
             "posts": posts,
             "posts_per_s": posts["ok"] / posts["duration"],
             "cpu_us_per_request": cpu / max(posts["ok"], 1) * 1e6,
             "first_event": first,
-        }
+            "bare": {"posts": bare_posts, "posts_per_s": bare_posts["ok"] / bare_posts["duration"],
+                     "cpu_us_per_request": bare_cpu / max(bare_posts["ok"], 1) * 1e6},
+        }  # fmt: skip
 
     async def w5(self) -> None:
         """Durable endings: the same burst of async requests (instant upstream) on a relay that fsyncs each
@@ -660,60 +685,69 @@ http {{
         self.results["W5 durable endings"] = out
 
     async def w6(self) -> None:
-        """One relay node against two, each behind the same nginx, at saturation (W1 with C streams): chunks
-        per second counted from the first chunk any reader received to the last."""
+        """One relay node against two, each behind the same nginx: at saturation (W1 with C streams), chunks
+        per second counted from the first chunk any reader received to the last; and below saturation (100
+        streams, each node count run twice, interleaved, the lower kept), the relays' CPU per chunk."""
         c = 400 if self.quick else 1000
+        out: dict[str, Any] = {"streams": c, "chunks": 100, "light_streams": 100}
+        for n in (1, 2):
+            out[f"{n}_node"] = await self._w6_pass(n, c)
+        out["ratio"] = out["2_node"]["chunks_per_s"] / out["1_node"]["chunks_per_s"]
+        for n in (1, 2, 1, 2):  # below saturation: what a node costs per chunk when the cores are not all busy
+            light = await self._w6_pass(n, out["light_streams"])
+            kept = out.get(f"{n}_node_light")
+            if kept is None or light["cpu_us_per_chunk"] < kept["cpu_us_per_chunk"]:
+                out[f"{n}_node_light"] = light
+        out["cpu_ratio"] = out["2_node_light"]["cpu_us_per_chunk"] / out["1_node_light"]["cpu_us_per_chunk"]
+        self.results["W6 nodes"] = out
+
+    async def _w6_pass(self, n: int, c: int) -> dict[str, Any]:
         chunks, pace = 100, 0.02
         delay = 2.0 + c / 250
         model = f"echo:chunks={chunks},pace={pace},delay={delay},stamp"
         messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
-        out: dict[str, Any] = {"streams": c, "chunks": chunks}
-        for n in (1, 2):
-            port = free_port()
-            relays = [await self.start_relay(f"w6-{n}-{i}", node=i, public_url=f"http://127.0.0.1:{port}")
-                      for i in range(1, n + 1)]  # fmt: skip
-            nodes = "".join(
-                f"upstream relay_node{i} {{ server 127.0.0.1:{r.port}; keepalive 256; }}\n    "
-                for i, r in enumerate(relays, 1)
-            )
-            every = " ".join(f"server 127.0.0.1:{r.port};" for r in relays)
-            proxy = (
-                'proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; proxy_read_timeout 600s;'
-            )
-            nginx, workers = self.start_nginx(f"nodes-{n}", f"""
+        port = free_port()
+        relays = [await self.start_relay(f"w6-{n}-{c}-{i}-{time.monotonic_ns()}", node=i,
+                                         public_url=f"http://127.0.0.1:{port}")
+                  for i in range(1, n + 1)]  # fmt: skip
+        nodes = "".join(
+            f"upstream relay_node{i} {{ server 127.0.0.1:{r.port}; keepalive 256; }}\n    "
+            for i, r in enumerate(relays, 1)
+        )
+        every = " ".join(f"server 127.0.0.1:{r.port};" for r in relays)
+        proxy = 'proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; proxy_read_timeout 600s;'
+        nginx, workers = self.start_nginx(f"nodes-{n}-{c}-{time.monotonic_ns()}", f"""
         location ~ "^/(?<relay_node>[0-9]+)/" {{ proxy_pass http://relay_node$relay_node; {proxy} }}
         location /v1/ {{ proxy_pass http://relay_all; {proxy} }}
         """, port=port, upstreams=nodes + f"upstream relay_all {{ {every} keepalive 256; }}")  # fmt: skip
-            try:
-                pids = [r.pid for r in relays]
-                assert self.upstream is not None
-                others0 = cpu_seconds([self.upstream.pid]), cpu_seconds(workers)
-                cpu0 = cpu_seconds(pids)
-                t0 = time.monotonic()
-                url = f"http://127.0.0.1:{port}/v1/stream-chatgpt"
-                async with aiohttp.ClientSession() as s:
-                    docs = []
-                    for i in range(0, c, 100):
-                        docs += await asyncio.gather(*(self._post_url(s, url, {"model": model, "messages": messages})
-                                                       for _ in range(min(100, c - i))))  # fmt: skip
-                targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
-                res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
-                cpu = cpu_seconds(pids) - cpu0
-                wall = time.monotonic() - t0
-                shares = {"relays": cpu, "dev upstream": cpu_seconds([self.upstream.pid]) - others0[0],
-                          "nginx": cpu_seconds(workers) - others0[1], "load generator": res["loadgen_cpu_s"]}  # fmt: skip
-            finally:
-                nginx.stop()
-                for r in relays:
-                    r.stop()
-            out[f"{n}_node"] = {
-                "res": res, "chunks_per_s": res["samples"] / max(res["active_s"], 1e-9),
-                "cpu_us_per_chunk": cpu / max(res["events"], 1) * 1e6,
-                "nodes_used": sorted({d["endpoints"]["stream_events_url"].split("/")[3] for d in docs}),
-                "cores_used": {k: v / wall for k, v in shares.items()},
-            }  # fmt: skip
-        out["ratio"] = out["2_node"]["chunks_per_s"] / out["1_node"]["chunks_per_s"]
-        self.results["W6 nodes"] = out
+        try:
+            pids = [r.pid for r in relays]
+            assert self.upstream is not None
+            others0 = cpu_seconds([self.upstream.pid]), cpu_seconds(workers)
+            cpu0 = cpu_seconds(pids)
+            t0 = time.monotonic()
+            url = f"http://127.0.0.1:{port}/v1/stream-chatgpt"
+            async with aiohttp.ClientSession() as s:
+                docs = []
+                for i in range(0, c, 100):
+                    docs += await asyncio.gather(*(self._post_url(s, url, {"model": model, "messages": messages})
+                                                   for _ in range(min(100, c - i))))  # fmt: skip
+            targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
+            res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
+            cpu = cpu_seconds(pids) - cpu0
+            wall = time.monotonic() - t0
+            shares = {"relays": cpu, "dev upstream": cpu_seconds([self.upstream.pid]) - others0[0],
+                      "nginx": cpu_seconds(workers) - others0[1], "load generator": res["loadgen_cpu_s"]}  # fmt: skip
+        finally:
+            nginx.stop()
+            for r in relays:
+                r.stop()
+        return {
+            "res": res, "chunks_per_s": res["samples"] / max(res["active_s"], 1e-9),
+            "cpu_us_per_chunk": cpu / max(res["events"], 1) * 1e6,
+            "nodes_used": sorted({d["endpoints"]["stream_events_url"].split("/")[3] for d in docs}),
+            "cores_used": {k: v / wall for k, v in shares.items()},
+        }  # fmt: skip
 
     @staticmethod
     async def _post_url(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -806,12 +840,60 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def goals(results: dict[str, Any]) -> list[str]:
+    """The speed goals against this run's figures (each against its reference in the same run)."""
+    rows: list[tuple[str, str, str, bool]] = []
+    for c in (100, 500):
+        if (w1 := results.get(f"W1 C={c}")) and "bare" in w1:
+            cpu = w1["cpu_us_per_chunk"] / w1["bare"]["cpu_us_per_chunk"]
+            rows.append((f"W1 C = {c}: relay CPU per chunk ÷ the bare pass-through's", "≤ 1.5 ×",
+                         f"{w1['cpu_us_per_chunk']:.1f} / {w1['bare']['cpu_us_per_chunk']:.1f} µs = {cpu:.2f} ×", cpu <= 1.5))  # fmt: skip
+            p99 = w1["added_p99_ms"] / max(w1["bare"]["added_p99_ms"], 1e-9)
+            rows.append((f"W1 C = {c}: added p99 ÷ the bare pass-through's", "≤ 2 ×",
+                         f"{w1['added_p99_ms']:.1f} / {w1['bare']['added_p99_ms']:.1f} ms = {p99:.1f} ×", p99 <= 2))  # fmt: skip
+    if w4 := results.get("W4 intake"):
+        ok = w4["posts_per_s"] >= 1000 and w4["posts"]["p99_ms"] <= 20
+        bare = (
+            f" (bare: {w4['bare']['posts_per_s']:.0f}/s, p99 {w4['bare']['posts']['p99_ms']:.1f} ms)"
+            if "bare" in w4
+            else ""
+        )
+        rows.append(("W4: POSTs answered per second (instant upstream), POST p99", "≥ 1,000/s, ≤ 20 ms",
+                     f"{w4['posts_per_s']:.0f}/s, {w4['posts']['p99_ms']:.1f} ms{bare}", ok))  # fmt: skip
+    w2 = [(k, r) for k, r in results.items() if k.startswith("W2")]
+    if w2:
+        worst = max(r["cpu_us_per_extra_reader_event"] for _, r in w2)
+        nchan = ", ".join(f"{r['nchan_cpu_us_per_event']:.1f}" for _, r in w2)
+        rows.append(("W2: relay CPU per extra reader per event (worst R)", "≤ 8 µs",
+                     f"{worst:.1f} µs (nchan, all its CPU per event: {nchan})", worst <= 8))  # fmt: skip
+    if w3 := results.get("W3 replay"):
+        rows.append(
+            ("W3: replay of a finished stream ÷ nginx static", "≥ 1.0 ×", f"{w3['ratio']:.2f} ×", w3["ratio"] >= 1.0)
+        )
+    if idle := results.get("Idle readers"):
+        rows.append(
+            ("relay memory per idle reader", "≤ 10 KB", f"{idle['kb_per_reader']:.1f} KB", idle["kb_per_reader"] <= 10)
+        )
+    if (w6 := results.get("W6 nodes")) and "cpu_ratio" in w6:
+        rows.append(("W6: relay CPU per chunk, two nodes ÷ one (below saturation)", "≤ 1.1 ×",
+                     f"{w6['2_node_light']['cpu_us_per_chunk']:.1f} / {w6['1_node_light']['cpu_us_per_chunk']:.1f} µs = "
+                     f"{w6['cpu_ratio']:.2f} ×", w6["cpu_ratio"] <= 1.1))  # fmt: skip
+    if not rows:
+        return []
+    lines = ["## Goals", "", "Each figure against its reference measured in this same run (docs/performance.md says why "
+             "a goal that is not met is not, and what would meet it).", "",
+             "| figure | goal | this run | met |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {goal} | {got} | {'yes' if met else '**no**'} |" for name, goal, got, met in rows]
+    return lines + [""]
+
+
 def report(results: dict[str, Any], command: str, seconds: float) -> str:
     f = lambda x: f"{x:.1f}" if isinstance(x, float) else str(x)  # noqa: E731
     lines = [
         "# Benchmarks", "",
         f"Machine: {machine()}. Run on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.",
         f"Command: `{command}` (everything on loopback; the machine is shared and noisy: compare ratios).", "",
+        *goals(results),
         "## W1: many streams (200 chunks at 20 ms each, one reader per stream)", "",
         "Added delay is measured against the same readers reading the dev upstream directly, in the same run. "
         "The relay writes every event to disk and its status every second; the peer (LiteLLM's proxy, one process, "
@@ -836,6 +918,12 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
                     f"{res['lost']} / {res['reordered']} | {v['chunks_per_s']:.0f} | "
                     f"{f(v['cpu_us_per_chunk'])} | {f(v['peak_rss_mb'])} |"
                 )
+    for key, r in results.items():
+        if key.startswith("W1") and "bare" in r:
+            lines.append(
+                f"\n{key}: the relay against the bare pass-through: **{r['cpu_us_per_chunk'] / r['bare']['cpu_us_per_chunk']:.2f} ×** "
+                f"the CPU per chunk, **{r['added_p99_ms'] / max(r['bare']['added_p99_ms'], 1e-9):.1f} ×** the added p99."
+            )
     lines += ["", "## W2: fan-out (one live request at 10 chunks/s, R readers)", "",
               "| R | relay p50 / p99 delay (ms) | nchan p50 / p99 (ms) | lost / reordered (relay, nchan) | relay CPU µs/event | per extra reader µs/event | nchan CPU µs/event | relay peak RSS (MB) |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -861,6 +949,12 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
                   f"{r['cpu_us_per_request']:.0f} µs per request (intake, upstream call, files, ending). "
                   f"POST → first event at a reader (one at a time, new connections): p50 {r['first_event']['p50_ms']:.1f} ms, "
                   f"p99 {r['first_event']['p99_ms']:.1f} ms."]  # fmt: skip
+        if "bare" in r:
+            b = r["bare"]
+            lines += ["", f"The bare pass-through, the same POSTs each answered with the upstream's whole answer (one "
+                      f"upstream call, nothing kept): {b['posts_per_s']:.0f} POSTs/s, {b['posts']['failed']} failed, p50 "
+                      f"{b['posts']['p50_ms']:.1f} ms, p99 {b['posts']['p99_ms']:.1f} ms, {b['cpu_us_per_request']:.0f} µs CPU per "
+                      f"request: the relay takes **{r['cpu_us_per_request'] / b['cpu_us_per_request']:.1f} ×** its CPU per request."]  # fmt: skip
     if "W5 durable endings" in results:
         r = results["W5 durable endings"]
         lines += ["", "## W5: durable endings (instant upstream, async requests)", "",
@@ -887,6 +981,17 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
             used = r[f"{n}_node"]["cores_used"]
             lines.append(f"- {n} node(s): " + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
                          + f"; total {sum(used.values()):.2f}")  # fmt: skip
+        if "cpu_ratio" in r:
+            lines += ["", "On two cores that also run the upstream, nginx and the load generator, two nodes cannot "
+                      "double the throughput: what nodes must not do is add CPU per chunk. Below saturation "
+                      f"({r['light_streams']} streams; each node count run twice, interleaved, the lower kept):", "",
+                      "| nodes | relay CPU µs/chunk (all nodes) | p50 / p99 delay (ms) | lost / reordered | nodes that took streams |",
+                      "|---|---|---|---|---|"]  # fmt: skip
+            for n in (1, 2):
+                v = r[f"{n}_node_light"]
+                lines.append(f"| {n} | {f(v['cpu_us_per_chunk'])} | {f(v['res']['p50_ms'])} / {f(v['res']['p99_ms'])} | "
+                             f"{v['res']['lost']} / {v['res']['reordered']} | {', '.join(v['nodes_used'])} |")  # fmt: skip
+            lines += ["", f"Two nodes against one: **{r['cpu_ratio']:.2f} ×** the relay CPU per chunk."]
     if "W7 OpenAI face" in results:
         r = results["W7 OpenAI face"]
         lines += ["", f"## W7: the OpenAI-compatible face ({r['streams']} streams of {r['chunks']} chunks at 20 ms, one reader each)", "",
