@@ -1,6 +1,6 @@
-"""Profile the relay under W1 (C streams, one reader each) with py-spy; print where its CPU goes.
+"""Profile the relay under W1 (C streams, one reader each), W3 (replay) or W4 (intake) with py-spy; print where its CPU goes.
 
-    .venv/bin/python bench/profile.py [--streams 100] [--seconds 6] [--out docs/profile-w1.txt]
+    .venv/bin/python bench/profile.py [--workload w1|w3|w4] [--streams 100] [--seconds 6] [--native] [--out docs/profile-w1.txt]
 
 Writes the collapsed stacks next to the summary (…-stacks.txt) for flame-graph tools.
 """
@@ -26,7 +26,14 @@ async def main(streams: int, seconds: float, out: Path | None, native: bool = Fa
         relay = await bench.start_relay("profile")
         stacks = Path(tmp) / "stacks.txt"
         try:
-            if workload == "w4":  # intake: POSTs with an instant upstream, 20 connections (W4)
+            if workload == "w3":  # replay: a finished 4,000-event stream fetched whole, again and again (W3)
+                doc = await bench.post(
+                    relay, {"model": "echo:chunks=4000", "messages": [{"role": "user", "content": "replay"}]}
+                )
+                await bench.wait_done(doc["endpoints"]["status_url"])
+                load = {"kind": "fetch", "url": doc["endpoints"]["stream_events_url"], "concurrency": 50,
+                        "repeat": int(seconds * 40)}  # fmt: skip
+            elif workload == "w4":  # intake: POSTs with an instant upstream, 20 connections (W4)
                 url = f"http://127.0.0.1:{relay.port}/v1/stream-chatgpt"
                 body = {"model": "echo", "messages": [{"role": "user", "content": "intake"}]}
                 load = {"kind": "post", "url": url, "body": body, "count": int(seconds * 400), "concurrency": 20}
@@ -107,7 +114,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path)
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native): what the loop's time is")
     parser.add_argument(
-        "--workload", choices=("w1", "w4"), default="w1", help="w4: intake, POSTs with an instant upstream"
+        "--workload",
+        choices=("w1", "w3", "w4"),
+        default="w1",
+        help="w3: replay of a finished stream; w4: intake, POSTs with an instant upstream",
     )
     args = parser.parse_args()
     print(asyncio.run(main(args.streams, args.seconds, args.out, args.native, args.workload)))

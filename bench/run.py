@@ -80,6 +80,12 @@ def figures(res: dict[str, Any], base: dict[str, Any], cpu: float, delay: float,
     }  # fmt: skip
 
 
+def busy(server_cpu: float, upstream_cpu: float, res: dict[str, Any], wall: float) -> dict[str, float]:
+    """Cores each process of a run kept busy on average (CPU seconds over the run's wall time)."""
+    cpu = {"server": server_cpu, "dev upstream": upstream_cpu, "load generator": res["loadgen_cpu_s"]}
+    return {k: v / max(wall, 1e-9) for k, v in cpu.items()}
+
+
 def memory_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -279,28 +285,31 @@ http {{
             relay = await self.start_relay(f"w1-{c}-{name}", extra=extra, loop=loop)
             poller = asyncio.create_task(self.poll_operator(relay)) if polled else None
             try:
-                cpu0 = cpu_seconds([relay.pid])
+                cpu0, up0, t0 = cpu_seconds([relay.pid]), cpu_seconds([self.upstream.pid]), time.monotonic()
                 docs = await asyncio.gather(
                     *(self.post(relay, {"model": model, "messages": messages}) for _ in range(c))
                 )
                 targets = [{"url": d["endpoints"]["stream_events_url"]} for d in docs]
                 res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
                 cpu = cpu_seconds([relay.pid]) - cpu0
+                cores = busy(cpu, cpu_seconds([self.upstream.pid]) - up0, res, time.monotonic() - t0)
                 rss = memory_kb(relay.pid, "VmHWM")
             finally:
                 if poller is not None:
                     poller.cancel()
                 relay.stop()
-            entry[name] = figures(res, base, cpu, delay, rss)
+            entry[name] = figures(res, base, cpu, delay, rss) | {"cores_used": cores}
             if poller is not None:
                 entry[name]["polls"] = self.polls
         # reference: a bare aiohttp pass-through (bench/passthrough.py), the least a Python proxy can do per chunk
         bare = await self.start_bare()
         try:
             targets = [{**t, "url": f"http://127.0.0.1:{bare.port}/s"} for t in direct]
-            cpu0 = cpu_seconds([bare.pid])
+            cpu0, up0, t0 = cpu_seconds([bare.pid]), cpu_seconds([self.upstream.pid]), time.monotonic()
             res = await self.loadgen({"kind": "stream", "targets": targets, "expected": chunks})
-            entry["bare"] = figures(res, base, cpu_seconds([bare.pid]) - cpu0, delay, memory_kb(bare.pid, "VmHWM"))
+            cpu = cpu_seconds([bare.pid]) - cpu0
+            cores = busy(cpu, cpu_seconds([self.upstream.pid]) - up0, res, time.monotonic() - t0)
+            entry["bare"] = figures(res, base, cpu, delay, memory_kb(bare.pid, "VmHWM")) | {"cores_used": cores}
         finally:
             bare.stop()
         if c == 100:  # the peer: LiteLLM's proxy, streaming the same upstream to the same readers
@@ -924,6 +933,11 @@ def report(results: dict[str, Any], command: str, seconds: float) -> str:
                 f"\n{key}: the relay against the bare pass-through: **{r['cpu_us_per_chunk'] / r['bare']['cpu_us_per_chunk']:.2f} ×** "
                 f"the CPU per chunk, **{r['added_p99_ms'] / max(r['bare']['added_p99_ms'], 1e-9):.1f} ×** the added p99."
             )
+            for name, v in (("relay (uvloop)", r["uvloop"]), ("bare pass-through", r["bare"])):
+                if "cores_used" in v:
+                    used = v["cores_used"]
+                    lines.append(f"- cores busy with the {name} (of {os.cpu_count()}): "
+                                 + ", ".join(f"{k} {x:.2f}" for k, x in used.items()) + f"; total {sum(used.values()):.2f}")  # fmt: skip
     lines += ["", "## W2: fan-out (one live request at 10 chunks/s, R readers)", "",
               "| R | relay p50 / p99 delay (ms) | nchan p50 / p99 (ms) | lost / reordered (relay, nchan) | relay CPU µs/event | per extra reader µs/event | nchan CPU µs/event | relay peak RSS (MB) |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip

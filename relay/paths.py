@@ -24,7 +24,7 @@ _PATH_RE = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # (slots: one per open reader and running request)
 class RequestPath:
     """Where one request lives: node, access, creation second and id."""
 

@@ -12,9 +12,11 @@ in a worker thread; the ending of a request is made durable there (fsync) before
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,12 +94,53 @@ class FileTooLarge(Exception):
 _NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO)
 
 
+class _OpenHow(ctypes.Structure):  # struct open_how (linux/openat2.h)
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (a syscall newer than the split tables)
+_RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x04, 0x08
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_libc: Any = None
+_openat2_works: bool | None = None if sys.platform == "linux" else False  # None: not tried yet
+
+
+def _openat2(dfd: int, rel: str) -> int | None:
+    """`rel` opened below the directory `dfd` in one system call that refuses any symlink on the way and
+    any step out of `dfd` (Linux 5.6+, `openat2` with RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH). None where
+    the kernel (or a seccomp filter) does not have it: the caller walks the path itself."""
+    global _libc, _openat2_works
+    if _openat2_works is False:
+        return None
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long  # (every argument a whole register: long syscall(long, ...))
+        libc.syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_long]
+        _libc = libc
+    how = _OpenHow(_READ_FLAGS, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH)
+    fd = _libc.syscall(_SYS_OPENAT2, dfd, rel.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        _openat2_works = True
+        return int(fd)
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EPERM) and not _openat2_works:  # (EPERM: a seccomp filter's answer)
+        _openat2_works = False
+        return None
+    if err == errno.EXDEV:  # a step out of the data directory (`..`, an absolute link): as missing
+        err = errno.ENOENT
+    raise OSError(err, os.strerror(err))
+
+
 def open_under(root: Path, rel: str) -> int:
     """Open `root/rel` for reading without following a symlink in any component below `root`.
 
     Only regular files are opened: a symlink, a directory, a FIFO or a device anywhere on the way counts
-    as missing (FileNotFoundError). `root` itself may be a symlink (an operator's choice)."""
+    as missing (FileNotFoundError). `root` itself may be a symlink (an operator's choice). One `openat2`
+    where the kernel has it (every GET of a file opens one: 3 system calls instead of two per path
+    component), else a walk of the path a component at a time."""
     parts = rel.split("/")
+    if ".." in parts or "" in parts:  # (never in a request's path; refused rather than resolved)
+        raise FileNotFoundError(errno.ENOENT, "not found")
     try:
         dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
@@ -105,11 +148,13 @@ def open_under(root: Path, rel: str) -> int:
             raise FileNotFoundError(errno.ENOENT, "not found") from None
         raise
     try:
-        for part in parts[:-1]:
-            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-            os.close(dfd)
-            dfd = nfd
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        fd = _openat2(dfd, rel)
+        if fd is None:
+            for part in parts[:-1]:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+                os.close(dfd)
+                dfd = nfd
+            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dfd)
     except OSError as exc:
         if exc.errno in _NOT_THERE:
             raise FileNotFoundError(errno.ENOENT, "not found") from None

@@ -235,3 +235,53 @@ async def test_the_access_log_counts_the_bytes_pushed_to_a_live_reader(
     line = next(r.getMessage() for r in caplog.records if path in r.getMessage())
     logged = int(line.split('" 200 ')[1].split()[0])
     assert logged >= len(body.encode()), (logged, len(body.encode()))  # chunk framing adds a little
+
+
+async def _strict_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, extra: str = "") -> bytes:
+    """GET over an open connection; the body, its HTTP/1.1 chunked framing checked to the byte (every size
+    line and every chunk ends with CRLF, the last chunk is `0` then CRLF CRLF)."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: relay\r\n{extra}\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower(), head
+    body = bytearray()
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line[:-2], 16)  # (a bare LF or anything else after the hex digits fails here)
+        if size == 0:
+            assert await reader.readexactly(2) == b"\r\n"
+            return bytes(body)
+        body += await reader.readexactly(size)
+        assert await reader.readexactly(2) == b"\r\n"
+
+
+async def test_a_replay_of_many_blocks_is_the_file_byte_for_byte_and_keeps_the_connection(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished log larger than several read blocks goes out in blocks written beside their chunk
+    framing (relay/serve.py, `_send_chunk`): the reader gets exactly the file, from the start and from an
+    event in the middle, in framing a strict parser accepts, the connection stays usable for the next
+    request, and the access line counts every byte."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    doc = await relay.start(msg("replay", model="echo:chunks=6000"))
+    url = doc["endpoints"]["stream_events_url"]
+    await relay.wait_status(doc["endpoints"]["status_url"])
+    path = URL(url).path
+    on_disk = (relay.data_dir / path.lstrip("/")).read_bytes()
+    assert len(on_disk) > 3 * 256 * 1024  # several of the relay's read blocks
+    events = parse_sse(on_disk.decode())
+    middle = events[len(events) // 2]
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.config.server_port)
+    try:
+        for _ in range(2):
+            assert await _strict_get(reader, writer, path) == b": connected\n\n" + on_disk
+        rest = await _strict_get(reader, writer, path, f"Last-Event-ID: {middle.id}\r\n")
+        assert parse_sse(rest.decode()) == events[len(events) // 2 + 1 :]
+        assert on_disk.endswith(rest[len(b": connected\n\n") :])
+    finally:
+        writer.close()
+    async with relay.session.get(url) as r:  # and through an ordinary client
+        assert r.status == 200 and "Content-Length" not in r.headers
+        assert await r.read() == b": connected\n\n" + on_disk
+    await until(lambda: sum(path in r.getMessage() for r in caplog.records) >= 4, what="the access lines")
+    logged = [int(r.getMessage().split('" 200 ')[1].split()[0]) for r in caplog.records if path in r.getMessage()]
+    assert all(n >= len(on_disk) // 2 for n in logged) and max(logged) >= len(on_disk), logged

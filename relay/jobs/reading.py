@@ -162,13 +162,12 @@ class UpstreamRead:
                 if data == DONE_DATA:
                     self.saw_done = True
                     break
-                line, chunk = self._chunk(data)
+                line, chunk, failure = self._chunk(data)
                 if fmt is None:
                     out.append((line, None))
                 else:
                     out.extend(fmt.chunk(line, chunk))
                 chunks.append(chunk)
-                failure = stream_failure(chunk)
                 if failure is not None:  # (OpenRouter) an error chunk that still has choices: kept, then the end
                     raise UpstreamError("upstream_error", failure, body=data)
         finally:
@@ -186,7 +185,7 @@ class UpstreamRead:
     def parse(self, data: bytes, what: str) -> Any:
         """Upstream JSON, within the bounds that keep parsing and re-serialising it cheap."""
         depth = self.config.upstream_max_json_depth
-        if containers(data) > UPSTREAM_MAX_CONTAINERS:
+        if len(data) > UPSTREAM_MAX_CONTAINERS and containers(data) > UPSTREAM_MAX_CONTAINERS:
             raise UpstreamError(
                 "upstream_invalid_response",
                 f"the upstream sent {what} with more than {UPSTREAM_MAX_CONTAINERS} arrays and objects",
@@ -195,15 +194,16 @@ class UpstreamRead:
             value = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise UpstreamError("upstream_invalid_response", f"the upstream sent {what} that is not JSON") from None
-        if raw_too_deep(data, value, depth):
+        if len(data) > depth and raw_too_deep(data, value, depth):  # (a shorter text cannot nest deeper)
             raise UpstreamError(
                 "upstream_invalid_response",
                 f"the upstream sent {what} nested more than {depth} levels deep ([upstream] max_json_depth)",
             )
         return value
 
-    def _chunk(self, data: bytes) -> tuple[bytes, dict[str, Any]]:
-        """Check one upstream event; returns the bytes to log and the parsed chunk."""
+    def _chunk(self, data: bytes) -> tuple[bytes, dict[str, Any], str | None]:
+        """Check one upstream event; returns the bytes to log, the parsed chunk and the failure it reports
+        beside its choices (kept, then the request ends: see `stream_failure`)."""
         chunk = self.parse(data, "a stream event")
         if not isinstance(chunk, dict):
             raise UpstreamError(
@@ -219,7 +219,7 @@ class UpstreamRead:
                 if isinstance(choice, dict) and "delta" not in choice:
                     choice["delta"] = {}
                     rewrite = True
-        return (orjson.dumps(chunk) if rewrite else data), chunk
+        return (orjson.dumps(chunk) if rewrite else data), chunk, failure
 
     async def answer(self, call_args: dict[str, Any]) -> None:
         """A non-streamed answer: read whole, then checked and put in the status document."""
