@@ -101,6 +101,62 @@ async def test_event_loop_choice(tmp_path: Path, upstream: Upstream, loop: str, 
     assert f"{expect} event loop" in err
 
 
+async def _chunked_body(reader: asyncio.StreamReader) -> bytes:
+    """A response's chunked body, its framing checked to the byte."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower(), head
+    body = bytearray()
+    while True:
+        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+        if size == 0:
+            assert await reader.readexactly(2) == b"\r\n"
+            return bytes(body)
+        body += await reader.readexactly(size)
+        assert await reader.readexactly(2) == b"\r\n"
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_large_replay_is_the_file_on_either_loop_and_to_a_slow_reader(
+    tmp_path: Path, upstream: Upstream, loop: str
+) -> None:
+    """On either event loop, a finished log of many read blocks (sent with sendfile when the socket has
+    nothing queued, what it does not take queued behind it) reaches keep-alive readers byte for byte, and
+    a reader that takes nothing for a while (the socket's buffers fill, the blocks then go out in part
+    through sendfile and in part queued) too."""
+    proc = serve(tmp_path, upstream, loop)
+    try:
+        port = int(proc.args[proc.args.index("--port") + 1])  # type: ignore[union-attr]
+        await wait_healthy(f"http://127.0.0.1:{port}", proc)  # type: ignore[arg-type]
+        async with aiohttp.ClientSession() as s:
+            body = msg("replay", model="echo:chunks=24000")
+            url = f"http://127.0.0.1:{port}/v1/stream-chatgpt"
+            async with s.post(url, json=body, headers={"X-OpenAI-API-Key": TEST_KEY}) as r:
+                doc = await r.json()
+            await read_stream(s, doc["endpoints"]["stream_events_url"])  # (until the end)
+        path = doc["endpoints"]["stream_events_url"].split(str(port), 1)[1]
+        on_disk = (tmp_path / "data" / path.lstrip("/")).read_bytes()
+        assert len(on_disk) > 5_000_000 and on_disk.endswith(b"data: [DONE]\n\n")  # more than socket buffers hold
+        request = f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):  # one keep-alive connection: each answer ends exactly where it should
+            writer.write(request)
+            assert await _chunked_body(reader) == b": connected\n\n" + on_disk
+        writer.close()
+        small = socket.socket()
+        small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        small.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=small)
+        writer.write(request)
+        await asyncio.sleep(1.0)  # takes nothing for a second
+        assert await _chunked_body(reader) == b": connected\n\n" + on_disk
+        writer.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert f"{loop} event loop" in err
+
+
 def test_uvloop_asked_for_but_missing_is_a_clear_exit_2(tmp_path: Path, upstream: Upstream) -> None:
     proc = serve(tmp_path, upstream, "uvloop", block_uvloop=True)
     _, err = proc.communicate(timeout=20)
