@@ -131,6 +131,11 @@ def _openat2(dfd: int, rel: str) -> int | None:
     raise OSError(err, os.strerror(err))
 
 
+def opens_in_one_call() -> bool:
+    """True once `open_under` has opened a file with `openat2` (this kernel has it)."""
+    return _openat2_works is True
+
+
 def open_under(root: Path, rel: str) -> int:
     """Open `root/rel` for reading without following a symlink in any component below `root`.
 
