@@ -6,7 +6,8 @@ prints a JSON result on stdout. Jobs:
 - `stream`: open one SSE stream per target (GET, or POST with a body for the upstream directly) and
   record, for every event carrying `x_seq`/`x_sent`, the delivery delay (now − x_sent, both
   CLOCK_MONOTONIC, which is system-wide), lost and reordered sequence numbers.
-- `fetch`: fetch URLs (GET, whole body) with a given concurrency, `repeat` times each; bytes and time.
+- `fetch`: fetch a URL (GET, whole body, counted in place, not copied) with a given concurrency, `repeat`
+  times over each keep-alive connection; bytes and time.
 - `post`: POST a body N times with a given concurrency over keep-alive connections; answers/s.
 - `first_event`: POST, then open the stream at once, timing POST → first data event, N times.
 - `idle`: open N streams and keep them open until told to stop on stdin.
@@ -185,44 +186,101 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
-async def http_get(host: str, port: int, path: str, reader_writer: Any = None) -> int:
-    """GET over one keep-alive connection (or a new one); returns the body size."""
-    reader, writer = reader_writer or await asyncio.open_connection(host, port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    lower = head.lower()
-    if b"content-length:" in lower:
-        length = int(re.search(rb"content-length: *(\d+)", lower).group(1))  # type: ignore[union-attr]
-        body = await reader.readexactly(length)
-        size = len(body)
-    else:  # chunked
-        size = 0
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            n = int(line.strip().split(b";")[0], 16)
+class BodyCounter(asyncio.Protocol):
+    """GETs over one keep-alive connection, counting each answer's body bytes as they arrive without
+    copying them (Content-Length or chunked framing followed in place): the reader of W3, which must cost
+    less than the servers it compares, or it measures itself."""
+
+    def __init__(self, request: bytes, repeat: int, done: asyncio.Future[int]) -> None:
+        self.request, self.left, self.done = request, repeat, done
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""  # a head or a chunk-size line still incomplete
+        self.state = "head"  # head | body (Content-Length) | size (chunk-size line) | data | crlf | trailer
+        self.need = 0  # bytes still to come in the current body or chunk (with its CRLF)
+        self.total = 0  # body bytes of every answer so far
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf:  # (a head or size line split across reads: joined, rarely)
+            data, self.buf = self.buf + data, b""
+        pos, size = 0, len(data)
+        while pos < size:
+            if self.state in ("body", "data"):  # counted, not copied
+                take = min(self.need, size - pos)
+                pos += take
+                self.need -= take
+                if self.need == 0:
+                    self._body_part_done()
+                continue
+            sep = b"\r\n\r\n" if self.state == "head" else b"\r\n"
+            end = data.find(sep, pos)
+            if end < 0:
+                self.buf = data[pos:]
+                return
+            self._line(data[pos:end])
+            pos = end + len(sep)
+
+    def _line(self, line: bytes) -> None:
+        if self.state == "head":
+            lower = line.lower()
+            if b"content-length:" in lower:
+                self.need = int(re.search(rb"content-length: *(\d+)", lower).group(1))  # type: ignore[union-attr]
+                self.total += self.need
+                self.state = "body"
+                if self.need == 0:
+                    self._answer_done()
+            else:
+                self.state = "size"
+        elif self.state == "size":
+            n = int(line.split(b";")[0], 16)
             if n == 0:
-                await reader.readuntil(b"\r\n")
-                break
-            size += len(await reader.readexactly(n + 2)) - 2
-    return size
+                self.state = "trailer"
+            else:
+                self.total += n
+                self.need = n + 2  # the chunk and its CRLF
+                self.state = "data"
+        elif self.state == "trailer":  # the empty line after the last chunk
+            self._answer_done()
+
+    def _body_part_done(self) -> None:
+        if self.state == "body":
+            self._answer_done()
+        else:
+            self.state = "size"
+
+    def _answer_done(self) -> None:
+        self.left -= 1
+        self.state = "head"
+        if self.left == 0:
+            assert self.transport is not None
+            self.transport.close()
+            if not self.done.done():
+                self.done.set_result(self.total)
+        else:
+            assert self.transport is not None
+            self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"closed with {self.left} answers to go"))
 
 
 async def job_fetch(job: dict[str, Any]) -> dict[str, Any]:
     url = urlsplit(job["url"])
-    total = {"bytes": 0, "fetches": 0}
+    request = f"GET {url.path} HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\n\r\n".encode()
+    loop = asyncio.get_running_loop()
 
-    async def worker() -> None:
-        conn = await asyncio.open_connection(url.hostname, url.port)
-        for _ in range(job["repeat"]):
-            size = await http_get(url.hostname or "", url.port or 80, url.path, conn)
-            total["bytes"] += size  # (not `+= await …`: that reads the total before the await)
-            total["fetches"] += 1
-        conn[1].close()
+    async def worker() -> int:
+        done: asyncio.Future[int] = loop.create_future()
+        await loop.create_connection(lambda: BodyCounter(request, job["repeat"], done), url.hostname, url.port)
+        return await done
 
     t0 = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
-    total["duration"] = time.monotonic() - t0
-    return total
+    sizes = await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
+    return {"bytes": sum(sizes), "fetches": job["concurrency"] * job["repeat"], "duration": time.monotonic() - t0}
 
 
 async def job_post(job: dict[str, Any]) -> dict[str, Any]:

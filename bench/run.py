@@ -599,7 +599,7 @@ http {{
         }  # fmt: skip
 
     async def w3(self) -> None:
-        concurrency, repeat = (20, 5) if self.quick else (50, 10)
+        concurrency, repeat = (20, 5) if self.quick else (50, 40)
         relay = await self.start_relay("w3")
         try:
             doc = await self.post(
