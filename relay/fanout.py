@@ -78,15 +78,16 @@ class Fanout:
             self.woken()  # sends it from the file, a block at a time, as fast as that reader takes it
             return
         frame = b"%x\r\n" % len(data) + data + b"\r\n"
+        end, size = start + len(data), len(frame)
         keep = []
-        for sub in self.subs:
+        for sub in self.subs:  # (per reader per event: keep this loop lean, it runs R times per event)
             transport = sub.transport
-            if sub.fut.done() or sub.offset != start or transport.is_closing():
+            if sub.offset != start or sub.fut.done() or transport.is_closing():
                 sub.release()
                 continue
             transport.write(frame)
-            sub.offset = start + len(data)
-            sub.pushed += len(frame)
+            sub.offset = end
+            sub.pushed += size
             if transport.get_write_buffer_size() > PUSH_BUFFER_LIMIT:
                 sub.release()  # a slow reader: its own loop continues, with backpressure
                 continue
