@@ -93,7 +93,15 @@ async def main(streams: int, seconds: float, out: Path | None, native: bool = Fa
             else "other"
         )
         by_area[area] += n
-    lines = [f"py-spy, {seconds:.0f} s at 250 Hz on the relay process, {streams} streams at 50 chunks/s each", ""]
+    what = {
+        "w1": f"W1: {streams} streams at 50 chunks/s each, one reader each",
+        "w3": "W3: a finished 4,000-event stream (1 MB) fetched whole by 50 keep-alive readers, again and again",
+        "w4": "W4: POSTs over 20 connections, instant upstream (each POST a whole request)",
+    }[workload]
+    lines = [
+        f"py-spy ({'--native' if native else '--nonblocking'}), {seconds:.0f} s at 250 Hz on the relay process; {what}",
+        "",
+    ]
     lines.append("Share of samples by area:")
     for area, n in by_area.most_common():
         lines.append(f"  {100 * n / total_samples:5.1f}%  {area}")
