@@ -30,7 +30,6 @@ from .server import RelayRunner
 from .upstream import quiet_sdk_loggers
 
 log = logging.getLogger("relay")
-GC_GEN0_THRESHOLD = 50_000  # allocations between collections of the youngest generation (Python's default: 700)
 
 
 class CannotStart(Exception):
@@ -221,12 +220,11 @@ def _announce(config: Config, demo: bool, admin_key: str | None) -> None:
 
 def _settle_gc() -> None:
     """Once started: what exists now (modules, the app, the configuration) lives as long as the process,
-    so the collector stops re-scanning it (`gc.freeze`), and the youngest generation is collected less
-    often: a streaming relay allocates many short-lived acyclic objects per chunk (dicts of parsed events)
-    and freed by reference counting, not by the collector; cycles still get collected."""
+    so the collector stops scanning it (`gc.freeze`). A full collection used to walk all of it, a pause
+    of ~40 ms on the loop about once per W1 run; with it frozen, none came in the same run and the
+    collector's time fell from ~50 to ~6.5 ms (docs/performance.md, speed round three)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _serve(config: Config, demo: bool) -> None:
