@@ -20,6 +20,7 @@ from .keys import CONFIG
 log = logging.getLogger("relay.site")
 
 OPENAI_PATHS = ("/v1/responses", "/v1/chat/", "/v1/models")  # errors there in OpenAI's shape (see facade)
+CLIENT_CLOSED_REQUEST = 499  # the access log's status for a client gone before its answer (nginx's number)
 PREFLIGHT_HEADERS = (
     "Authorization, Content-Type, Last-Event-ID, "
     "X-OpenAI-API-Key, X-OpenAI-Organization, X-RapidAPI-Key, X-RapidAPI-Host"
@@ -152,6 +153,14 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return answer(exc.status, "http_error", exc.reason)
     except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return answer(500, "internal_error", "the relay failed unexpectedly; see its log")
+        # the client left before or while its answer was written (a reset, pipelined requests behind a
+        # dropped one): nothing failed and nothing can reach it; aiohttp finishes it quietly
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return answer(500, "internal_error", "the relay failed unexpectedly; see its log")

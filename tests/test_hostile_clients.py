@@ -406,3 +406,57 @@ async def test_many_readers_of_a_large_private_status_do_not_hold_the_loop(make_
     on_disk = orjson.loads((relay.data_dir / status_url[len(relay.url) + 1 :]).read_bytes())
     assert orjson.loads(served) == {**on_disk, "authorization": {"access": "private"}}
     assert len(on_disk["response"]["body"]["choices"][0]["message"]["content"]) == 15_000 * 1024
+
+
+async def test_clients_that_leave_before_or_while_their_answer_starts_are_no_errors(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The class: a client gone before its answer starts (pipelined requests behind one it drops, a
+    connection reset right after the request). Whatever answer was on its way (a finished stream, a live
+    one, a large status sent in blocks, a small one), the relay logs no error and no traceback for it,
+    leaks no descriptor, and goes on serving."""
+    import random
+    import struct
+
+    caplog.set_level(logging.INFO)
+    finished = await relay.start(msg("done", model="echo:chunks=20000"))
+    await relay.wait_status(finished["endpoints"]["status_url"])
+    live = await relay.start(msg("live", model="echo:chunks=3000,pace=0.003"))
+    paths = [
+        finished["endpoints"]["stream_events_url"][len(relay.url) :],
+        live["endpoints"]["stream_events_url"][len(relay.url) :],
+        finished["endpoints"]["status_url"][len(relay.url) :],  # (a large status: sent in blocks)
+        "/healthz",
+    ]
+    before = open_fds()
+    rng = random.Random(21)
+    port = relay.config.server_port
+
+    async def leave() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rng.choice([2048, 8192, 65536]))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        requests = b""
+        for _ in range(rng.randint(1, 4)):  # pipelined, HEADs and GETs mixed
+            path = rng.choice(paths)
+            method = rng.choice(["GET", "GET", "HEAD"])
+            requests += f"{method} {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode()
+        await asyncio.get_running_loop().sock_sendall(sock, requests)
+        await asyncio.sleep(rng.choice([0, 0, 0.001, 0.01]))
+        if rng.random() < 0.5:
+            try:
+                sock.recv(rng.choice([1, 100, 4096]))
+            except BlockingIOError:
+                pass
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a close
+        sock.close()
+
+    for _ in range(10):
+        await asyncio.gather(*(leave() for _ in range(30)))
+    await until(lambda: open_fds() <= before + 2, timeout=20, what="every descriptor given back")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors][:3]
+    assert not [r for r in caplog.records if r.name == "aiohttp.access" and '" 500 ' in r.getMessage()]
+    status, _, body = await read_stream(relay.session, paths[0].join([relay.url, ""]))
+    assert status == 200 and parse_sse(body)[-1].data == "[DONE]"
