@@ -26,7 +26,8 @@ from ..http import HTTPError
 from ..jobs import Events, Job, JobManager
 from ..keys import ARCHIVE, CONFIG, MANAGER
 from ..paths import RequestPath
-from ..serve import follow, open_file, send_bytes
+from ..sending import send_bytes
+from ..serve import follow, open_file
 from ..status import ending_events
 from ..upstream import UpstreamError
 from .chat_index import INDEX

@@ -30,7 +30,8 @@ from ..janitor import EXTENSIONS
 from ..jobs import Job, JobManager
 from ..keys import ARCHIVE, CONFIG, MANAGER
 from ..paths import RequestPath, expired
-from ..serve import read_auth, send_bytes
+from ..sending import send_bytes
+from ..serve import read_auth
 from ..store import FileTooLarge, read_json_under
 from .errors import OpenAIError, not_found
 
@@ -255,7 +256,7 @@ JSON_HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 
 async def json_answer(request: web.Request, doc: Any, headers: dict[str, str] | None = None) -> web.StreamResponse:
     """An OpenAI object as the answer, encoded off the loop (`off_loop`) and sent, a large one in blocks
-    (see `serve.send_bytes`)."""
+    (see `sending.send_bytes`)."""
     return await send_bytes(request, await off_loop(request, orjson.dumps, doc), {**JSON_HEADERS, **(headers or {})})
 
 

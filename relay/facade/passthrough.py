@@ -19,7 +19,7 @@ from ..assemble import SSEParser
 from ..config import Config
 from ..jobs import JobManager
 from ..keys import CONFIG, MANAGER
-from ..serve import send_bytes
+from ..sending import send_bytes
 from ..upstream import UpstreamError, check_encoding, idle_bounded
 from .common import Caller, in_background
 from .errors import OpenAIError
