@@ -80,8 +80,8 @@ async def main(streams: int, seconds: float, out: Path | None, native: bool = Fa
         own[leaf] += n
         joined = stack
         area = (
-            "event stream writes to readers (relay/fanout.py, relay/serve.py)"
-            if "fanout.py" in joined or "serve.py" in joined
+            "event stream writes to readers (relay/fanout.py, relay/serve.py, relay/sending.py)"
+            if any(k in joined for k in ("fanout.py", "serve.py", "sending.py"))
             else "status refresh pass (relay/refresh.py, its worker thread)"
             if "refresh.py" in joined
             else "job: parse, assemble, append (relay/jobs/, assemble.py, store.py)"
