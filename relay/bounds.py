@@ -22,6 +22,12 @@ def containers(raw: bytes) -> int:
     return raw.count(b"[") + raw.count(b"{")
 
 
+def more_containers(raw: bytes, limit: int) -> bool:
+    """True when `raw` may hold more than `limit` arrays and objects (`containers`); a text no longer than
+    `limit` bytes cannot, and is not counted."""
+    return len(raw) > limit and containers(raw) > limit
+
+
 def too_deep(value: Any, limit: int) -> bool:
     """True when `value` nests more than `limit` arrays/objects.
 
@@ -40,7 +46,7 @@ def too_deep(value: Any, limit: int) -> bool:
 
 def raw_too_deep(raw: bytes, value: Any, limit: int) -> bool:
     """`too_deep` for a value parsed from `raw`, skipped when `raw` has too few brackets to be deep."""
-    return containers(raw) > limit and too_deep(value, limit)
+    return more_containers(raw, limit) and too_deep(value, limit)
 
 
 def has_control(text: str) -> bool:

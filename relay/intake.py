@@ -15,7 +15,7 @@ from aiohttp import web
 
 from . import status, tiers
 from .archive import Archiver
-from .bounds import containers, has_control, printable_ascii, raw_too_deep
+from .bounds import has_control, more_containers, printable_ascii, raw_too_deep
 from .config import Config
 from .http import HTTPError
 from .paths import RequestPath, expired, is_http_url, parse_status_url
@@ -123,7 +123,7 @@ def check_count(count: int, config: Config) -> None:
 def _load_bounded(raw: bytes, config: Config) -> Any:
     """JSON from a client, within the bounds that keep parsing it cheap (see `bounds`): HTTPError
     `body_too_complex` over them, orjson.JSONDecodeError when it is not JSON."""
-    if containers(raw) > config.server_max_json_containers:
+    if more_containers(raw, config.server_max_json_containers):
         raise _too_complex(config)
     value = orjson.loads(raw)
     if raw_too_deep(raw, value, config.server_max_json_depth):
@@ -246,7 +246,7 @@ async def load_parent(
         ) from None
     # Parsing holds the GIL wherever it runs: a long history of tiny arrays within the byte limit would
     # hold the loop (1,000,000 empty arrays: ~0.45 s). Counted in C first, like a POST body.
-    if containers(raw) > config.server_max_conversation_containers:
+    if more_containers(raw, config.server_max_conversation_containers):
         raise HTTPError(
             413,
             "conversation_too_large",

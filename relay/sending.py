@@ -87,16 +87,15 @@ async def send_block(
     does not take at once is read and queued behind it, so the bytes stay in order."""
     events = job.events if job is not None else None
     n = min(size - offset, READ_BLOCK)
-    out = sendfile_socket(request, resp)
-    if (events is not None and offset == events.tail_start) or out is None or n < SPLIT_WRITE_BYTES:
+    live = events is not None and offset == events.tail_start  # (the bytes just appended: from memory)
+    out = None if live or n < SPLIT_WRITE_BYTES else sendfile_socket(request, resp)
+    if out is None:
         data = next_block(fd, offset, size, job)
         if data:
             await send_chunk(request, resp, data, seconds)
         return len(data)
     transport = request.transport
     assert transport is not None
-    if transport.get_write_buffer_size():  # (uvloop queues writes until the loop turns: let it send them)
-        await asyncio.sleep(0)
     head = b"%x\r\n" % n
     head_sent = sent = 0
     if transport.get_write_buffer_size() == 0:  # nothing queued: these bytes may go to the socket directly
@@ -106,19 +105,28 @@ async def send_block(
                 sent = os.sendfile(out, fd, offset, n)
         except (BlockingIOError, InterruptedError):
             pass
-        except OSError as exc:
-            if isinstance(exc, ConnectionError):
-                raise
-            # (a file system without sendfile: the rest goes the ordinary way)
+        except ConnectionError:
+            raise
+        except OSError:
+            pass  # (a file system without sendfile: the rest goes the ordinary way)
     rest = os.pread(fd, n - sent, offset + sent) if sent < n else b""
     if sent + len(rest) != n:  # the log is append-only; a shorter file is damage: the chunk cannot be completed
         transport.abort()
         raise ConnectionError("the event log is shorter than its size")
-    transport.writelines((head[head_sent:], rest, b"\r\n"))
-    request[fanout.PUSHED] = request.get(fanout.PUSHED, 0) + len(head) + n + 2
+    await _queued_chunk(request, transport, (head[head_sent:], rest), len(head) + n, seconds)
+    return n
+
+
+async def _queued_chunk(
+    request: web.Request, transport: asyncio.Transport, pieces: tuple[bytes, ...], size: int, seconds: float
+) -> None:
+    """Queue the rest of one chunk (`pieces`, then its CRLF; `size` bytes with its head) on the transport,
+    count the chunk like the fan-out's pushes (`PUSHED`, for the access log), and wait at most `seconds`
+    for the reader to take it."""
+    transport.writelines((*pieces, b"\r\n"))
+    request[fanout.PUSHED] = request.get(fanout.PUSHED, 0) + size + 2
     async with asyncio.timeout(seconds):
         await request.writer.drain()
-    return n
 
 
 def sendfile_socket(request: web.Request, resp: web.StreamResponse) -> int | None:
@@ -143,7 +151,4 @@ async def send_chunk(request: web.Request, resp: web.StreamResponse, data: bytes
         await send(resp, data, seconds)
         return
     head = b"%x\r\n" % len(data)
-    transport.writelines((head, data, b"\r\n"))
-    request[fanout.PUSHED] = request.get(fanout.PUSHED, 0) + len(head) + len(data) + 2
-    async with asyncio.timeout(seconds):
-        await request.writer.drain()
+    await _queued_chunk(request, transport, (head, data), len(head) + len(data), seconds)

@@ -153,14 +153,11 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return answer(exc.status, "http_error", exc.reason)
     except asyncio.CancelledError:
         raise
-    except ConnectionError:
+    except Exception as exc:
         transport = request.transport
-        if transport is not None and not transport.is_closing():
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return answer(500, "internal_error", "the relay failed unexpectedly; see its log")
-        # the client left before or while its answer was written (a reset, pipelined requests behind a
-        # dropped one): nothing failed and nothing can reach it; aiohttp finishes it quietly
-        return web.Response(status=CLIENT_CLOSED_REQUEST)
-    except Exception:
+        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+            # the client left before or while its answer was written (a reset, pipelined requests behind a
+            # dropped one): nothing failed and nothing can reach it; aiohttp finishes it quietly
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         log.exception("unhandled error on %s %s", request.method, request.path)
         return answer(500, "internal_error", "the relay failed unexpectedly; see its log")

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from ..assemble import EventTooLarge, SSEParser
-from ..bounds import containers, raw_too_deep
+from ..bounds import more_containers, raw_too_deep
 from ..status import response_body
 from ..store import DONE_DATA
 from ..upstream import UpstreamError, check_encoding
@@ -185,7 +185,7 @@ class UpstreamRead:
     def parse(self, data: bytes, what: str) -> Any:
         """Upstream JSON, within the bounds that keep parsing and re-serialising it cheap."""
         depth = self.config.upstream_max_json_depth
-        if len(data) > UPSTREAM_MAX_CONTAINERS and containers(data) > UPSTREAM_MAX_CONTAINERS:
+        if more_containers(data, UPSTREAM_MAX_CONTAINERS):
             raise UpstreamError(
                 "upstream_invalid_response",
                 f"the upstream sent {what} with more than {UPSTREAM_MAX_CONTAINERS} arrays and objects",
@@ -194,7 +194,7 @@ class UpstreamRead:
             value = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise UpstreamError("upstream_invalid_response", f"the upstream sent {what} that is not JSON") from None
-        if len(data) > depth and raw_too_deep(data, value, depth):  # (a shorter text cannot nest deeper)
+        if raw_too_deep(data, value, depth):
             raise UpstreamError(
                 "upstream_invalid_response",
                 f"the upstream sent {what} nested more than {depth} levels deep ([upstream] max_json_depth)",
