@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import uvloop
 
@@ -36,19 +38,36 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
 
 
+@contextlib.contextmanager
+def reader_process(port: int, readers: int) -> Iterator[subprocess.Popen[str]]:
+    """The reader process (READER) with `readers` connections to `port`, stopped on the way out."""
+    child = subprocess.Popen([sys.executable, "-c", READER, str(port), str(readers)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        yield child
+    finally:
+        assert child.stdin is not None
+        child.stdin.write("done\n")
+        child.stdin.close()
+        child.wait(timeout=30)
+
+
+def frame_of(size: int) -> bytes:
+    """An event of `size` bytes as one HTTP/1.1 chunk, as the relay sends it."""
+    return b"%x\r\n" % size + b"x" * size + b"\r\n"
+
+
 def measure(readers: int, events: int, size: int) -> float:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(readers)
     port = listener.getsockname()[1]
-    child = subprocess.Popen([sys.executable, "-c", READER, str(port), str(readers)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with reader_process(port, readers) as child, contextlib.closing(listener):
         conns = [listener.accept()[0] for _ in range(readers)]
         assert child.stdout is not None and child.stdout.readline().strip() == "connected"
         for c in conns:
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        frame = b"%x\r\n" % size + b"x" * size + b"\r\n"
+        frame = frame_of(size)
         for c in conns:  # warm-up
             c.send(frame)
         time.sleep(0.5)
@@ -60,12 +79,6 @@ def measure(readers: int, events: int, size: int) -> float:
         cpu = time.process_time() - cpu0
         for c in conns:
             c.close()
-    finally:
-        assert child.stdin is not None
-        child.stdin.write("done\n")
-        child.stdin.close()
-        child.wait(timeout=30)
-        listener.close()
     return cpu / (readers * events) * 1e6
 
 
@@ -80,14 +93,12 @@ async def measure_transports(readers: int, events: int, size: int) -> float:
 
     server = await loop.create_server(Accept, "127.0.0.1", 0, backlog=readers)
     port = server.sockets[0].getsockname()[1]
-    child = subprocess.Popen([sys.executable, "-c", READER, str(port), str(readers)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with reader_process(port, readers) as child:
         assert child.stdout is not None
         assert (await loop.run_in_executor(None, child.stdout.readline)).strip() == "connected"
         while len(transports) < readers:
             await asyncio.sleep(0.01)
-        frame = b"%x\r\n" % size + b"x" * size + b"\r\n"
+        frame = frame_of(size)
         await asyncio.sleep(0.5)
         cpu0 = time.process_time()
         for _ in range(events):
@@ -97,12 +108,7 @@ async def measure_transports(readers: int, events: int, size: int) -> float:
         cpu = time.process_time() - cpu0
         for transport in transports:
             transport.close()
-    finally:
-        assert child.stdin is not None
-        child.stdin.write("done\n")
-        child.stdin.close()
-        child.wait(timeout=30)
-        server.close()
+    server.close()
     return cpu / (readers * events) * 1e6
 
 
