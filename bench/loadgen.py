@@ -195,7 +195,7 @@ class BodyCounter(asyncio.Protocol):
         self.request, self.left, self.done = request, repeat, done
         self.transport: asyncio.Transport | None = None
         self.buf = b""  # a head or a chunk-size line still incomplete
-        self.state = "head"  # head | body (Content-Length) | size (chunk-size line) | data | crlf | trailer
+        self.state = "head"  # head | body (Content-Length) | size (chunk-size line) | data (with its CRLF) | trailer
         self.need = 0  # bytes still to come in the current body or chunk (with its CRLF)
         self.total = 0  # body bytes of every answer so far
 
