@@ -371,9 +371,11 @@ def hhmm(t: float) -> str:
 
 
 def same_duration(shown: str, seconds: float) -> bool:
-    """`shown` ("12 ms", "1.50 s", as the page writes a duration) is `seconds` to its last digit."""
+    """`shown` ("12 ms", "1.50 s", as the page writes a duration) is `seconds` to its last digit (half a
+    digit either way, the half included: the page rounds 59.5 ms to "60 ms"; 1e-9 absorbs the float error
+    of that exact half, which made 0.0595 s against "60 ms" fail)."""
     number, unit = shown.split()
-    return abs(float(number) / (1000 if unit == "ms" else 1) - seconds) <= (0.0005 if unit == "ms" else 0.005)
+    return abs(float(number) / (1000 if unit == "ms" else 1) - seconds) <= (0.0005 if unit == "ms" else 0.005) + 1e-9
 
 
 def points_to_hover(s: dict) -> list[tuple[str, float, float, list[str | float]]]:
