@@ -49,6 +49,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free now (for `relay.py nodes --count 2`): a free port's
+    neighbour is often some connection's ephemeral port, and a node that cannot listen exits 1."""
+    while True:
+        base = free_port()
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+
+
 @dataclass
 class Upstream:
     url: str

@@ -17,7 +17,7 @@ import pytest
 
 from relay.config import listen_url
 
-from .conftest import ROOT, TEST_KEY, Upstream, free_port, msg, parse_sse, text_of, wait_healthy
+from .conftest import ROOT, TEST_KEY, Upstream, free_port, free_port_pair, msg, parse_sse, text_of, wait_healthy
 from .test_first_run import read_log_until, stop
 
 RELAY_KEY = "relay-access-key-0123"
@@ -127,7 +127,7 @@ async def test_a_public_url_that_is_not_the_port_by_mistake_is_used_as_it_is(
 
 async def test_nodes_behind_a_proxy_on_loopback_start_with_its_url(tmp_path: Path, upstream: Upstream) -> None:
     """`relay.py nodes` with the proxy's URL in the shared config: a loopback URL whose port is no node's."""
-    base, proxy = free_port(), free_port()
+    base, proxy = free_port_pair(), free_port()
     while proxy in (base, base + 1):
         proxy = free_port()
     public_url = f"http://127.0.0.1:{proxy}"

@@ -18,7 +18,18 @@ import pytest
 
 from relay.keys import MANAGER
 
-from .conftest import ROOT, TEST_KEY, RelayFactory, Upstream, free_port, msg, read_stream, until, wait_healthy
+from .conftest import (
+    ROOT,
+    TEST_KEY,
+    RelayFactory,
+    Upstream,
+    free_port,
+    free_port_pair,
+    msg,
+    read_stream,
+    until,
+    wait_healthy,
+)
 
 
 async def test_status_refreshes_of_many_streams_share_one_pass_a_second(make_relay: RelayFactory) -> None:
@@ -167,15 +178,7 @@ def test_uvloop_asked_for_but_missing_is_a_clear_exit_2(tmp_path: Path, upstream
 async def test_nodes_command_runs_one_relay_per_node(tmp_path: Path, upstream: Upstream) -> None:
     """`relay.py nodes --count 2`: nodes 1 and 2 on consecutive ports, each with its own data directory and
     node id in its URLs; the nginx upstream block is printed; SIGTERM stops both, exit 0."""
-    base = free_port()
-    while True:  # two consecutive free ports
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-            break
-        except OSError:
-            base = free_port()
+    base = free_port_pair()
     data = tmp_path / "nodes"
     proc = subprocess.Popen(
         [sys.executable, "relay.py", "nodes", "--count", "2", "--base-port", str(base), "--data-dir", str(data),
