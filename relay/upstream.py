@@ -260,7 +260,7 @@ def _headers(identity: dict[str, str], api_key: str, organization: str | None) -
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error answer that are kept
 
 
-READ_BLOCK = 64 * 1024  # at most this much per step: a burst of tiny events cannot hold the loop long
+READ_BLOCK = 16 * 1024  # at most this much per step: a burst of tiny events cannot hold the loop long
 
 
 async def _read(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:

@@ -21,7 +21,8 @@ from ..store import DONE_DATA
 from ..upstream import UpstreamError, check_encoding
 from .view import Events, JobView
 
-TURN_SECONDS = 0.005  # longest stretch a job parses buffered upstream bytes before letting others run
+TURN_SECONDS = 0.002  # longest stretch a job parses buffered upstream bytes before letting others run
+# (another request needs several turns of the loop: its delay is a few stretches, docs/security.md)
 UPSTREAM_MAX_CONTAINERS = 100_000  # arrays + objects in one upstream event or answer (~50 ms to parse at worst)
 SNIFF_BYTES = 64 * 1024  # of an answer that is not an event stream, kept for `.raw`
 
